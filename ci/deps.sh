@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the host packages a part of the project needs. Idempotent and quiet
+# when everything is already there.
+#   ci/deps.sh rust   - building and testing the Rust crate
+#   ci/deps.sh guest  - building QEMU, the guest module and the initramfs
+set -euo pipefail
+
+need_apt() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    echo "installing: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+case "${1:-rust}" in
+rust)
+    need_apt gcc make pkg-config
+    command -v cargo >/dev/null || { echo "cargo is required (rustup)" >&2; exit 1; }
+    rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
+    ;;
+*)
+    echo "unknown part: $1" >&2
+    exit 2
+    ;;
+esac

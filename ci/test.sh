@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every test of the project: lints, unit, property and protocol tests, then the
+# end-to-end run of a real guest kernel swapping through QEMU into the daemon.
+# Installs what it needs itself (see ci/deps.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n=== %s ===\n' "$*"; }
+
+step "host dependencies"
+bash ci/deps.sh rust
+
+step "rustfmt"
+cargo fmt --all -- --check
+
+step "clippy"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "rustdoc"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --quiet
+
+step "cargo test"
+cargo test --locked --release 2>&1 | tee target/cargo-test.log
+
+if [ "${TMEM_SKIP_E2E:-0}" = 1 ]; then
+    echo "TMEM_SKIP_E2E=1: skipping the end-to-end guest test"
+else
+    step "end-to-end: guest kernel swapping through QEMU"
+    bash ci/e2e.sh
+fi

@@ -1,0 +1,21 @@
+//! The `tmem-bench` benchmarks. They live in the library so that integration
+//! tests can run them on small inputs.
+
+use clap::Parser;
+
+pub mod store;
+
+#[derive(Debug, Parser)]
+#[command(name = "tmem-bench", about = "Benchmarks for vhost-user-tmem")]
+pub enum BenchCommand {
+    /// Put, then get and verify, every page of a corpus through the page store.
+    Store(store::StoreArgs),
+}
+
+impl BenchCommand {
+    pub fn run(self) -> Result<(), Box<dyn std::error::Error>> {
+        match self {
+            BenchCommand::Store(args) => store::run(&args),
+        }
+    }
+}
