@@ -217,3 +217,151 @@ fetch_guest_kernel() {
     log "guest kernel $abi: modules $(tr '\n' ' ' <"$dir/modules/modules.order")"
     printf '%s\n' "$dir"
 }
+
+# ---------------------------------------------------------------------------
+# Builds: the module (W=1, warnings are errors), the test program, the daemon.
+
+GUEST_OUT=${GUEST_OUT:-$TMEM_ROOT/target/guest}
+
+# build_module KDIR OUTDIR: prints the path of virtio_tmem.ko.
+build_module() {
+    local kdir=$1 out=$2 logf
+    rm -rf "$out" && mkdir -p "$out"
+    cp "$TMEM_ROOT"/guest-driver/{Kbuild,virtio_tmem.c} "$out/"
+    logf=$out/build.log
+    if ! make -s -C "$kdir" M="$out" W=1 modules >"$logf" 2>&1; then
+        cat "$logf" >&2
+        die "module build against $kdir failed"
+    fi
+    if grep -E 'warning:|error:' "$logf" >&2; then
+        die "module build against $kdir has warnings (W=1)"
+    fi
+    printf '%s\n' "$out/virtio_tmem.ko"
+}
+
+build_swaptest() {
+    local out=$GUEST_OUT/swaptest
+    mkdir -p "$GUEST_OUT"
+    if [ ! -x "$out" ] || [ "$TMEM_ROOT/guest-driver/test/swaptest.c" -nt "$out" ]; then
+        gcc -O2 -Wall -Wextra -Werror -static -o "$out" "$TMEM_ROOT/guest-driver/test/swaptest.c" ||
+            die "building swaptest failed"
+    fi
+    printf '%s\n' "$out"
+}
+
+build_daemon() {
+    log "building the daemon and tmemctl (cargo build --release)"
+    (cd "$TMEM_ROOT" && cargo build --release --locked --bins -q) >&2 || die "cargo build failed"
+    [ -x "$TMEM_ROOT/target/release/vhost-user-tmem" ] || die "no vhost-user-tmem binary"
+    [ -x "$TMEM_ROOT/target/release/tmemctl" ] || die "no tmemctl binary"
+}
+
+# build_initramfs KERNEL_CACHE_DIR MODULE_KO SWAPTEST OUT: a busybox initramfs
+# whose /init loads the virtio modules and virtio_tmem, swaps onto /dev/tmem0,
+# runs swaptest, swaps off and powers off.
+build_initramfs() {
+    local kdir=$1 ko=$2 swaptest=$3 out=$4 root m
+    root=$(mktemp -d)
+    mkdir -p "$root"/{bin,dev,proc,sys,lib/modules,tmp}
+    cp /bin/busybox "$root/bin/busybox"
+    cp "$swaptest" "$root/bin/swaptest"
+    while read -r m; do
+        [ -n "$m" ] && cp "$kdir/modules/$m" "$root/lib/modules/"
+    done <"$kdir/modules/modules.order"
+    cp "$kdir/modules/modules.order" "$root/lib/modules/order"
+    cp "$ko" "$root/lib/modules/virtio_tmem.ko"
+    cp "$TMEM_ROOT/ci/guest/init" "$root/init"
+    chmod 755 "$root/init" "$root/bin/busybox" "$root/bin/swaptest"
+    (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) >"$out"
+    rm -rf "$root"
+}
+
+# ---------------------------------------------------------------------------
+# Running: the daemon and one guest.
+
+DAEMON_PID=""
+QEMU_PID=""
+
+tmemctl() { "$TMEM_ROOT/target/release/tmemctl" "$@"; }
+
+# start_daemon RUNDIR [extra daemon args...]: socket RUNDIR/tmem.sock,
+# control RUNDIR/control.sock, log RUNDIR/daemon.log.
+start_daemon() {
+    local run=$1 i
+    shift
+    rm -f "$run/tmem.sock" "$run/control.sock"
+    RUST_LOG=${RUST_LOG:-info} "$TMEM_ROOT/target/release/vhost-user-tmem" \
+        --socket "$run/tmem.sock" --control "$run/control.sock" "$@" \
+        >"$run/daemon.log" 2>&1 &
+    DAEMON_PID=$!
+    for i in $(seq 100); do
+        [ -S "$run/tmem.sock" ] && [ -S "$run/control.sock" ] && return 0
+        kill -0 "$DAEMON_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    cat "$run/daemon.log" >&2
+    die "daemon did not come up (log: $run/daemon.log)"
+}
+
+stop_daemon() {
+    [ -n "$DAEMON_PID" ] || return 0
+    kill -TERM "$DAEMON_PID" 2>/dev/null || true
+    local rc=0
+    wait "$DAEMON_PID" || rc=$?
+    DAEMON_PID=""
+    return $rc
+}
+
+GUEST_MEM=${GUEST_MEM:-256M}
+GUEST_CPUS=${GUEST_CPUS:-2}
+
+# start_guest QEMU KERNEL_CACHE_DIR INITRD SOCKET CONSOLE_LOG [init env...]
+start_guest() {
+    local qemu=$1 kdir=$2 initrd=$3 sock=$4 console=$5
+    shift 5
+    "$qemu" "${QEMU_FIRMWARE_ARGS[@]}" \
+        -machine q35,accel=tcg,memory-backend=mem \
+        -cpu max -smp "$GUEST_CPUS" -m "$GUEST_MEM" \
+        -object "memory-backend-memfd,id=mem,size=$GUEST_MEM,share=on" \
+        -chardev "socket,id=c0,path=$sock" \
+        -device "vhost-user-device-pci,chardev=c0,virtio-id=63,num_vqs=$GUEST_CPUS,config_size=32" \
+        -nographic -nic none -vga none -no-reboot \
+        -kernel "$kdir/vmlinuz" -initrd "$initrd" \
+        -append "console=ttyS0 loglevel=4 panic=-1 oops=panic $*" \
+        </dev/null >"$console" 2>&1 &
+    QEMU_PID=$!
+}
+
+stop_guest() {
+    [ -n "$QEMU_PID" ] || return 0
+    kill -TERM "$QEMU_PID" 2>/dev/null || true
+    wait "$QEMU_PID" 2>/dev/null || true
+    QEMU_PID=""
+}
+
+# wait_console LOG PATTERN TIMEOUT_S: 0 once PATTERN shows up, 1 on timeout
+# or when QEMU has exited without it.
+wait_console() {
+    local logf=$1 pat=$2 t=$3 end=$((SECONDS + $3))
+    while [ $SECONDS -lt $end ]; do
+        grep -q -- "$pat" "$logf" 2>/dev/null && return 0
+        if [ -n "$QEMU_PID" ] && ! kill -0 "$QEMU_PID" 2>/dev/null; then
+            grep -q -- "$pat" "$logf" 2>/dev/null && return 0
+            return 1
+        fi
+        sleep 0.5
+    done
+    return 1
+}
+
+# Everything the guest side needs for one kernel suite; sets KERNEL_DIR,
+# MODULE_KO and INITRD.
+prepare_guest() {
+    local suite=$1 abi
+    KERNEL_DIR=$(fetch_guest_kernel "$suite")
+    abi=$(basename "$KERNEL_DIR")
+    MODULE_KO=$(build_module "$(cat "$KERNEL_DIR/kdir")" "$GUEST_OUT/$abi/module")
+    INITRD=$GUEST_OUT/$abi/initramfs.cpio.gz
+    build_initramfs "$KERNEL_DIR" "$MODULE_KO" "$(build_swaptest)" "$INITRD"
+    log "guest $abi ready: $INITRD"
+}
