@@ -282,7 +282,7 @@ build_initramfs() {
 DAEMON_PID=""
 QEMU_PID=""
 
-tmemctl() { "$TMEM_ROOT/target/release/tmemctl" "$@"; }
+tmemctl() { "${TMEMCTL:-$TMEM_ROOT/target/release/tmemctl}" "$@"; }
 
 # start_daemon RUNDIR [extra daemon args...]: socket RUNDIR/tmem.sock,
 # control RUNDIR/control.sock, log RUNDIR/daemon.log.
@@ -365,3 +365,6 @@ prepare_guest() {
     build_initramfs "$KERNEL_DIR" "$MODULE_KO" "$(build_swaptest)" "$INITRD"
     log "guest $abi ready: $INITRD"
 }
+
+# stats_json RUNDIR: one line, the `stats` object of the control socket.
+stats_json() { tmemctl --control "$1/control.sock" stats --json; }
