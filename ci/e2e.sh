@@ -7,6 +7,7 @@
 # Artifacts: target/e2e/console-<kernel>.log, daemon-<kernel>.log, stats-*.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
+GUEST_MEM=${GUEST_MEM:-192M}
 # shellcheck source=ci/lib-guest.sh
 source ci/lib-guest.sh
 

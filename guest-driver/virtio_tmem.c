@@ -687,6 +687,7 @@ static void tmem_inval_work(struct work_struct *work)
 static void tmem_slot_free_notify(struct block_device *bdev, unsigned long index)
 {
 	struct tmem_dev *dev = bdev->bd_disk->private_data;
+	unsigned int i, first;
 	struct tmem_queue *q;
 	unsigned long flags;
 	u8 status;
@@ -699,8 +700,14 @@ static void tmem_slot_free_notify(struct block_device *bdev, unsigned long index
 	if (!test_bit(index, dev->in_host))
 		return;
 
-	q = tmem_pick_queue(dev);
-	if (!tmem_try_claim(q)) {
+	/* Any free queue will do: the invalidation completes before we return. */
+	first = raw_smp_processor_id();
+	for (i = 0; i < dev->nq; i++) {
+		q = &dev->queues[(first + i) % dev->nq];
+		if (tmem_try_claim(q))
+			break;
+	}
+	if (i == dev->nq) {
 		atomic64_inc(&dev->stats.notify_misses);
 		if (!test_and_set_bit(index, dev->inval_pending))
 			atomic_inc(&dev->inval_count);
