@@ -8,9 +8,11 @@
 //!
 //! - [`protocol`]: the wire format shared with the guest driver.
 //! - [`store`]: the page store (no vhost types).
+//! - [`size`]: byte sizes as operators write them (`512M`, `4GiB`).
 
 pub mod bench;
 pub mod protocol;
+pub mod size;
 pub mod store;
 
 /// Renders an error and its `source()` chain on one line, for top-level reporting.
