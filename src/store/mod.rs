@@ -11,7 +11,13 @@
 #[allow(dead_code)] // wired into Store in the next commit
 mod alloc;
 #[allow(dead_code)]
+mod budget;
+#[allow(dead_code)]
 mod codec;
+#[allow(dead_code)]
+mod objects;
+#[allow(dead_code)]
+mod slab;
 #[allow(dead_code)]
 mod spill;
 
