@@ -112,6 +112,7 @@ pub fn decompress(frame: &[u8], out: &mut Page) -> io::Result<()> {
 }
 
 /// Restores a page from its stored payload (`len == PAGE_SIZE` means raw).
+#[cfg(test)]
 pub fn decode(payload: &[u8], out: &mut Page) -> io::Result<()> {
     if payload.len() == PAGE_SIZE {
         out.copy_from_slice(payload);

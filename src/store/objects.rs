@@ -45,8 +45,10 @@ pub enum Obtained {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Loaded {
     Fill(u64),
-    /// The first `len` bytes of the caller's buffer hold the payload.
-    Payload(usize),
+    /// The page itself was copied out.
+    Raw,
+    /// The first `len` bytes of the frame buffer hold a zstd frame.
+    Frame(usize),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -81,12 +83,18 @@ impl ObjShard {
         }
     }
 
+    /// Bytes of RAM chunks (payload plus slot and chunk-tail slack).
+    pub fn chunk_bytes(&self) -> u64 {
+        self.alloc.chunk_bytes()
+    }
+
     pub fn heap_bytes(&self) -> u64 {
         self.slab.heap_bytes()
             + self.alloc.heap_bytes()
             + (self.dedup.allocation_size() + self.owners.allocation_size()) as u64
     }
 
+    #[cfg(test)]
     pub fn live_objects(&self) -> u32 {
         self.slab.live()
     }
@@ -203,7 +211,7 @@ impl ObjShard {
             Tier::Ram => self.alloc.free(Loc::unpack(obj.loc)),
             Tier::Spilled => {
                 if let Some(spill) = spill {
-                    spill.free(obj.loc, len);
+                    spill.free(obj.loc, len, budget);
                 }
             }
             Tier::Fill | Tier::Free => {}
@@ -222,28 +230,35 @@ impl ObjShard {
         fill
     }
 
-    /// Copies the payload into `buf` (reading the file if spilled), marking the object used.
+    /// Fetches the payload (reading the file if spilled), marking the object used:
+    /// a raw page goes straight to `page`, a zstd frame to `frame`.
     pub fn load(
         &mut self,
         id: u32,
-        buf: &mut [u8; PAGE_SIZE],
+        page: &mut [u8; PAGE_SIZE],
+        frame: &mut [u8; PAGE_SIZE],
         spill: Option<&SpillFile>,
     ) -> Result<Loaded, StoreError> {
         let o = self.slab.get_mut(id);
         o.set(REFERENCED, true);
         let obj = *o;
         let len = usize::from(obj.len);
+        let (dest, loaded) = if obj.is_raw() {
+            (page, Loaded::Raw)
+        } else {
+            (frame, Loaded::Frame(len))
+        };
         match obj.tier {
             Tier::Fill => Ok(Loaded::Fill(obj.hash[0])),
             Tier::Ram => {
-                buf[..len].copy_from_slice(self.alloc.bytes(Loc::unpack(obj.loc), len));
-                Ok(Loaded::Payload(len))
+                dest[..len].copy_from_slice(self.alloc.bytes(Loc::unpack(obj.loc), len));
+                Ok(loaded)
             }
             Tier::Spilled => {
                 let spill = spill.ok_or(StoreError::Corrupt { offset: obj.loc })?;
                 self.owner(obj.guest, obj.pool).spill_reads += 1;
-                spill.read(obj.loc, len, obj.hash[0], &mut buf[..])?;
-                Ok(Loaded::Payload(len))
+                spill.read(obj.loc, len, obj.hash[0], &mut dest[..])?;
+                Ok(loaded)
             }
             Tier::Free => Err(StoreError::Corrupt { offset: obj.loc }),
         }
@@ -269,7 +284,7 @@ impl ObjShard {
         let obj = *self.slab.get(id);
         let len = usize::from(obj.len);
         let loc = Loc::unpack(obj.loc);
-        let Some(offset) = spill.write(self.alloc.bytes(loc, len), obj.hash[0])? else {
+        let Some(offset) = spill.write(self.alloc.bytes(loc, len), obj.hash[0], budget)? else {
             return Ok(Evicted::TierFull);
         };
         self.alloc.free(loc);
@@ -362,8 +377,8 @@ mod tests {
         let (b, hit) = id_of(s.obtain(&data(5, &[2u8; 100], true), 0, 0, &budget));
         assert!(!hit);
         assert_ne!(a, b);
-        let mut buf = [0u8; PAGE_SIZE];
-        assert_eq!(s.load(b, &mut buf, None).unwrap(), Loaded::Payload(100));
+        let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+        assert_eq!(s.load(b, &mut page, &mut buf, None).unwrap(), Loaded::Frame(100));
         assert_eq!(&buf[..100], &[2u8; 100]);
     }
 
@@ -381,8 +396,8 @@ mod tests {
         assert!(hit && f1 == f2);
         let other_domain = Content::Fill { word: 0, domain: 5 };
         assert_ne!(id_of(s.obtain(&other_domain, 5, 0, &budget)).0, f1);
-        let mut buf = [0u8; PAGE_SIZE];
-        assert_eq!(s.load(f1, &mut buf, None).unwrap(), Loaded::Fill(0));
+        let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+        assert_eq!(s.load(f1, &mut page, &mut buf, None).unwrap(), Loaded::Fill(0));
         assert!(s.release(f1, None, &budget));
     }
 
@@ -418,8 +433,11 @@ mod tests {
         // Referenced once on insert: CLOCK spares it on the first pass.
         assert_eq!(s.evict(None, &spill, &budget).unwrap(), Evicted::One);
         assert_eq!(s.alloc.chunk_bytes(), 0, "payload left RAM");
-        let mut buf = [0u8; PAGE_SIZE];
-        assert_eq!(s.load(a, &mut buf, Some(&spill)).unwrap(), Loaded::Payload(700));
+        let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+        assert_eq!(
+            s.load(a, &mut page, &mut buf, Some(&spill)).unwrap(),
+            Loaded::Frame(700)
+        );
         assert_eq!(&buf[..700], &p[..]);
         // A spilled object is not a dedup candidate: an equal put makes a RAM copy.
         let (c, hit) = id_of(s.obtain(&data(11, &p, true), 1, 2, &budget));
@@ -445,8 +463,11 @@ mod tests {
         let mut s = ObjShard::new(1 << 20);
         let (a, _) = id_of(s.obtain(&data(1, &[5u8; 300], true), 0, 0, &budget));
         assert_eq!(s.evict(None, &spill, &budget).unwrap(), Evicted::TierFull);
-        let mut buf = [0u8; PAGE_SIZE];
-        assert_eq!(s.load(a, &mut buf, Some(&spill)).unwrap(), Loaded::Payload(300));
+        let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+        assert_eq!(
+            s.load(a, &mut page, &mut buf, Some(&spill)).unwrap(),
+            Loaded::Frame(300)
+        );
         assert_eq!(&buf[..300], &[5u8; 300]);
     }
 }

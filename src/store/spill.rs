@@ -18,12 +18,12 @@ use std::{
     fs::{File, OpenOptions},
     io,
     os::unix::fs::FileExt,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use parking_lot::Mutex;
 
-use super::{StoreError, PAGE_SIZE};
+use super::{budget::Budget, StoreError, PAGE_SIZE};
 
 pub const UNIT: u64 = 128;
 const HDR: usize = 16;
@@ -42,11 +42,12 @@ struct Space {
     /// Most the file may grow to: the limit, lowered when the FS said ENOSPC.
     cap: u64,
     live_bytes: u64,
+    /// Bytes of the free lists counted in the RAM budget.
+    counted: u64,
 }
 
 pub struct SpillFile {
     file: File,
-    path: PathBuf,
     space: Mutex<Space>,
 }
 
@@ -65,24 +66,20 @@ impl SpillFile {
             })?;
         Ok(SpillFile {
             file,
-            path: path.to_path_buf(),
             space: Mutex::new(Space {
                 free: vec![Vec::new(); MAX_UNITS + 1],
                 end: 0,
                 cap: limit,
                 live_bytes: 0,
+                counted: 0,
             }),
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Writes one payload; `Ok(None)` means the tier is full.
-    pub fn write(&self, payload: &[u8], tag: u64) -> Result<Option<u64>, StoreError> {
+    pub fn write(&self, payload: &[u8], tag: u64, budget: &Budget) -> Result<Option<u64>, StoreError> {
         let units = units_for(payload.len());
-        let Some((offset, fresh)) = self.space.lock().take(units) else {
+        let Some((offset, fresh)) = self.space.lock().take(units, budget) else {
             return Ok(None);
         };
         let mut buf = [0u8; HDR + PAGE_SIZE];
@@ -96,7 +93,7 @@ impl SpillFile {
             Ok(()) => Ok(Some(offset)),
             Err(e) => {
                 let mut space = self.space.lock();
-                space.give_back(offset, units);
+                space.give_back(offset, units, budget);
                 if is_no_space(&e) {
                     if fresh {
                         // The filesystem cannot back new file blocks: stop growing.
@@ -132,8 +129,8 @@ impl SpillFile {
     }
 
     /// Returns the slot of a payload of `len` bytes at `offset` for reuse.
-    pub fn free(&self, offset: u64, len: usize) {
-        self.space.lock().give_back(offset, units_for(len));
+    pub fn free(&self, offset: u64, len: usize, budget: &Budget) {
+        self.space.lock().give_back(offset, units_for(len), budget);
     }
 
     /// Bytes of the file handed out so far (its length, holes included).
@@ -142,21 +139,15 @@ impl SpillFile {
     }
 
     /// Bytes of slots holding live objects.
+    #[cfg(test)]
     pub fn live_bytes(&self) -> u64 {
         self.space.lock().live_bytes
-    }
-
-    /// Host RAM taken by the free lists.
-    pub fn heap_bytes(&self) -> u64 {
-        let space = self.space.lock();
-        let lists: usize = space.free.iter().map(|l| l.capacity() * 8).sum();
-        (lists + space.free.capacity() * std::mem::size_of::<Vec<u64>>()) as u64
     }
 }
 
 impl Space {
     /// Finds a slot of `units`; the flag says whether it extends the file.
-    fn take(&mut self, units: usize) -> Option<(u64, bool)> {
+    fn take(&mut self, units: usize, budget: &Budget) -> Option<(u64, bool)> {
         let bytes = units as u64 * UNIT;
         if let Some(off) = self.free[units].pop() {
             self.live_bytes += bytes;
@@ -170,7 +161,7 @@ impl Space {
         }
         for longer in units + 1..=MAX_UNITS {
             if let Some(off) = self.free[longer].pop() {
-                self.free[longer - units].push(off + bytes);
+                self.push_free(longer - units, off + bytes, budget);
                 self.live_bytes += bytes;
                 return Some((off, false));
             }
@@ -178,14 +169,28 @@ impl Space {
         None
     }
 
-    fn give_back(&mut self, offset: u64, units: usize) {
+    fn give_back(&mut self, offset: u64, units: usize, budget: &Budget) {
         let bytes = units as u64 * UNIT;
         self.live_bytes -= bytes;
         if offset + bytes == self.end {
             self.end = offset;
         } else {
-            self.free[units].push(offset);
+            self.push_free(units, offset, budget);
         }
+    }
+
+    fn push_free(&mut self, units: usize, offset: u64, budget: &Budget) {
+        let cap = self.free[units].capacity();
+        self.free[units].push(offset);
+        if self.free[units].capacity() != cap {
+            let now = self.heap_bytes();
+            budget.settle(&mut self.counted, now);
+        }
+    }
+
+    fn heap_bytes(&self) -> u64 {
+        let lists: usize = self.free.iter().map(|l| l.capacity() * 8).sum();
+        (lists + self.free.capacity() * std::mem::size_of::<Vec<u64>>()) as u64
     }
 }
 
@@ -202,6 +207,10 @@ mod tests {
 
     use super::*;
 
+    fn b() -> Budget {
+        Budget::new(1 << 30)
+    }
+
     fn payload(len: usize, seed: u8) -> Vec<u8> {
         (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
     }
@@ -213,7 +222,7 @@ mod tests {
         let mut offs = Vec::new();
         for (i, len) in [1usize, 100, 1000, 4096].into_iter().enumerate() {
             offs.push((
-                f.write(&payload(len, i as u8), i as u64).unwrap().unwrap(),
+                f.write(&payload(len, i as u8), i as u64, &b()).unwrap().unwrap(),
                 len,
                 i,
             ));
@@ -229,20 +238,20 @@ mod tests {
     fn freed_space_is_reused() {
         let dir = tempfile::tempdir().unwrap();
         let f = SpillFile::open(&dir.path().join("spill"), 1 << 20).unwrap();
-        let a = f.write(&payload(1000, 1), 1).unwrap().unwrap();
-        let _b = f.write(&payload(1000, 2), 2).unwrap().unwrap();
+        let a = f.write(&payload(1000, 1), 1, &b()).unwrap().unwrap();
+        let _b = f.write(&payload(1000, 2), 2, &b()).unwrap().unwrap();
         let end = f.file_bytes();
-        f.free(a, 1000);
-        let c = f.write(&payload(900, 3), 3).unwrap().unwrap();
+        f.free(a, 1000, &b());
+        let c = f.write(&payload(900, 3), 3, &b()).unwrap().unwrap();
         assert_eq!(c, a, "same slot length reuses the freed slot");
         assert_eq!(f.file_bytes(), end);
         // A shorter payload splits a longer free slot when the file is at its cap.
         let g = SpillFile::open(&dir.path().join("spill2"), 5 * UNIT * 2).unwrap();
-        let big = g.write(&payload(4 * UNIT as usize, 4), 4).unwrap().unwrap();
-        let _other = g.write(&payload(4 * UNIT as usize, 5), 5).unwrap().unwrap();
-        g.free(big, 4 * UNIT as usize);
-        let s1 = g.write(&payload(100, 6), 6).unwrap().unwrap();
-        let s2 = g.write(&payload(100, 7), 7).unwrap().unwrap();
+        let big = g.write(&payload(4 * UNIT as usize, 4), 4, &b()).unwrap().unwrap();
+        let _other = g.write(&payload(4 * UNIT as usize, 5), 5, &b()).unwrap().unwrap();
+        g.free(big, 4 * UNIT as usize, &b());
+        let s1 = g.write(&payload(100, 6), 6, &b()).unwrap().unwrap();
+        let s2 = g.write(&payload(100, 7), 7, &b()).unwrap().unwrap();
         assert_eq!((s1, s2), (big, big + UNIT));
         let mut out = [0u8; PAGE_SIZE];
         g.read(s2, 100, 7, &mut out).unwrap();
@@ -253,9 +262,9 @@ mod tests {
     fn limit_makes_the_tier_full() {
         let dir = tempfile::tempdir().unwrap();
         let f = SpillFile::open(&dir.path().join("spill"), 3 * UNIT).unwrap();
-        assert!(f.write(&payload(200, 0), 0).unwrap().is_some());
-        assert!(f.write(&payload(200, 0), 0).unwrap().is_none());
-        assert!(f.write(&payload(50, 0), 0).unwrap().is_some());
+        assert!(f.write(&payload(200, 0), 0, &b()).unwrap().is_some());
+        assert!(f.write(&payload(200, 0), 0, &b()).unwrap().is_none());
+        assert!(f.write(&payload(50, 0), 0, &b()).unwrap().is_some());
         assert!(f.file_bytes() <= 3 * UNIT);
     }
 
@@ -264,13 +273,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spill");
         let f = SpillFile::open(&path, 1 << 20).unwrap();
-        let off = f.write(&payload(777, 9), 42).unwrap().unwrap();
+        let off = f.write(&payload(777, 9), 42, &b()).unwrap().unwrap();
         let raw = OpenOptions::new().write(true).open(&path).unwrap();
         raw.write_all_at(&[0xff], off + HDR as u64 + 300).unwrap();
         let mut out = [0u8; PAGE_SIZE];
         assert_matches!(f.read(off, 777, 42, &mut out), Err(StoreError::Corrupt { offset }) if offset == off);
         // A read with the wrong tag (a misdirected read) is refused as well.
-        let off2 = f.write(&payload(10, 1), 7).unwrap().unwrap();
+        let off2 = f.write(&payload(10, 1), 7, &b()).unwrap().unwrap();
         assert_matches!(f.read(off2, 10, 8, &mut out), Err(StoreError::Corrupt { .. }));
     }
 
@@ -278,8 +287,8 @@ mod tests {
     fn enospc_means_full_not_error() {
         // /dev/full fails every write with ENOSPC.
         let f = SpillFile::open(Path::new("/dev/full"), 1 << 20).unwrap();
-        assert!(f.write(&payload(100, 0), 0).unwrap().is_none());
-        assert!(f.write(&payload(100, 0), 0).unwrap().is_none());
+        assert!(f.write(&payload(100, 0), 0, &b()).unwrap().is_none());
+        assert!(f.write(&payload(100, 0), 0, &b()).unwrap().is_none());
         assert_eq!(f.live_bytes(), 0);
     }
 }
