@@ -13,7 +13,7 @@
 use hashbrown::{HashMap, HashTable};
 
 use super::{
-    alloc::{class_of, class_size, Loc, SizeClassAlloc},
+    alloc::{ChunkAlloc, Loc, CHUNK, HDR},
     budget::Budget,
     slab::{table_hash, Obj, Slab, Tier, INDEXED, REFERENCED},
     spill::{units_for, SpillFile, UNIT},
@@ -38,8 +38,8 @@ pub enum Content<'a> {
 pub enum Obtained {
     /// The object now carries one more reference; `hit` says it already existed.
     Ref { id: u32, hit: bool },
-    /// The budget has no room: make some (ideally in `class`) and retry.
-    NeedRoom { class: Option<usize> },
+    /// The budget has no room: make some and retry.
+    NeedRoom,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -64,7 +64,7 @@ pub enum Evicted {
 pub struct ObjShard {
     slab: Slab,
     dedup: HashTable<u32>,
-    alloc: SizeClassAlloc,
+    alloc: ChunkAlloc,
     owners: HashMap<(u32, u32), Counters>,
     /// Bytes this shard has counted in the budget.
     counted: u64,
@@ -76,14 +76,14 @@ impl ObjShard {
         ObjShard {
             slab: Slab::new(),
             dedup: HashTable::new(),
-            alloc: SizeClassAlloc::new(),
+            alloc: ChunkAlloc::new(),
             owners: HashMap::new(),
             counted: 0,
             max_ids,
         }
     }
 
-    /// Bytes of RAM chunks (payload plus slot and chunk-tail slack).
+    /// Bytes of RAM chunks (payloads, their headers, holes and tails).
     pub fn chunk_bytes(&self) -> u64 {
         self.alloc.chunk_bytes()
     }
@@ -150,23 +150,20 @@ impl ObjShard {
             0
         };
         let growth = (alloc_growth + table_growth + self.slab.growth()) as u64;
-        let class = (alloc_growth > 0).then(|| class_of(payload_len));
-        if !self.slab.has_room(self.max_ids) || !budget.try_reserve(growth) {
-            return Obtained::NeedRoom { class };
+        // New chunks for puts leave one chunk of headroom, for compaction to move into.
+        let keep = if alloc_growth > 0 { CHUNK as u64 } else { 0 };
+        if !self.slab.has_room(self.max_ids) || !budget.try_reserve_leaving(growth, keep) {
+            return Obtained::NeedRoom;
         }
         self.counted += growth;
 
-        let (tier, loc) = match *content {
-            Content::Fill { .. } => (Tier::Fill, 0),
-            Content::Data { payload, .. } => {
-                let loc = self.alloc.alloc(payload.len());
-                self.alloc.bytes_mut(loc, payload.len()).copy_from_slice(payload);
-                (Tier::Ram, loc.pack())
-            }
+        let tier = match content {
+            Content::Fill { .. } => Tier::Fill,
+            Content::Data { .. } => Tier::Ram,
         };
         let id = self.slab.insert(Obj {
             hash,
-            loc,
+            loc: 0,
             refs: 1,
             guest,
             pool,
@@ -174,6 +171,11 @@ impl ObjShard {
             tier,
             flags: REFERENCED | if dedup { INDEXED } else { 0 },
         });
+        if let Content::Data { payload, .. } = *content {
+            let loc = self.alloc.alloc(payload.len(), id);
+            self.alloc.bytes_mut(loc, payload.len()).copy_from_slice(payload);
+            self.slab.get_mut(id).loc = loc.pack();
+        }
         if dedup {
             let slab = &self.slab;
             self.dedup.insert_unique(th, id, |&i| slab.get(i).table_hash());
@@ -208,7 +210,7 @@ impl ObjShard {
         }
         let len = usize::from(obj.len);
         match obj.tier {
-            Tier::Ram => self.alloc.free(Loc::unpack(obj.loc)),
+            Tier::Ram => self.alloc.free(Loc::unpack(obj.loc), len),
             Tier::Spilled => {
                 if let Some(spill) = spill {
                     spill.free(obj.loc, len, budget);
@@ -226,8 +228,47 @@ impl ObjShard {
             c.spill_file_bytes -= units_for(len) as u64 * UNIT;
         }
         self.slab.remove(id);
+        self.tidy(budget);
         self.settle(budget);
         fill
+    }
+
+    /// Compacts when holes exceed an eighth of the chunks (and two chunks), so
+    /// churn cannot leave RAM mostly empty space.
+    fn tidy(&mut self, budget: &Budget) {
+        let garbage = self.alloc.garbage();
+        if garbage > 2 * CHUNK as u64 && garbage > self.alloc.chunk_bytes() / 8 {
+            self.compact(budget);
+        }
+    }
+
+    /// Holes and abandoned tails in this shard's chunks.
+    pub fn garbage(&self) -> u64 {
+        self.alloc.garbage()
+    }
+
+    /// Moves the live payloads of the sparsest chunk into the open chunks and
+    /// frees it. Returns whether a chunk went back to the host.
+    pub fn compact(&mut self, budget: &Budget) -> bool {
+        let Some(src) = self.alloc.sparsest() else {
+            return false;
+        };
+        let mut from = 0;
+        let mut done = true;
+        while let Some((id, loc)) = self.alloc.next_live(src, from) {
+            let len = usize::from(self.slab.get(id).len);
+            let growth = self.alloc.growth_for(len) as u64;
+            if !budget.try_reserve(growth) {
+                done = false;
+                break;
+            }
+            self.counted += growth;
+            from = loc.off + len as u32;
+            let to = self.alloc.relocate(loc, len, id);
+            self.slab.get_mut(id).loc = to.pack();
+        }
+        self.settle(budget);
+        done
     }
 
     /// Fetches the payload (reading the file if spilled), marking the object used:
@@ -264,21 +305,11 @@ impl ObjShard {
         }
     }
 
-    /// Writes one cold RAM object (of `class`, if given) to the spill file.
-    pub fn evict(
-        &mut self,
-        class: Option<usize>,
-        spill: &SpillFile,
-        budget: &Budget,
-    ) -> Result<Evicted, StoreError> {
-        // A class-targeted scan may skip many records, so it gets a bounded look.
-        let scan = match class {
-            Some(_) => 4 * super::slab::BLOCK,
-            None => 2 * self.slab.high_water() as usize + 1,
-        };
-        let Some(id) = self.slab.next_victim(scan, |o| {
-            class.map_or(true, |c| class_of(usize::from(o.len)) == c)
-        }) else {
+    /// Writes one cold RAM object to the spill file. Its RAM becomes a hole,
+    /// which compaction turns into free host memory.
+    pub fn evict(&mut self, spill: &SpillFile, budget: &Budget) -> Result<Evicted, StoreError> {
+        let scan = 2 * self.slab.high_water() as usize + 1;
+        let Some(id) = self.slab.next_victim(scan, |_| true) else {
             return Ok(Evicted::NoVictim);
         };
         let obj = *self.slab.get(id);
@@ -287,7 +318,7 @@ impl ObjShard {
         let Some(offset) = spill.write(self.alloc.bytes(loc, len), obj.hash[0], budget)? else {
             return Ok(Evicted::TierFull);
         };
-        self.alloc.free(loc);
+        self.alloc.free(loc, len);
         if obj.has(INDEXED) {
             // Only RAM objects are dedup candidates: a match must be compared in memory.
             if let Ok(entry) = self.dedup.find_entry(obj.table_hash(), |&i| i == id) {
@@ -316,13 +347,9 @@ impl ObjShard {
     }
 }
 
-/// RAM attributed to one object: its record plus its payload slot.
+/// RAM attributed to one object: its record plus its payload and header.
 fn obj_ram_bytes(tier: Tier, len: usize) -> u64 {
-    let slot = if tier == Tier::Ram {
-        class_size(class_of(len))
-    } else {
-        0
-    };
+    let slot = if tier == Tier::Ram { HDR + len } else { 0 };
     (std::mem::size_of::<Obj>() + slot) as u64
 }
 
@@ -362,7 +389,7 @@ mod tests {
         assert_eq!(budget.used(), used, "one reference left: nothing freed");
         s.release(a, None, &budget);
         assert_eq!(s.live_objects(), 0);
-        assert_eq!(s.alloc.chunk_bytes(), 0);
+        assert_eq!(s.alloc.garbage(), 0);
         assert_eq!(s.dedup.len(), 0);
         let mut total = Counters::default();
         s.add_stats(|_, _, c| total.unique_pages += c.unique_pages + c.compr_data_bytes + c.mem_used_bytes);
@@ -402,14 +429,12 @@ mod tests {
     }
 
     #[test]
-    fn budget_refuses_growth_and_names_the_class() {
+    fn budget_refuses_growth_and_counts_exactly() {
         let budget = Budget::new(0);
         let mut s = ObjShard::new(1 << 20);
         assert_eq!(
             s.obtain(&data(1, &[1u8; 500], true), 0, 0, &budget),
-            Obtained::NeedRoom {
-                class: Some(class_of(500))
-            }
+            Obtained::NeedRoom
         );
         assert_eq!(budget.used(), 0);
         budget.set_limit(1 << 20);
@@ -431,8 +456,8 @@ mod tests {
         let (a, _) = id_of(s.obtain(&data(11, &p, true), 1, 2, &budget));
         s.obtain(&data(11, &p, true), 1, 2, &budget);
         // Referenced once on insert: CLOCK spares it on the first pass.
-        assert_eq!(s.evict(None, &spill, &budget).unwrap(), Evicted::One);
-        assert_eq!(s.alloc.chunk_bytes(), 0, "payload left RAM");
+        assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::One);
+        assert_eq!(s.chunk_bytes(), 0, "the payload left RAM");
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
         assert_eq!(
             s.load(a, &mut page, &mut buf, Some(&spill)).unwrap(),
@@ -452,7 +477,9 @@ mod tests {
         assert!(spill.live_bytes() > 0);
         s.release(a, Some(&spill), &budget);
         assert_eq!(spill.live_bytes(), 0);
-        assert_eq!(s.evict(Some(0), &spill, &budget).unwrap(), Evicted::NoVictim);
+        s.release(c, Some(&spill), &budget);
+        assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::NoVictim);
+        assert_eq!(s.chunk_bytes(), 0);
     }
 
     #[test]
@@ -462,7 +489,7 @@ mod tests {
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
         let (a, _) = id_of(s.obtain(&data(1, &[5u8; 300], true), 0, 0, &budget));
-        assert_eq!(s.evict(None, &spill, &budget).unwrap(), Evicted::TierFull);
+        assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::TierFull);
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
         assert_eq!(
             s.load(a, &mut page, &mut buf, Some(&spill)).unwrap(),

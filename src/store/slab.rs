@@ -6,7 +6,7 @@
 
 use super::PAGE_SIZE;
 
-pub const BLOCK: usize = 1024;
+pub const BLOCK: usize = 256;
 const NONE: u32 = u32::MAX;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
