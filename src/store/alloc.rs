@@ -14,7 +14,9 @@
 
 use super::PAGE_SIZE;
 
-pub const CHUNK: usize = 32 << 10;
+/// Eight raw pages with their headers fill a chunk exactly; compressed
+/// payloads are shorter and pack into the open chunks' tails.
+pub const CHUNK: usize = 8 * (PAGE_SIZE + HDR);
 pub const HDR: usize = 4;
 /// Open chunks take new payloads; several, so short payloads fill tails.
 const OPEN: usize = 4;
@@ -30,14 +32,15 @@ pub struct Loc {
 }
 
 impl Loc {
+    /// 48 bits: chunk id above a 16-bit offset (chunks are under 64 KiB).
     pub fn pack(self) -> u64 {
-        (u64::from(self.chunk) << 32) | u64::from(self.off)
+        (u64::from(self.chunk) << 16) | u64::from(self.off)
     }
 
     pub fn unpack(v: u64) -> Loc {
         Loc {
-            chunk: (v >> 32) as u32,
-            off: v as u32,
+            chunk: (v >> 16) as u32,
+            off: u32::from(v as u16),
         }
     }
 }
@@ -275,6 +278,17 @@ mod tests {
     }
 
     #[test]
+    fn locations_pack_into_48_bits() {
+        const { assert!(CHUNK <= 1 << 16) };
+        let loc = Loc {
+            chunk: u32::MAX,
+            off: (CHUNK - 1) as u32,
+        };
+        assert!(loc.pack() < 1 << 48);
+        assert_eq!(Loc::unpack(loc.pack()), loc);
+    }
+
+    #[test]
     fn payloads_are_packed_without_rounding() {
         let mut a = ChunkAlloc::new();
         for id in 0..90 {
@@ -353,7 +367,7 @@ mod tests {
     fn holes_count_as_garbage_and_tails_fill() {
         let mut a = ChunkAlloc::new();
         let big: Vec<Loc> = (0..7).map(|id| a.alloc(4096, id)).collect();
-        // 7 raw pages leave a 4068-byte tail; a 1000-byte payload still fits there.
+        // 7 raw pages leave room for an eighth; a 1000-byte payload fits there.
         let room_before = a.open_room;
         a.alloc(1000, 99);
         assert_eq!(a.chunk_bytes(), CHUNK as u64);

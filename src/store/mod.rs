@@ -23,6 +23,7 @@ mod budget;
 mod codec;
 mod index;
 mod objects;
+mod owners;
 mod slab;
 mod spill;
 mod stats;
@@ -41,6 +42,7 @@ use self::{
     budget::Budget,
     index::{IndexShard, NoRoom},
     objects::{Content, Evicted, Loaded, ObjShard, Obtained},
+    owners::Owners,
     spill::SpillFile,
     stats::Gather,
 };
@@ -192,6 +194,7 @@ pub struct Store {
     objects: Box<[Padded<Mutex<ObjShard>>]>,
     obj_bits: u32,
     spill: Option<SpillFile>,
+    owners: Owners,
     /// Where general writeback starts next, so it spreads over the object shards.
     evict_hand: AtomicUsize,
 }
@@ -236,6 +239,7 @@ impl Store {
                 .collect(),
             obj_bits,
             spill,
+            owners: Owners::new(),
             evict_hand: AtomicUsize::new(0),
         };
         // The fixed part (the shard arrays) is host memory too.
@@ -325,14 +329,12 @@ impl Store {
         content: &Content<'_>,
     ) -> Result<PutOutcome, StoreError> {
         let shard = self.obj_shard_of(content);
+        let owner = self.owners.id(guest.0, pool);
         let fill = matches!(content, Content::Fill { .. });
         // Object first, with no index lock held: the object shard lock is never
         // held while taking an index lock.
         let (id, hit) = loop {
-            let got = self.objects[shard]
-                .0
-                .lock()
-                .obtain(content, guest.0, pool, &self.budget);
+            let got = self.objects[shard].0.lock().obtain(content, owner, &self.budget);
             match got {
                 Obtained::Ref { id, hit } => break (id, hit),
                 Obtained::NeedRoom => match self.make_room() {
@@ -603,10 +605,10 @@ impl Store {
             });
         }
         for shard in self.objects.iter() {
-            shard
-                .0
-                .lock()
-                .add_stats(|guest, pool, c| gather.add(guest, pool, c));
+            shard.0.lock().add_stats(|owner, c| {
+                let (guest, pool) = self.owners.pair(owner);
+                gather.add(guest, pool, c);
+            });
         }
         let spill_file = self.spill.as_ref().map_or(0, SpillFile::file_bytes);
         gather.finish(self.budget.used(), self.budget.limit(), spill_file)

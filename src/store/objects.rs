@@ -10,7 +10,7 @@
 //! object happens under that lock: it is the slow path, and it keeps the
 //! object from being freed (and its file slot reused) during the read.
 
-use hashbrown::{HashMap, HashTable};
+use hashbrown::HashTable;
 
 use super::{
     alloc::{ChunkAlloc, Loc, CHUNK, HDR},
@@ -65,7 +65,8 @@ pub struct ObjShard {
     slab: Slab,
     dedup: HashTable<u32>,
     alloc: ChunkAlloc,
-    owners: HashMap<(u32, u32), Counters>,
+    /// Object counters by owner id.
+    owners: Vec<Counters>,
     /// Bytes this shard has counted in the budget.
     counted: u64,
     max_ids: u32,
@@ -77,7 +78,7 @@ impl ObjShard {
             slab: Slab::new(),
             dedup: HashTable::new(),
             alloc: ChunkAlloc::new(),
-            owners: HashMap::new(),
+            owners: Vec::new(),
             counted: 0,
             max_ids,
         }
@@ -91,7 +92,7 @@ impl ObjShard {
     pub fn heap_bytes(&self) -> u64 {
         self.slab.heap_bytes()
             + self.alloc.heap_bytes()
-            + (self.dedup.allocation_size() + self.owners.allocation_size()) as u64
+            + (self.dedup.allocation_size() + self.owners.capacity() * std::mem::size_of::<Counters>()) as u64
     }
 
     #[cfg(test)]
@@ -104,12 +105,16 @@ impl ObjShard {
         budget.settle(&mut self.counted, now);
     }
 
-    fn owner(&mut self, guest: u32, pool: u32) -> &mut Counters {
-        self.owners.entry((guest, pool)).or_default()
+    fn owner(&mut self, owner: u16) -> &mut Counters {
+        let i = usize::from(owner);
+        if i >= self.owners.len() {
+            self.owners.resize(i + 1, Counters::default());
+        }
+        &mut self.owners[i]
     }
 
     /// Finds an equal object in the dedup table or stores a new one, taking a reference.
-    pub fn obtain(&mut self, content: &Content<'_>, guest: u32, pool: u32, budget: &Budget) -> Obtained {
+    pub fn obtain(&mut self, content: &Content<'_>, owner: u16, budget: &Budget) -> Obtained {
         let (hash, dedup) = match *content {
             Content::Fill { word, domain } => ([word, u64::from(domain)], true),
             Content::Data { hash, dedup, .. } => (hash, dedup),
@@ -124,7 +129,7 @@ impl ObjShard {
                         Content::Data { payload, .. } => {
                             o.tier == Tier::Ram
                                 && usize::from(o.len) == payload.len()
-                                && self.alloc.bytes(Loc::unpack(o.loc), payload.len()) == payload
+                                && self.alloc.bytes(Loc::unpack(o.loc()), payload.len()) == payload
                         }
                     }
             });
@@ -163,24 +168,23 @@ impl ObjShard {
         };
         let id = self.slab.insert(Obj {
             hash,
-            loc: 0,
             refs: 1,
-            guest,
-            pool,
+            owner,
             len: payload_len as u16,
             tier,
             flags: REFERENCED | if dedup { INDEXED } else { 0 },
+            ..Obj::default()
         });
         if let Content::Data { payload, .. } = *content {
             let loc = self.alloc.alloc(payload.len(), id);
             self.alloc.bytes_mut(loc, payload.len()).copy_from_slice(payload);
-            self.slab.get_mut(id).loc = loc.pack();
+            self.slab.get_mut(id).set_loc(loc.pack());
         }
         if dedup {
             let slab = &self.slab;
             self.dedup.insert_unique(th, id, |&i| slab.get(i).table_hash());
         }
-        let c = self.owner(guest, pool);
+        let c = self.owner(owner);
         c.mem_used_bytes += obj_ram_bytes(tier, payload_len);
         if tier == Tier::Ram {
             c.unique_pages += 1;
@@ -198,7 +202,7 @@ impl ObjShard {
         let obj = *o;
         let fill = obj.tier == Tier::Fill;
         if obj.tier == Tier::Spilled {
-            self.owner(obj.guest, obj.pool).spilled_pages -= 1;
+            self.owner(obj.owner).spilled_pages -= 1;
         }
         if obj.refs > 0 {
             return fill;
@@ -210,15 +214,15 @@ impl ObjShard {
         }
         let len = usize::from(obj.len);
         match obj.tier {
-            Tier::Ram => self.alloc.free(Loc::unpack(obj.loc), len),
+            Tier::Ram => self.alloc.free(Loc::unpack(obj.loc()), len),
             Tier::Spilled => {
                 if let Some(spill) = spill {
-                    spill.free(obj.loc, len, budget);
+                    spill.free(obj.loc() * UNIT, len, budget);
                 }
             }
             Tier::Fill | Tier::Free => {}
         }
-        let c = self.owner(obj.guest, obj.pool);
+        let c = self.owner(obj.owner);
         c.mem_used_bytes -= obj_ram_bytes(obj.tier, len);
         if obj.tier != Tier::Fill {
             c.unique_pages -= 1;
@@ -265,7 +269,7 @@ impl ObjShard {
             self.counted += growth;
             from = loc.off + len as u32;
             let to = self.alloc.relocate(loc, len, id);
-            self.slab.get_mut(id).loc = to.pack();
+            self.slab.get_mut(id).set_loc(to.pack());
         }
         self.settle(budget);
         done
@@ -292,16 +296,17 @@ impl ObjShard {
         match obj.tier {
             Tier::Fill => Ok(Loaded::Fill(obj.hash[0])),
             Tier::Ram => {
-                dest[..len].copy_from_slice(self.alloc.bytes(Loc::unpack(obj.loc), len));
+                dest[..len].copy_from_slice(self.alloc.bytes(Loc::unpack(obj.loc()), len));
                 Ok(loaded)
             }
             Tier::Spilled => {
-                let spill = spill.ok_or(StoreError::Corrupt { offset: obj.loc })?;
-                self.owner(obj.guest, obj.pool).spill_reads += 1;
-                spill.read(obj.loc, len, obj.hash[0], &mut dest[..])?;
+                let offset = obj.loc() * UNIT;
+                let spill = spill.ok_or(StoreError::Corrupt { offset })?;
+                self.owner(obj.owner).spill_reads += 1;
+                spill.read(offset, len, obj.hash[0], &mut dest[..])?;
                 Ok(loaded)
             }
-            Tier::Free => Err(StoreError::Corrupt { offset: obj.loc }),
+            Tier::Free => Err(StoreError::Corrupt { offset: u64::MAX }),
         }
     }
 
@@ -314,7 +319,7 @@ impl ObjShard {
         };
         let obj = *self.slab.get(id);
         let len = usize::from(obj.len);
-        let loc = Loc::unpack(obj.loc);
+        let loc = Loc::unpack(obj.loc());
         let Some(offset) = spill.write(self.alloc.bytes(loc, len), obj.hash[0], budget)? else {
             return Ok(Evicted::TierFull);
         };
@@ -327,9 +332,9 @@ impl ObjShard {
         }
         let o = self.slab.get_mut(id);
         o.tier = Tier::Spilled;
-        o.loc = offset;
+        o.set_loc(offset / UNIT);
         o.set(INDEXED, false);
-        let c = self.owner(obj.guest, obj.pool);
+        let c = self.owner(obj.owner);
         c.mem_used_bytes -= obj_ram_bytes(Tier::Ram, len) - obj_ram_bytes(Tier::Spilled, len);
         c.spilled_pages += u64::from(obj.refs);
         c.spill_file_bytes += units_for(len) as u64 * UNIT;
@@ -339,10 +344,10 @@ impl ObjShard {
         Ok(Evicted::One)
     }
 
-    /// Adds this shard's object counters into `into`, by (guest, pool).
-    pub fn add_stats(&self, mut into: impl FnMut(u32, u32, &Counters)) {
-        for (&(guest, pool), c) in &self.owners {
-            into(guest, pool, c);
+    /// Hands this shard's object counters to `into`, by owner id.
+    pub fn add_stats(&self, mut into: impl FnMut(u16, &Counters)) {
+        for (owner, c) in self.owners.iter().enumerate() {
+            into(owner as u16, c);
         }
     }
 }
@@ -377,9 +382,9 @@ mod tests {
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
         let p = vec![7u8; 1000];
-        let (a, hit) = id_of(s.obtain(&data(1, &p, true), 0, 0, &budget));
+        let (a, hit) = id_of(s.obtain(&data(1, &p, true), 0, &budget));
         assert!(!hit);
-        let (b, hit) = id_of(s.obtain(&data(1, &p, true), 0, 1, &budget));
+        let (b, hit) = id_of(s.obtain(&data(1, &p, true), 1, &budget));
         assert!(hit);
         assert_eq!(a, b);
         assert_eq!(s.slab.get(a).refs, 2);
@@ -392,7 +397,7 @@ mod tests {
         assert_eq!(s.alloc.garbage(), 0);
         assert_eq!(s.dedup.len(), 0);
         let mut total = Counters::default();
-        s.add_stats(|_, _, c| total.unique_pages += c.unique_pages + c.compr_data_bytes + c.mem_used_bytes);
+        s.add_stats(|_, c| total.unique_pages += c.unique_pages + c.compr_data_bytes + c.mem_used_bytes);
         assert_eq!(total.unique_pages, 0);
     }
 
@@ -400,8 +405,8 @@ mod tests {
     fn equal_hash_but_different_bytes_is_not_a_hit() {
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
-        let (a, _) = id_of(s.obtain(&data(5, &[1u8; 100], true), 0, 0, &budget));
-        let (b, hit) = id_of(s.obtain(&data(5, &[2u8; 100], true), 0, 0, &budget));
+        let (a, _) = id_of(s.obtain(&data(5, &[1u8; 100], true), 0, &budget));
+        let (b, hit) = id_of(s.obtain(&data(5, &[2u8; 100], true), 0, &budget));
         assert!(!hit);
         assert_ne!(a, b);
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
@@ -414,15 +419,15 @@ mod tests {
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
         let p = [3u8; 64];
-        let (a, _) = id_of(s.obtain(&data(9, &p, false), 0, 0, &budget));
-        let (b, hit) = id_of(s.obtain(&data(9, &p, false), 0, 0, &budget));
+        let (a, _) = id_of(s.obtain(&data(9, &p, false), 0, &budget));
+        let (b, hit) = id_of(s.obtain(&data(9, &p, false), 0, &budget));
         assert!(!hit && a != b);
         let fill = Content::Fill { word: 0, domain: 4 };
-        let (f1, _) = id_of(s.obtain(&fill, 4, 0, &budget));
-        let (f2, hit) = id_of(s.obtain(&fill, 4, 0, &budget));
+        let (f1, _) = id_of(s.obtain(&fill, 4, &budget));
+        let (f2, hit) = id_of(s.obtain(&fill, 4, &budget));
         assert!(hit && f1 == f2);
         let other_domain = Content::Fill { word: 0, domain: 5 };
-        assert_ne!(id_of(s.obtain(&other_domain, 5, 0, &budget)).0, f1);
+        assert_ne!(id_of(s.obtain(&other_domain, 5, &budget)).0, f1);
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
         assert_eq!(s.load(f1, &mut page, &mut buf, None).unwrap(), Loaded::Fill(0));
         assert!(s.release(f1, None, &budget));
@@ -433,12 +438,12 @@ mod tests {
         let budget = Budget::new(0);
         let mut s = ObjShard::new(1 << 20);
         assert_eq!(
-            s.obtain(&data(1, &[1u8; 500], true), 0, 0, &budget),
+            s.obtain(&data(1, &[1u8; 500], true), 0, &budget),
             Obtained::NeedRoom
         );
         assert_eq!(budget.used(), 0);
         budget.set_limit(1 << 20);
-        let (_, _) = id_of(s.obtain(&data(1, &[1u8; 500], true), 0, 0, &budget));
+        let (_, _) = id_of(s.obtain(&data(1, &[1u8; 500], true), 0, &budget));
         assert_eq!(
             budget.used(),
             s.heap_bytes(),
@@ -453,8 +458,8 @@ mod tests {
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
         let p: Vec<u8> = (0..700u32).map(|i| i as u8).collect();
-        let (a, _) = id_of(s.obtain(&data(11, &p, true), 1, 2, &budget));
-        s.obtain(&data(11, &p, true), 1, 2, &budget);
+        let (a, _) = id_of(s.obtain(&data(11, &p, true), 1, &budget));
+        s.obtain(&data(11, &p, true), 1, &budget);
         // Referenced once on insert: CLOCK spares it on the first pass.
         assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::One);
         assert_eq!(s.chunk_bytes(), 0, "the payload left RAM");
@@ -465,10 +470,10 @@ mod tests {
         );
         assert_eq!(&buf[..700], &p[..]);
         // A spilled object is not a dedup candidate: an equal put makes a RAM copy.
-        let (c, hit) = id_of(s.obtain(&data(11, &p, true), 1, 2, &budget));
+        let (c, hit) = id_of(s.obtain(&data(11, &p, true), 1, &budget));
         assert!(!hit && c != a);
         let mut total = Counters::default();
-        s.add_stats(|_, _, c| {
+        s.add_stats(|_, c| {
             total.spilled_pages += c.spilled_pages;
             total.spill_reads += c.spill_reads;
         });
@@ -488,7 +493,7 @@ mod tests {
         let spill = SpillFile::open(&dir.path().join("s"), 0).unwrap();
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
-        let (a, _) = id_of(s.obtain(&data(1, &[5u8; 300], true), 0, 0, &budget));
+        let (a, _) = id_of(s.obtain(&data(1, &[5u8; 300], true), 0, &budget));
         assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::TierFull);
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
         assert_eq!(
