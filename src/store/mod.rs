@@ -195,6 +195,8 @@ pub struct Store {
     obj_bits: u32,
     spill: Option<SpillFile>,
     owners: Owners,
+    /// Random per store: keeps index placement unpredictable to guests.
+    seed: u64,
     /// Where general writeback starts next, so it spreads over the object shards.
     evict_hand: AtomicUsize,
 }
@@ -221,6 +223,12 @@ impl Store {
         let obj_bits = bits_for(obj_shards).min(MAX_OBJ_SHARD_BITS);
         let index_bits = bits_for((cpus * 8).clamp(16, 1024));
         let max_ids = 1u32 << (32 - obj_bits);
+        let seed = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(0x746d_656d);
+            h.finish()
+        };
         let spill = match &config.spill {
             Some(s) => Some(SpillFile::open(&s.path, s.limit)?),
             None => None,
@@ -231,7 +239,7 @@ impl Store {
             dedup: config.dedup,
             budget: Budget::new(config.mem_limit),
             index: (0..1usize << index_bits)
-                .map(|_| Padded(Mutex::new(IndexShard::new())))
+                .map(|_| Padded(Mutex::new(IndexShard::new(seed))))
                 .collect(),
             index_bits,
             objects: (0..1usize << obj_bits)
@@ -240,6 +248,7 @@ impl Store {
             obj_bits,
             spill,
             owners: Owners::new(),
+            seed,
             evict_hand: AtomicUsize::new(0),
         };
         // The fixed part (the shard arrays) is host memory too.
@@ -252,8 +261,12 @@ impl Store {
     }
 
     fn index_shard(&self, guest: GuestId, pool: u32, index: u64) -> MutexGuard<'_, IndexShard> {
-        let mut x = (u64::from(guest.0) << 32 | u64::from(pool)).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ index;
-        x = (x ^ (x >> 31)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        // A run of neighbouring indices shares a shard (see index::RUN_BITS).
+        let key = (u64::from(guest.0) << 32 | u64::from(pool)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ (index >> index::RUN_BITS)
+            ^ self.seed;
+        let x = (key ^ (key >> 31)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        let x = x ^ (x >> 29);
         self.index[(x >> (64 - self.index_bits)) as usize & (self.index.len() - 1)]
             .0
             .lock()
@@ -272,21 +285,22 @@ impl Store {
     }
 
     pub fn put(&self, guest: GuestId, pool: u32, index: u64, page: &Page) -> Result<PutOutcome, StoreError> {
-        let mut frame = [0u8; codec::COMPRESS_BOUND];
-        let encoded = match codec::encode(page, self.zstd_level, self.raw_threshold, &mut frame) {
-            Ok(e) => e,
-            Err(e) => {
-                self.drop_old_copy(guest, pool, index);
-                return Err(StoreError::Compress(e));
-            }
-        };
-        let domain = self.domain(guest);
-        let content = match encoded {
-            codec::Encoded::Fill(word) => Content::Fill { word, domain },
-            codec::Encoded::Zstd(len) => self.data(page, &frame[..len], domain),
-            codec::Encoded::Raw => self.data(page, &page[..], domain),
-        };
-        self.put_content(guest, pool, index, &content)
+        codec::with_scratch(|frame| {
+            let encoded = match codec::encode(page, self.zstd_level, self.raw_threshold, frame) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.drop_old_copy(guest, pool, index);
+                    return Err(StoreError::Compress(e));
+                }
+            };
+            let domain = self.domain(guest);
+            let content = match encoded {
+                codec::Encoded::Fill(word) => Content::Fill { word, domain },
+                codec::Encoded::Zstd(len) => self.data(page, &frame[..len], domain),
+                codec::Encoded::Raw => self.data(page, &page[..], domain),
+            };
+            self.put_content(guest, pool, index, &content)
+        })
     }
 
     fn data<'a>(&self, page: &Page, payload: &'a [u8], domain: u32) -> Content<'a> {
@@ -453,7 +467,18 @@ impl Store {
         out: &mut Page,
         exclusive: bool,
     ) -> Result<GetOutcome, StoreError> {
-        let mut frame = [0u8; PAGE_SIZE];
+        codec::with_scratch(|frame| self.get_into(guest, pool, index, out, exclusive, &mut frame[..]))
+    }
+
+    fn get_into(
+        &self,
+        guest: GuestId,
+        pool: u32,
+        index: u64,
+        out: &mut Page,
+        exclusive: bool,
+        frame: &mut [u8],
+    ) -> Result<GetOutcome, StoreError> {
         let mut ix = self.index_shard(guest, pool, index);
         let handle = if exclusive {
             ix.remove(guest.0, pool, index, &self.budget)
@@ -467,7 +492,7 @@ impl Store {
         let (shard, id) = self.split_handle(handle);
         let (loaded, was_fill) = {
             let mut os = self.objects[shard].0.lock();
-            let loaded = os.load(id, out, &mut frame, self.spill.as_ref());
+            let loaded = os.load(id, out, frame, self.spill.as_ref());
             let was_fill = exclusive.then(|| os.release(id, self.spill.as_ref(), &self.budget));
             (loaded, was_fill)
         };

@@ -281,7 +281,7 @@ impl ObjShard {
         &mut self,
         id: u32,
         page: &mut [u8; PAGE_SIZE],
-        frame: &mut [u8; PAGE_SIZE],
+        frame: &mut [u8],
         spill: Option<&SpillFile>,
     ) -> Result<Loaded, StoreError> {
         let o = self.slab.get_mut(id);
@@ -289,7 +289,7 @@ impl ObjShard {
         let obj = *o;
         let len = usize::from(obj.len);
         let (dest, loaded) = if obj.is_raw() {
-            (page, Loaded::Raw)
+            (&mut page[..], Loaded::Raw)
         } else {
             (frame, Loaded::Frame(len))
         };
