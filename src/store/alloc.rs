@@ -150,11 +150,7 @@ impl ChunkAlloc {
         if c.live == 0 {
             // An empty chunk goes back even if open: spilling must free RAM.
             if c.open {
-                c.open = false;
-                self.open_room -= (CHUNK - c.used as usize) as u64;
-                if let Some(slot) = self.open.iter_mut().find(|s| **s == loc.chunk) {
-                    *slot = NIL;
-                }
+                self.close(loc.chunk);
             }
             self.release(loc.chunk);
         }
@@ -170,15 +166,36 @@ impl ChunkAlloc {
         &mut self.chunks[loc.chunk as usize].data[at..at + len]
     }
 
-    /// The closed chunk with the fewest live bytes, if compacting it pays
-    /// (at most three quarters live).
-    pub fn sparsest(&self) -> Option<u32> {
-        self.chunks
+    /// The chunk with the fewest live bytes, if compacting it pays (at most
+    /// three quarters live, counting an open chunk's unused room as live: it
+    /// is not waste). An open chunk chosen here is closed first.
+    pub fn sparsest(&mut self) -> Option<u32> {
+        let pick = self
+            .chunks
             .iter()
             .enumerate()
-            .filter(|(_, c)| !c.open && !c.data.is_empty() && (c.live as usize) <= CHUNK * 3 / 4)
-            .min_by_key(|(_, c)| c.live)
-            .map(|(i, _)| i as u32)
+            .filter(|(_, c)| !c.data.is_empty())
+            .map(|(i, c)| {
+                let room = if c.open { CHUNK - c.used as usize } else { 0 };
+                (i as u32, c.live as usize + room)
+            })
+            .filter(|&(_, keep)| keep <= CHUNK * 3 / 4)
+            .min_by_key(|&(_, keep)| keep)
+            .map(|(i, _)| i)?;
+        if self.chunks[pick as usize].open {
+            self.close(pick);
+        }
+        Some(pick)
+    }
+
+    /// Takes a chunk out of the open set; its unused room becomes garbage.
+    fn close(&mut self, id: u32) {
+        let room = self.room(id) as u64;
+        self.open_room -= room;
+        self.chunks[id as usize].open = false;
+        if let Some(slot) = self.open.iter_mut().find(|s| **s == id) {
+            *slot = NIL;
+        }
     }
 
     /// The first live payload whose header is at or after `from` in `chunk`:
@@ -225,11 +242,8 @@ impl ChunkAlloc {
             .unwrap_or(0);
         let old = self.open[slot];
         if old != NIL {
-            let room = self.room(old) as u64;
-            self.open_room -= room;
-            let c = &mut self.chunks[old as usize];
-            c.open = false;
-            if c.live == 0 {
+            self.close(old);
+            if self.chunks[old as usize].live == 0 {
                 self.release(old);
             }
         }

@@ -884,6 +884,46 @@ mod tests {
     }
 
     #[test]
+    fn churn_within_a_ram_budget_keeps_working() {
+        // Invalidations leave holes; compaction must turn them back into room,
+        // or a RAM-only store would start rejecting for good.
+        let limit = 1 << 20;
+        let s = store(limit);
+        let mut model: HashMap<u64, Page> = HashMap::new();
+        let mut x = 7u64;
+        let mut rejected = 0;
+        for step in 0..6000u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let i = (x >> 33) % 600;
+            if x % 5 == 0 {
+                s.invalidate_page(GuestId(0), 0, i);
+                model.remove(&i);
+            } else {
+                let p = text_page(step);
+                match put(&s, 0, 0, i, &p) {
+                    PutOutcome::Stored => {
+                        model.insert(i, p);
+                    }
+                    PutOutcome::Rejected => {
+                        rejected += 1;
+                        model.remove(&i);
+                    }
+                }
+            }
+            assert!(s.mem_used() <= limit);
+        }
+        for i in 0..600 {
+            assert_eq!(get(&s, 0, 0, i), model.get(&i).copied(), "page {i}");
+        }
+        // 600 text pages need well under the budget once packed.
+        assert_eq!(rejected, 0);
+        let mem = s.memory();
+        assert!(mem.payload_chunk_bytes < 2 * model.len() as u64 * 1400, "{mem:?}");
+    }
+
+    #[test]
     fn spill_round_trip_keeps_ram_within_budget() {
         let dir = tempfile::tempdir().unwrap();
         let limit = 1 << 20;

@@ -69,6 +69,12 @@ pub struct ObjShard {
     owners: Vec<Counters>,
     /// Bytes this shard has counted in the budget.
     counted: u64,
+    /// Objects with a payload in RAM: writeback gives up at once when none.
+    in_ram: u32,
+    /// After a compaction finds no sparse chunk, garbage must reach this
+    /// before the next try, so a shard with thinly spread holes is not
+    /// rescanned on every free.
+    compact_floor: u64,
     max_ids: u32,
 }
 
@@ -80,6 +86,8 @@ impl ObjShard {
             alloc: ChunkAlloc::new(),
             owners: Vec::new(),
             counted: 0,
+            in_ram: 0,
+            compact_floor: 0,
             max_ids,
         }
     }
@@ -184,6 +192,9 @@ impl ObjShard {
             let slab = &self.slab;
             self.dedup.insert_unique(th, id, |&i| slab.get(i).table_hash());
         }
+        if tier == Tier::Ram {
+            self.in_ram += 1;
+        }
         let c = self.owner(owner);
         c.mem_used_bytes += obj_ram_bytes(tier, payload_len);
         if tier == Tier::Ram {
@@ -214,7 +225,10 @@ impl ObjShard {
         }
         let len = usize::from(obj.len);
         match obj.tier {
-            Tier::Ram => self.alloc.free(Loc::unpack(obj.loc()), len),
+            Tier::Ram => {
+                self.alloc.free(Loc::unpack(obj.loc()), len);
+                self.in_ram -= 1;
+            }
             Tier::Spilled => {
                 if let Some(spill) = spill {
                     spill.free(obj.loc() * UNIT, len, budget);
@@ -254,9 +268,14 @@ impl ObjShard {
     /// Moves the live payloads of the sparsest chunk into the open chunks and
     /// frees it. Returns whether a chunk went back to the host.
     pub fn compact(&mut self, budget: &Budget) -> bool {
+        if self.alloc.garbage() < self.compact_floor {
+            return false;
+        }
         let Some(src) = self.alloc.sparsest() else {
+            self.compact_floor = self.alloc.garbage() + CHUNK as u64;
             return false;
         };
+        self.compact_floor = 0;
         let mut from = 0;
         let mut done = true;
         while let Some((id, loc)) = self.alloc.next_live(src, from) {
@@ -313,6 +332,9 @@ impl ObjShard {
     /// Writes one cold RAM object to the spill file. Its RAM becomes a hole,
     /// which compaction turns into free host memory.
     pub fn evict(&mut self, spill: &SpillFile, budget: &Budget) -> Result<Evicted, StoreError> {
+        if self.in_ram == 0 {
+            return Ok(Evicted::NoVictim);
+        }
         let scan = 2 * self.slab.high_water() as usize + 1;
         let Some(id) = self.slab.next_victim(scan, |_| true) else {
             return Ok(Evicted::NoVictim);
@@ -332,6 +354,7 @@ impl ObjShard {
         }
         let o = self.slab.get_mut(id);
         o.tier = Tier::Spilled;
+        self.in_ram -= 1;
         o.set_loc(offset / UNIT);
         o.set(INDEXED, false);
         let c = self.owner(obj.owner);
@@ -485,6 +508,37 @@ mod tests {
         s.release(c, Some(&spill), &budget);
         assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::NoVictim);
         assert_eq!(s.chunk_bytes(), 0);
+    }
+
+    #[test]
+    fn compaction_moves_live_payloads_and_frees_chunks() {
+        let budget = Budget::new(1 << 30);
+        let mut s = ObjShard::new(1 << 20);
+        let payload = |i: u64| -> Vec<u8> { (0..900).map(|k| (i as u8).wrapping_add(k as u8)).collect() };
+        let ids: Vec<u32> = (0..400u64)
+            .map(|i| id_of(s.obtain(&data(i + 1, &payload(i), true), 0, &budget)).0)
+            .collect();
+        let full = s.chunk_bytes();
+        // Free three in four: release() tidies up once holes pass an eighth.
+        for (i, &id) in ids.iter().enumerate() {
+            if i % 4 != 0 {
+                s.release(id, None, &budget);
+            }
+        }
+        while s.garbage() >= CHUNK as u64 && s.compact(&budget) {}
+        assert!(s.chunk_bytes() < full / 2, "{} of {full}", s.chunk_bytes());
+        assert_eq!(budget.used(), s.heap_bytes());
+        let (mut page, mut frame) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+        for (i, &id) in ids.iter().enumerate().filter(|(i, _)| i % 4 == 0) {
+            assert_eq!(
+                s.load(id, &mut page, &mut frame, None).unwrap(),
+                Loaded::Frame(900)
+            );
+            assert_eq!(&frame[..900], &payload(i as u64)[..]);
+        }
+        // Moved payloads are still found by dedup.
+        let (again, hit) = id_of(s.obtain(&data(1, &payload(0), true), 0, &budget));
+        assert!(hit && again == ids[0]);
     }
 
     #[test]
