@@ -30,9 +30,10 @@ use serde_json::{json, Value};
 use thiserror::Error;
 
 use crate::{
-    config::{parse_size, Config},
+    config::Config,
     device::DeviceShared,
     error_chain,
+    size::parse_size,
     stats::{summarize, Latency},
     store::{DedupDomain, GuestId, Store, StoreStats},
 };

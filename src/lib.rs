@@ -13,12 +13,14 @@
 //!   request parsing, and the daemon's run loop.
 //! - [`control`]: the control socket server, its messages, and the client.
 //! - [`stats`]: per-op latency histograms.
+//! - [`size`]: byte sizes as operators write them (`512M`, `4GiB`).
 
 pub mod bench;
 pub mod config;
 pub mod control;
 pub mod device;
 pub mod protocol;
+pub mod size;
 pub mod stats;
 pub mod store;
 
