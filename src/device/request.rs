@@ -41,6 +41,8 @@ pub enum ChainError {
     OutOfRange { addr: u64, len: u32 },
     #[error("chain carries more bytes than fit in usize")]
     TooLong,
+    #[error("chain breaks off: a next link loops, leaves the table, or points at an unreadable descriptor")]
+    Truncated,
     #[error("chain has no device-writable byte for the status")]
     NoStatus,
     #[error("header needs {HEADER_SIZE} device-readable bytes, chain has {0}")]
@@ -216,8 +218,10 @@ where
 
     // The iterator stops by itself on a loop (its TTL is the table size), on a
     // `next` beyond the table and on unreadable descriptors, so this walk is
-    // bounded even when we stop storing segments.
+    // bounded even past the cap, where segments are no longer stored.
+    let mut last_has_next = false;
     for desc in chain {
+        last_has_next = desc.has_next();
         let (addr, len) = (desc.addr().0, desc.len());
         if len == 0 {
             continue;
@@ -241,6 +245,11 @@ where
         .filter(|&addr| mem.check_range(addr, 1, Permissions::Write));
     let reject = |error| Rejection { error, status };
 
+    // The iterator ends quietly when it runs out of TTL or meets a bad link;
+    // the last descriptor it gave still saying "more follows" is how we tell.
+    if last_has_next {
+        first_error.get_or_insert(ChainError::Truncated);
+    }
     if let Some(error) = first_error {
         return Err(reject(error));
     }
@@ -307,7 +316,7 @@ fn check_range<M: GuestMemory + ?Sized>(
 #[cfg(test)]
 mod tests {
     use assert_matches::assert_matches;
-    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::{
         desc::{split::Descriptor, RawDescriptor},
         mock::MockSplitQueue,
@@ -606,6 +615,41 @@ mod tests {
         descs.push(w(BUF + 0x2000 + 63 * 64, 65));
         let req = parse_with(&mem, &header(2, 0), &descs).unwrap();
         assert_eq!(req.status, GuestAddress(BUF + 0x2000 + 4096));
+    }
+
+    #[test]
+    fn looping_chain_is_truncated() {
+        let mem = memory();
+        mem.write_slice(&header(3, 0), GuestAddress(BUF)).unwrap();
+        let queue = MockSplitQueue::new(&mem, 16);
+        let next = VRING_DESC_F_NEXT as u16;
+        let write = VRING_DESC_F_WRITE as u16;
+        // 0 -> 1 -> 0 -> ...: header, status, header, ...
+        let descs = [
+            RawDescriptor::from(Descriptor::new(BUF, 24, next, 1)),
+            RawDescriptor::from(Descriptor::new(BUF + 0x100, 1, next | write, 0)),
+        ];
+        let chain = queue.build_multiple_desc_chains(&descs).unwrap();
+        let rej = parse(chain, &mem).err().unwrap();
+        // The walk meets the header again after the status first.
+        assert_matches!(rej.error, ChainError::ReadableAfterWritable);
+        // A chain whose only loop is on the status: cut off by the TTL.
+        let descs = [
+            RawDescriptor::from(Descriptor::new(BUF, 24, next, 1)),
+            RawDescriptor::from(Descriptor::new(BUF + 0x100, 1, next | write, 1)),
+        ];
+        let chain = queue.build_multiple_desc_chains(&descs).unwrap();
+        let rej = parse(chain, &mem).err().unwrap();
+        assert_matches!(rej.error, ChainError::Truncated);
+        assert_eq!(rej.status, Some(GuestAddress(BUF + 0x100)));
+        // A next index beyond the table.
+        let descs = [
+            RawDescriptor::from(Descriptor::new(BUF, 24, next, 1)),
+            RawDescriptor::from(Descriptor::new(BUF + 0x100, 1, next | write, 999)),
+        ];
+        let chain = queue.build_multiple_desc_chains(&descs).unwrap();
+        let rej = parse(chain, &mem).err().unwrap();
+        assert_matches!(rej.error, ChainError::Truncated);
     }
 
     #[test]
