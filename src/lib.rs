@@ -8,8 +8,10 @@
 //!
 //! - [`protocol`]: the wire format shared with the guest driver.
 //! - [`store`]: the page store (no vhost types).
+//! - [`frontend`]: an in-process vhost-user frontend (a VMM stand-in) for tests and benches.
 
 pub mod bench;
+pub mod frontend;
 pub mod protocol;
 pub mod store;
 
