@@ -162,6 +162,9 @@ pub struct VmmConfig {
     pub honour_no_notify: bool,
     /// How long any single wait for the daemon may take.
     pub timeout: Duration,
+    /// Ack the RESET_DEVICE protocol feature if offered. Without it, a reset is
+    /// RESET_OWNER, as with an older VMM.
+    pub reset_device: bool,
 }
 
 impl Default for VmmConfig {
@@ -174,6 +177,7 @@ impl Default for VmmConfig {
             wait: WaitMode::Interrupt,
             honour_no_notify: true,
             timeout: Duration::from_secs(10),
+            reset_device: true,
         }
     }
 }
@@ -348,6 +352,11 @@ impl Vmm {
         if !theirs.contains(needed) {
             return Err(FrontendError::MissingProtocolFeatures(needed - theirs));
         }
+        let wanted = if self.cfg.reset_device {
+            wanted
+        } else {
+            wanted - VhostUserProtocolFeatures::RESET_DEVICE
+        };
         self.protocol = theirs & wanted;
         self.frontend
             .set_protocol_features(self.protocol)
@@ -447,13 +456,31 @@ impl Vmm {
         Ok(queues)
     }
 
+    /// Restarts stopped queues as they were, the way QEMU continues a paused VM:
+    /// same rings, same eventfds, SET_VRING_BASE with what GET_VRING_BASE returned.
+    pub fn resume(&mut self, queues: &[Virtqueue], bases: &[u32]) -> Result<()> {
+        self.frontend
+            .set_features(self.acked)
+            .map_err(vu("SET_FEATURES"))?;
+        for (q, &base) in queues.iter().zip(bases) {
+            self.start_queue_at(q, base as u16)?;
+        }
+        Ok(())
+    }
+
     fn start_queue(&mut self, q: &Virtqueue) -> Result<()> {
+        self.start_queue_at(q, 0)
+    }
+
+    fn start_queue_at(&mut self, q: &Virtqueue, base: u16) -> Result<()> {
         let i = q.index;
         let l = q.layout;
         self.frontend
             .set_vring_num(i, l.size)
             .map_err(vu("SET_VRING_NUM"))?;
-        self.frontend.set_vring_base(i, 0).map_err(vu("SET_VRING_BASE"))?;
+        self.frontend
+            .set_vring_base(i, base)
+            .map_err(vu("SET_VRING_BASE"))?;
         let addr = VringConfigData {
             queue_max_size: l.size,
             queue_size: l.size,
@@ -539,6 +566,14 @@ pub struct RawChain {
     pub indirect: bool,
     /// Bytes written into the slot before submission, at the given offsets.
     pub init: Vec<(u32, Vec<u8>)>,
+    /// With `indirect`: put this address in the head descriptor instead of the
+    /// real table's (e.g. a table outside guest memory).
+    pub indirect_addr: Option<u64>,
+    /// With `indirect`: put this length in the head descriptor instead of the real
+    /// table's (e.g. zero, or not a multiple of 16).
+    pub indirect_len: Option<u32>,
+    /// Link the last descriptor back to the first, making an endless chain.
+    pub cycle: bool,
 }
 
 /// How a request's readable and writable byte streams are cut into descriptors.
@@ -944,25 +979,20 @@ impl Virtqueue {
             let table = base + u64::from(SLOT_DATA);
             let n = chain.descs.len();
             for (i, d) in chain.descs.iter().enumerate() {
-                let last = i + 1 == n;
+                let last = i + 1 == n && !chain.cycle;
                 let flags = flags_of(d) | if last { 0 } else { VRING_DESC_F_NEXT };
-                let next = if last { 0 } else { (i + 1) as u16 };
+                let next = if last { 0 } else { ((i + 1) % n) as u16 };
                 self.write_desc(table, i as u16, gpa(d.addr), d.len, flags, next)?;
             }
-            self.write_desc(
-                self.layout.desc,
-                descs[0],
-                table,
-                (n as u64 * DESC_SIZE) as u32,
-                VRING_DESC_F_INDIRECT,
-                0,
-            )?;
+            let taddr = chain.indirect_addr.unwrap_or(table);
+            let tlen = chain.indirect_len.unwrap_or((n as u64 * DESC_SIZE) as u32);
+            self.write_desc(self.layout.desc, descs[0], taddr, tlen, VRING_DESC_F_INDIRECT, 0)?;
         } else {
             let n = descs.len();
             for (i, d) in chain.descs.iter().enumerate() {
-                let last = i + 1 == n;
+                let last = i + 1 == n && !chain.cycle;
                 let flags = flags_of(d) | if last { 0 } else { VRING_DESC_F_NEXT };
-                let next = if last { 0 } else { descs[i + 1] };
+                let next = if last { 0 } else { descs[(i + 1) % n] };
                 self.write_desc(self.layout.desc, descs[i], gpa(d.addr), d.len, flags, next)?;
             }
         }
@@ -1035,6 +1065,33 @@ impl Virtqueue {
             u16::from_le(flags) & VRING_USED_F_NO_NOTIFY == 0
         };
         Ok(kick)
+    }
+
+    /// Publishes avail ring entries the frontend does not track (a head index of
+    /// the guest's choosing, possibly out of range), or with `idx_jump` moves the
+    /// avail index further than there are entries. For hostile-driver tests: the
+    /// queue cannot be trusted afterwards.
+    pub fn publish_bogus(&mut self, head: u16, idx_jump: u16) -> Result<()> {
+        let slot = u64::from(self.next_avail % self.layout.size);
+        self.m()
+            .write_obj(head.to_le(), GuestAddress(self.layout.avail + 4 + 2 * slot))
+            .map_err(FrontendError::Memory)?;
+        fence(Ordering::Release);
+        self.next_avail = self.next_avail.wrapping_add(idx_jump);
+        self.m()
+            .store(
+                self.next_avail.to_le(),
+                GuestAddress(self.layout.avail + 2),
+                Ordering::Release,
+            )
+            .map_err(FrontendError::Memory)?;
+        fence(Ordering::SeqCst);
+        self.kick()
+    }
+
+    /// The used index as the device last published it.
+    pub fn device_used_idx(&self) -> Result<u16> {
+        self.used_idx()
     }
 
     /// Writes the kick eventfd unconditionally.
