@@ -8,11 +8,13 @@
 //!
 //! - [`protocol`]: the wire format shared with the guest driver.
 //! - [`store`]: the page store (no vhost types).
+//! - [`size`]: byte sizes as operators write them (`512M`, `4GiB`).
 //! - [`frontend`]: an in-process vhost-user frontend (a VMM stand-in) for tests and benches.
 
 pub mod bench;
 pub mod frontend;
 pub mod protocol;
+pub mod size;
 pub mod store;
 
 /// Renders an error and its `source()` chain on one line, for top-level reporting.
