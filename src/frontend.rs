@@ -882,8 +882,9 @@ impl Virtqueue {
         self.layout.size
     }
 
+    /// Requests submitted whose completion the caller has not taken yet.
     pub fn in_flight(&self) -> usize {
-        self.in_flight_count
+        self.in_flight_count + self.pending.len()
     }
 
     pub fn event_idx(&self) -> bool {
@@ -941,6 +942,10 @@ impl Virtqueue {
                 "{} descriptors exceed the {MAX_INDIRECT}-entry indirect table",
                 chain.descs.len()
             )));
+        }
+        if self.free_descs.len() < direct || self.free_slots.is_empty() {
+            // Used chains not reaped yet still hold their descriptors.
+            self.reap()?;
         }
         if self.free_descs.len() < direct || self.free_slots.is_empty() {
             return Err(FrontendError::QueueFull { queue });
@@ -1179,6 +1184,20 @@ impl Virtqueue {
         if let Some(c) = self.try_complete()? {
             return Ok(c);
         }
+        self.wait_more()?;
+        self.pending
+            .pop_front()
+            .ok_or(FrontendError::NothingInFlight { queue: self.index })
+    }
+
+    /// Waits until the device has used at least one more chain and it has been
+    /// reaped into `pending`.
+    fn wait_more(&mut self) -> Result<()> {
+        let before = self.pending.len();
+        self.reap()?;
+        if self.pending.len() > before {
+            return Ok(());
+        }
         if self.in_flight_count == 0 {
             return Err(FrontendError::NothingInFlight { queue: self.index });
         }
@@ -1188,13 +1207,13 @@ impl Virtqueue {
             let spin_end = start + spin;
             while Instant::now() < spin_end {
                 self.reap()?;
-                if let Some(c) = self.pending.pop_front() {
+                if self.pending.len() > before {
                     // Clear an interrupt that may have come with it, so a later blocking
                     // wait does not return on a stale one.
                     if self.call.read().is_ok() {
                         self.interrupts += 1;
                     }
-                    return Ok(c);
+                    return Ok(());
                 }
                 std::hint::spin_loop();
             }
@@ -1203,7 +1222,7 @@ impl Virtqueue {
             let now = Instant::now();
             if now >= deadline {
                 self.reap()?;
-                if !self.pending.is_empty() {
+                if self.pending.len() > before {
                     return Err(FrontendError::MissedInterrupt {
                         queue: self.index,
                         timeout: self.timeout,
@@ -1220,25 +1239,23 @@ impl Virtqueue {
             // Re-arm before sleeping, as a driver re-enables callbacks: used_event
             // written at submit time may already be behind us after earlier reaps,
             // and the device would then rightly stay silent.
-            if self.arm_interrupt()? {
-                if let Some(c) = self.pending.pop_front() {
-                    return Ok(c);
-                }
+            self.arm_interrupt()?;
+            if self.pending.len() > before {
+                return Ok(());
             }
             if self.wait_call(deadline - now)? {
                 self.interrupts += 1;
                 self.reap()?;
-                if let Some(c) = self.pending.pop_front() {
-                    return Ok(c);
+                if self.pending.len() > before {
+                    return Ok(());
                 }
             }
         }
     }
 
     /// Points used_event at the next used entry, then looks at the used ring once
-    /// more so an entry published before the store is not slept through. True if
-    /// that found completions.
-    fn arm_interrupt(&mut self) -> Result<bool> {
+    /// more so an entry published before the store is not slept through.
+    fn arm_interrupt(&mut self) -> Result<()> {
         if self.event_idx {
             let n = u64::from(self.layout.size);
             self.m()
@@ -1250,8 +1267,7 @@ impl Virtqueue {
                 .map_err(FrontendError::Memory)?;
         }
         fence(Ordering::SeqCst);
-        self.reap()?;
-        Ok(!self.pending.is_empty())
+        self.reap()
     }
 
     /// Blocks on the call eventfd; true if it fired (and was cleared).
@@ -1295,16 +1311,14 @@ impl Virtqueue {
 
     fn wait_token(&mut self, token: u64) -> Result<Completion> {
         loop {
-            let c = self.complete()?;
-            if c.token == token {
-                return Ok(c);
+            if let Some(pos) = self.pending.iter().position(|c| c.token == token) {
+                // Completions of earlier pipelined requests stay queued for complete().
+                return self
+                    .pending
+                    .remove(pos)
+                    .ok_or(FrontendError::NothingInFlight { queue: self.index });
             }
-            // Queues are processed in order; an earlier request still pending is a
-            // caller mixing pipelined and synchronous use: keep it for later.
-            self.pending.push_back(c);
-            if self.in_flight_count == 0 && self.pending.iter().all(|p| p.token != token) {
-                return Err(FrontendError::NothingInFlight { queue: self.index });
-            }
+            self.wait_more()?;
         }
     }
 

@@ -232,6 +232,7 @@ fn two_vms_are_isolated() {
 fn two_vms_concurrently() {
     let d = Daemon::with(2, &["--queues", "2"]);
     let mut threads = Vec::new();
+    let mut vmms = Vec::new();
     for vm in 0..2 {
         let (vmm, qs) = d.connect(vm, Daemon::vmm_config(2, vm == 0));
         for (qi, mut q) in qs.into_iter().enumerate() {
@@ -246,12 +247,13 @@ fn two_vms_concurrently() {
                 }
             }));
         }
-        // Keep the connection open until the threads are done.
-        threads.push(std::thread::spawn(move || drop(vmm)));
+        // The connection must stay open until the threads are done.
+        vmms.push(vmm);
     }
     for t in threads {
         t.join().unwrap();
     }
+    drop(vmms);
 }
 
 /// "It exits 0 on SIGINT/SIGTERM", with and without a VMM attached.
