@@ -209,6 +209,7 @@ pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
         spill: None,
         zstd_level: args.level,
         dedup,
+        ..StoreConfig::default()
     })?;
     let threads = usize::from(args.queues);
     let store_put = store_puts(&store, &pages, threads)?;
