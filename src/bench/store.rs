@@ -216,6 +216,7 @@ pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
         }),
         zstd_level: args.level,
         dedup: args.dedup,
+        ..StoreConfig::default()
     };
 
     // Each round measures the yardstick and the store back to back, so a busy
