@@ -4,18 +4,48 @@
 //! from one worker thread per virtqueue, so every method takes `&self` and is
 //! safe to call concurrently.
 //!
-//! PLACEHOLDER: this file currently holds the agreed public API backed by a
-//! plain map, so that the device can be built against it. The compressed,
-//! deduplicated, two-tier implementation replaces the internals (issue 2).
+//! Layout (see docs/design.md for the reasons):
+//! - [`codec`]: same-filled detection, zstd with per-thread contexts, raw fallback;
+//! - [`index`]: index shards, (guest, pool, index) -> 32-bit object handle, page counters;
+//! - [`objects`]: object shards, stored contents with dedup, refcounts, tiers;
+//! - [`slab`]: the object records of a shard and the CLOCK hand over them;
+//! - [`alloc`]: the size-class allocator over chunks that holds RAM payloads;
+//! - [`spill`]: the spill file, its slots, checksums and free space;
+//! - [`budget`]: the RAM budget counter;
+//! - [`stats`]: summing the shards' counters.
+//!
+//! Lock order: an index shard, then an object shard, then the spill space
+//! lock; never backwards. No lock is global: each put or get takes one index
+//! shard and one object shard.
+
+mod alloc;
+mod budget;
+mod codec;
+mod index;
+mod objects;
+mod owners;
+mod slab;
+mod spill;
+mod stats;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     path::PathBuf,
+    sync::atomic::{AtomicUsize, Ordering},
 };
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use self::{
+    budget::Budget,
+    index::{IndexShard, NoRoom},
+    objects::{Content, Evicted, Loaded, ObjShard, Obtained},
+    owners::Owners,
+    spill::SpillFile,
+    stats::Gather,
+};
 
 pub use crate::protocol::PAGE_SIZE;
 
@@ -51,6 +81,10 @@ pub struct StoreConfig {
     pub spill: Option<SpillConfig>,
     pub zstd_level: i32,
     pub dedup: DedupDomain,
+    /// Pages whose zstd frame is this long or longer are stored raw.
+    pub raw_threshold: usize,
+    /// Object shards (rounded up to a power of two, at most 64); 0 = from the CPU count.
+    pub shards: usize,
 }
 
 impl Default for StoreConfig {
@@ -60,6 +94,8 @@ impl Default for StoreConfig {
             spill: None,
             zstd_level: 1,
             dedup: DedupDomain::Guest,
+            raw_threshold: PAGE_SIZE - PAGE_SIZE / 32,
+            shards: 0,
         }
     }
 }
@@ -89,6 +125,10 @@ pub enum StoreError {
     SpillIo(#[source] std::io::Error),
     #[error("stored object at spill offset {offset} fails its checksum")]
     Corrupt { offset: u64 },
+    #[error("page compression failed")]
+    Compress(#[source] std::io::Error),
+    #[error("stored page does not decompress")]
+    Decompress(#[source] std::io::Error),
 }
 
 /// Counters named after zram and frontswap where they mean the same.
@@ -126,24 +166,150 @@ pub struct StoreStats {
     pub guests: BTreeMap<u32, GuestStats>,
 }
 
-type Key = (GuestId, u32, u64);
+/// A breakdown of `mem_used_bytes`, for benchmarks and operators.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryUse {
+    /// Everything the store holds (the budgeted figure).
+    pub total_bytes: u64,
+    /// RAM chunks: compressed payloads plus slot and chunk-tail slack.
+    pub payload_chunk_bytes: u64,
+    /// The rest: index and dedup tables, object records, free lists, shard arrays.
+    pub metadata_bytes: u64,
+    pub stored_pages: u64,
+}
+
+/// Keeps each shard's lock on its own cache lines (two, for adjacent-line prefetch).
+#[repr(align(128))]
+struct Padded<T>(T);
+
+const MAX_OBJ_SHARD_BITS: u32 = 6;
 
 pub struct Store {
-    config: Mutex<StoreConfig>,
-    pages: Mutex<HashMap<Key, Box<Page>>>,
+    zstd_level: i32,
+    raw_threshold: usize,
+    dedup: DedupDomain,
+    budget: Budget,
+    index: Box<[Padded<Mutex<IndexShard>>]>,
+    index_bits: u32,
+    objects: Box<[Padded<Mutex<ObjShard>>]>,
+    obj_bits: u32,
+    spill: Option<SpillFile>,
+    owners: Owners,
+    /// Random per store: keeps index placement unpredictable to guests.
+    seed: u64,
+    /// Where general writeback starts next, so it spreads over the object shards.
+    evict_hand: AtomicUsize,
+}
+
+/// Why a put could not get room.
+enum Room {
+    Made,
+    /// Both tiers are full (or there is no spill tier).
+    Full,
+}
+
+fn bits_for(n: usize) -> u32 {
+    n.max(1).next_power_of_two().trailing_zeros()
 }
 
 impl Store {
     pub fn new(config: StoreConfig) -> Result<Self, StoreError> {
-        Ok(Store {
-            config: Mutex::new(config),
-            pages: Mutex::new(HashMap::new()),
-        })
+        let cpus = std::thread::available_parallelism().map_or(4, |n| n.get());
+        let obj_shards = if config.shards == 0 {
+            (cpus * 2).clamp(4, 64)
+        } else {
+            config.shards.min(64)
+        };
+        let obj_bits = bits_for(obj_shards).min(MAX_OBJ_SHARD_BITS);
+        let index_bits = bits_for((cpus * 8).clamp(16, 1024));
+        let max_ids = 1u32 << (32 - obj_bits);
+        let seed = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(0x746d_656d);
+            h.finish()
+        };
+        let spill = match &config.spill {
+            Some(s) => Some(SpillFile::open(&s.path, s.limit)?),
+            None => None,
+        };
+        let store = Store {
+            zstd_level: config.zstd_level,
+            raw_threshold: config.raw_threshold,
+            dedup: config.dedup,
+            budget: Budget::new(config.mem_limit),
+            index: (0..1usize << index_bits)
+                .map(|_| Padded(Mutex::new(IndexShard::new(seed))))
+                .collect(),
+            index_bits,
+            objects: (0..1usize << obj_bits)
+                .map(|_| Padded(Mutex::new(ObjShard::new(max_ids))))
+                .collect(),
+            obj_bits,
+            spill,
+            owners: Owners::new(),
+            seed,
+            evict_hand: AtomicUsize::new(0),
+        };
+        // The fixed part (the shard arrays) is host memory too.
+        let fixed = std::mem::size_of::<Store>()
+            + store.index.len() * std::mem::size_of::<Padded<Mutex<IndexShard>>>()
+            + store.objects.len() * std::mem::size_of::<Padded<Mutex<ObjShard>>>();
+        let mut counted = 0;
+        store.budget.settle(&mut counted, fixed as u64);
+        Ok(store)
+    }
+
+    fn index_shard(&self, guest: GuestId, pool: u32, index: u64) -> MutexGuard<'_, IndexShard> {
+        // A run of neighbouring indices shares a shard (see index::RUN_BITS).
+        let key = (u64::from(guest.0) << 32 | u64::from(pool)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ (index >> index::RUN_BITS)
+            ^ self.seed;
+        let x = (key ^ (key >> 31)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        let x = x ^ (x >> 29);
+        self.index[(x >> (64 - self.index_bits)) as usize & (self.index.len() - 1)]
+            .0
+            .lock()
+    }
+
+    fn split_handle(&self, handle: u32) -> (usize, u32) {
+        let slot_bits = 32 - self.obj_bits;
+        ((handle >> slot_bits) as usize, handle & ((1u32 << slot_bits) - 1))
+    }
+
+    fn domain(&self, guest: GuestId) -> u32 {
+        match self.dedup {
+            DedupDomain::Off | DedupDomain::Guest => guest.0,
+            DedupDomain::Global => 0,
+        }
     }
 
     pub fn put(&self, guest: GuestId, pool: u32, index: u64, page: &Page) -> Result<PutOutcome, StoreError> {
-        self.pages.lock().insert((guest, pool, index), Box::new(*page));
-        Ok(PutOutcome::Stored)
+        codec::with_scratch(|frame| {
+            let encoded = match codec::encode(page, self.zstd_level, self.raw_threshold, frame) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.drop_old_copy(guest, pool, index);
+                    return Err(StoreError::Compress(e));
+                }
+            };
+            let domain = self.domain(guest);
+            let content = match encoded {
+                codec::Encoded::Fill(word) => Content::Fill { word, domain },
+                codec::Encoded::Zstd(len) => self.data(page, &frame[..len], domain),
+                codec::Encoded::Raw => self.data(page, &page[..], domain),
+            };
+            self.put_content(guest, pool, index, &content)
+        })
+    }
+
+    fn data<'a>(&self, page: &Page, payload: &'a [u8], domain: u32) -> Content<'a> {
+        let h = xxhash_rust::xxh3::xxh3_128_with_seed(page, u64::from(domain));
+        Content::Data {
+            hash: [h as u64, (h >> 64) as u64],
+            payload,
+            dedup: self.dedup != DedupDomain::Off,
+        }
     }
 
     /// Stores the page made of `fill` repeated (PUT_FILL).
@@ -154,11 +320,143 @@ impl Store {
         index: u64,
         fill: u64,
     ) -> Result<PutOutcome, StoreError> {
-        let mut page = [0u8; PAGE_SIZE];
-        for word in page.chunks_exact_mut(8) {
-            word.copy_from_slice(&fill.to_ne_bytes());
+        let content = Content::Fill {
+            word: fill,
+            domain: self.domain(guest),
+        };
+        self.put_content(guest, pool, index, &content)
+    }
+
+    fn obj_shard_of(&self, content: &Content<'_>) -> usize {
+        let h = match *content {
+            Content::Fill { word, domain } => slab::table_hash([word, u64::from(domain)]),
+            Content::Data { hash, .. } => hash[1],
+        };
+        (h >> (64 - self.obj_bits)) as usize & (self.objects.len() - 1)
+    }
+
+    fn put_content(
+        &self,
+        guest: GuestId,
+        pool: u32,
+        index: u64,
+        content: &Content<'_>,
+    ) -> Result<PutOutcome, StoreError> {
+        let shard = self.obj_shard_of(content);
+        let owner = self.owners.id(guest.0, pool);
+        let fill = matches!(content, Content::Fill { .. });
+        // Object first, with no index lock held: the object shard lock is never
+        // held while taking an index lock.
+        let (id, hit) = loop {
+            let got = self.objects[shard].0.lock().obtain(content, owner, &self.budget);
+            match got {
+                Obtained::Ref { id, hit } => break (id, hit),
+                Obtained::NeedRoom => match self.make_room() {
+                    Ok(Room::Made) => continue,
+                    Ok(Room::Full) => return Ok(self.reject(guest, pool, index)),
+                    Err(e) => {
+                        self.reject(guest, pool, index);
+                        return Err(e);
+                    }
+                },
+            }
+        };
+        let handle = ((shard as u32) << (32 - self.obj_bits)) | id;
+        loop {
+            let mut ix = self.index_shard(guest, pool, index);
+            match ix.insert(guest.0, pool, index, handle, &self.budget) {
+                Ok(old) => {
+                    let old_fill = old.map(|h| self.release(h));
+                    let c = ix.counters(guest.0, pool);
+                    c.succ_stores += 1;
+                    if old.is_none() {
+                        c.stored_pages += 1;
+                        c.orig_data_bytes += PAGE_SIZE as u64;
+                    }
+                    if old_fill == Some(true) {
+                        c.same_filled_pages -= 1;
+                    }
+                    if fill {
+                        c.same_filled_pages += 1;
+                    } else if hit {
+                        c.dedup_hits += 1;
+                    }
+                    return Ok(PutOutcome::Stored);
+                }
+                Err(NoRoom) => {
+                    drop(ix);
+                    let room = self.make_room();
+                    if !matches!(room, Ok(Room::Made)) {
+                        self.release(handle);
+                        self.reject(guest, pool, index);
+                        return room.map(|_| PutOutcome::Rejected);
+                    }
+                }
+            }
         }
-        self.put(guest, pool, index, &page)
+    }
+
+    /// Drops one reference; returns whether the object was a fill.
+    fn release(&self, handle: u32) -> bool {
+        let (shard, id) = self.split_handle(handle);
+        self.objects[shard]
+            .0
+            .lock()
+            .release(id, self.spill.as_ref(), &self.budget)
+    }
+
+    /// A put failed: the old copy must not survive it.
+    fn reject(&self, guest: GuestId, pool: u32, index: u64) -> PutOutcome {
+        let mut ix = self.index_shard(guest, pool, index);
+        let old = ix.remove(guest.0, pool, index, &self.budget);
+        let old_fill = old.map(|h| self.release(h));
+        let c = ix.counters(guest.0, pool);
+        c.failed_stores += 1;
+        if let Some(was_fill) = old_fill {
+            c.stored_pages -= 1;
+            c.orig_data_bytes -= PAGE_SIZE as u64;
+            c.same_filled_pages -= u64::from(was_fill);
+        }
+        PutOutcome::Rejected
+    }
+
+    fn drop_old_copy(&self, guest: GuestId, pool: u32, index: u64) {
+        self.reject(guest, pool, index);
+    }
+
+    /// Makes progress towards free RAM: compacts a shard whose holes add up
+    /// to a chunk, or else writes back one cold object (whose RAM becomes a
+    /// hole). `Full` when neither is possible.
+    fn make_room(&self) -> Result<Room, StoreError> {
+        let n = self.objects.len();
+        let start = self.evict_hand.load(Ordering::Relaxed);
+        for k in 0..n {
+            let mut shard = self.objects[(start + k) % n].0.lock();
+            if shard.garbage() >= alloc::CHUNK as u64 && shard.compact(&self.budget) {
+                return Ok(Room::Made);
+            }
+        }
+        let Some(spill) = &self.spill else {
+            return Ok(Room::Full);
+        };
+        Ok(match self.evict_any(spill)? {
+            Evicted::One => Room::Made,
+            Evicted::TierFull | Evicted::NoVictim => Room::Full,
+        })
+    }
+
+    /// Writes back the next cold object, taking the object shards in turn.
+    fn evict_any(&self, spill: &SpillFile) -> Result<Evicted, StoreError> {
+        let n = self.objects.len();
+        let start = self.evict_hand.fetch_add(1, Ordering::Relaxed);
+        for k in 0..n {
+            let shard = &self.objects[(start + k) % n].0;
+            match shard.lock().evict(spill, &self.budget)? {
+                Evicted::NoVictim => continue,
+                done => return Ok(done),
+            }
+        }
+        Ok(Evicted::NoVictim)
     }
 
     pub fn get(
@@ -169,63 +467,627 @@ impl Store {
         out: &mut Page,
         exclusive: bool,
     ) -> Result<GetOutcome, StoreError> {
-        let mut pages = self.pages.lock();
-        let key = (guest, pool, index);
-        match pages.get(&key) {
-            Some(p) => {
-                out.copy_from_slice(&p[..]);
-                if exclusive {
-                    pages.remove(&key);
-                }
-                Ok(GetOutcome::Found)
-            }
-            None => Ok(GetOutcome::NotFound),
+        codec::with_scratch(|frame| self.get_into(guest, pool, index, out, exclusive, &mut frame[..]))
+    }
+
+    fn get_into(
+        &self,
+        guest: GuestId,
+        pool: u32,
+        index: u64,
+        out: &mut Page,
+        exclusive: bool,
+        frame: &mut [u8],
+    ) -> Result<GetOutcome, StoreError> {
+        let mut ix = self.index_shard(guest, pool, index);
+        let handle = if exclusive {
+            ix.remove(guest.0, pool, index, &self.budget)
+        } else {
+            ix.get(guest.0, pool, index)
+        };
+        let Some(handle) = handle else {
+            ix.counters(guest.0, pool).failed_loads += 1;
+            return Ok(GetOutcome::NotFound);
+        };
+        let (shard, id) = self.split_handle(handle);
+        let (loaded, was_fill) = {
+            let mut os = self.objects[shard].0.lock();
+            let loaded = os.load(id, out, frame, self.spill.as_ref());
+            let was_fill = exclusive.then(|| os.release(id, self.spill.as_ref(), &self.budget));
+            (loaded, was_fill)
+        };
+        let c = ix.counters(guest.0, pool);
+        if loaded.is_ok() {
+            c.loads += 1;
+        } else {
+            c.failed_loads += 1;
         }
+        if let Some(was_fill) = was_fill {
+            c.stored_pages -= 1;
+            c.orig_data_bytes -= PAGE_SIZE as u64;
+            c.same_filled_pages -= u64::from(was_fill);
+        }
+        drop(ix);
+        // Decompression runs with no lock held.
+        match loaded? {
+            Loaded::Fill(word) => codec::write_fill(out, word),
+            Loaded::Raw => {}
+            Loaded::Frame(len) => codec::decompress(&frame[..len], out).map_err(StoreError::Decompress)?,
+        }
+        Ok(GetOutcome::Found)
     }
 
     /// Returns whether a page was there.
     pub fn invalidate_page(&self, guest: GuestId, pool: u32, index: u64) -> bool {
-        self.pages.lock().remove(&(guest, pool, index)).is_some()
+        let mut ix = self.index_shard(guest, pool, index);
+        let old = ix.remove(guest.0, pool, index, &self.budget);
+        let old_fill = old.map(|h| self.release(h));
+        let c = ix.counters(guest.0, pool);
+        c.invalidates += 1;
+        if let Some(was_fill) = old_fill {
+            c.stored_pages -= 1;
+            c.orig_data_bytes -= PAGE_SIZE as u64;
+            c.same_filled_pages -= u64::from(was_fill);
+        }
+        old.is_some()
+    }
+
+    /// Drops every page of the pools `which` selects; returns how many.
+    fn drop_pools(&self, which: impl Fn(u32, u32) -> bool + Copy) -> u64 {
+        let mut dropped = 0;
+        for shard in self.index.iter() {
+            let mut ix = shard.0.lock();
+            let taken = ix.take_pools(which, &self.budget);
+            dropped += taken.len() as u64;
+            for (guest, pool, handle) in taken {
+                let was_fill = self.release(handle);
+                let c = ix.counters(guest, pool);
+                c.stored_pages -= 1;
+                c.orig_data_bytes -= PAGE_SIZE as u64;
+                c.same_filled_pages -= u64::from(was_fill);
+            }
+        }
+        dropped
     }
 
     /// Drops every page of one pool (swapoff). Returns how many were dropped.
     pub fn invalidate_pool(&self, guest: GuestId, pool: u32) -> u64 {
-        let mut pages = self.pages.lock();
-        let before = pages.len();
-        pages.retain(|k, _| !(k.0 == guest && k.1 == pool));
-        (before - pages.len()) as u64
+        self.drop_pools(|g, p| g == guest.0 && p == pool)
     }
 
     /// Drops every page of one guest (device reset, disconnect).
     pub fn drop_guest(&self, guest: GuestId) -> u64 {
-        let mut pages = self.pages.lock();
-        let before = pages.len();
-        pages.retain(|k, _| k.0 != guest);
-        (before - pages.len()) as u64
+        self.drop_pools(|g, _| g == guest.0)
     }
 
     pub fn mem_limit(&self) -> u64 {
-        self.config.lock().mem_limit
+        self.budget.limit()
     }
 
-    /// Changes the RAM budget at run time, writing pages back until it fits.
+    /// Host bytes the store holds now (what `mem_used_bytes` reports in total).
+    pub fn mem_used(&self) -> u64 {
+        self.budget.used()
+    }
+
+    /// Changes the RAM budget at run time, writing pages back until it fits
+    /// (or the spill tier is full: then puts that need memory are rejected
+    /// until enough pages go away).
     pub fn set_mem_limit(&self, bytes: u64) -> Result<(), StoreError> {
-        self.config.lock().mem_limit = bytes;
+        self.budget.set_limit(bytes);
+        while self.budget.over() {
+            if let Room::Full = self.make_room()? {
+                break;
+            }
+        }
         Ok(())
     }
 
-    /// Writes up to `pages` of the coldest RAM pages to the spill file.
-    pub fn writeback(&self, _pages: u64) -> Result<u64, StoreError> {
-        Ok(0)
+    /// Writes up to `pages` of the coldest RAM objects to the spill file.
+    pub fn writeback(&self, pages: u64) -> Result<u64, StoreError> {
+        let Some(spill) = &self.spill else {
+            return Ok(0);
+        };
+        let mut written = 0;
+        while written < pages {
+            if self.evict_any(spill)? != Evicted::One {
+                break;
+            }
+            written += 1;
+        }
+        // Turn the holes left behind into free host memory.
+        for shard in self.objects.iter() {
+            let mut shard = shard.0.lock();
+            while shard.garbage() >= alloc::CHUNK as u64 && shard.compact(&self.budget) {}
+        }
+        Ok(written)
+    }
+
+    /// Where the RAM goes: payload chunks versus everything else.
+    pub fn memory(&self) -> MemoryUse {
+        let payload_chunk_bytes: u64 = self.objects.iter().map(|s| s.0.lock().chunk_bytes()).sum();
+        let total_bytes = self.budget.used();
+        let mut stored_pages = 0;
+        for shard in self.index.iter() {
+            shard
+                .0
+                .lock()
+                .add_stats(|_, _, c, _| stored_pages += c.stored_pages);
+        }
+        MemoryUse {
+            total_bytes,
+            payload_chunk_bytes,
+            metadata_bytes: total_bytes.saturating_sub(payload_chunk_bytes),
+            stored_pages,
+        }
     }
 
     pub fn stats(&self) -> StoreStats {
-        let pages = self.pages.lock();
-        let mut stats = StoreStats {
-            mem_limit_bytes: self.mem_limit(),
-            ..Default::default()
-        };
-        stats.total.stored_pages = pages.len() as u64;
-        stats
+        let mut gather = Gather::default();
+        for shard in self.index.iter() {
+            shard.0.lock().add_stats(|guest, pool, c, bytes| {
+                gather.add(guest, pool, c);
+                gather.add_mem(guest, pool, bytes);
+            });
+        }
+        for shard in self.objects.iter() {
+            shard.0.lock().add_stats(|owner, c| {
+                let (guest, pool) = self.owners.pair(owner);
+                gather.add(guest, pool, c);
+            });
+        }
+        let spill_file = self.spill.as_ref().map_or(0, SpillFile::file_bytes);
+        gather.finish(self.budget.used(), self.budget.limit(), spill_file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, os::unix::fs::FileExt, sync::Arc};
+
+    use assert_matches::assert_matches;
+
+    use super::*;
+
+    /// Compressible and unique per seed (about 4:1 with zstd -1).
+    fn text_page(seed: u64) -> Page {
+        let mut p = [0u8; PAGE_SIZE];
+        let words: [&[u8]; 8] = [
+            b"alpha ", b"beta ", b"gamma ", b"delta ", b"swap ", b"page ", b"tmem ", b"host ",
+        ];
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut at = 0;
+        while at < PAGE_SIZE {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let w = words[(x % 8) as usize];
+            let n = w.len().min(PAGE_SIZE - at);
+            p[at..at + n].copy_from_slice(&w[..n]);
+            at += n;
+        }
+        p[..8].copy_from_slice(&seed.to_le_bytes());
+        p
+    }
+
+    fn noise_page(seed: u64) -> Page {
+        let mut p = [0u8; PAGE_SIZE];
+        let mut x = seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
+        for w in p.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        p
+    }
+
+    fn store(mem_limit: u64) -> Store {
+        Store::new(StoreConfig {
+            mem_limit,
+            ..StoreConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn spill_store(dir: &tempfile::TempDir, mem_limit: u64, spill_limit: u64) -> Store {
+        Store::new(StoreConfig {
+            mem_limit,
+            spill: Some(SpillConfig {
+                path: dir.path().join("spill"),
+                limit: spill_limit,
+            }),
+            ..StoreConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn get(s: &Store, g: u32, pool: u32, index: u64) -> Option<Page> {
+        let mut out = [0u8; PAGE_SIZE];
+        match s.get(GuestId(g), pool, index, &mut out, false).unwrap() {
+            GetOutcome::Found => Some(out),
+            GetOutcome::NotFound => None,
+        }
+    }
+
+    fn put(s: &Store, g: u32, pool: u32, index: u64, page: &Page) -> PutOutcome {
+        s.put(GuestId(g), pool, index, page).unwrap()
+    }
+
+    #[test]
+    fn every_kind_of_page_round_trips() {
+        let s = store(64 << 20);
+        let mut filled = [0u8; PAGE_SIZE];
+        codec::write_fill(&mut filled, 0x0102_0304_0506_0708);
+        let pages = [[0u8; PAGE_SIZE], filled, text_page(1), noise_page(2)];
+        for (i, p) in pages.iter().enumerate() {
+            assert_eq!(put(&s, 0, 0, i as u64, p), PutOutcome::Stored);
+        }
+        assert_eq!(
+            s.put_fill(GuestId(0), 0, 9, 0x0102_0304_0506_0708).unwrap(),
+            PutOutcome::Stored
+        );
+        for (i, p) in pages.iter().enumerate() {
+            assert_eq!(get(&s, 0, 0, i as u64).as_ref(), Some(p), "page {i}");
+        }
+        assert_eq!(get(&s, 0, 0, 9), Some(filled));
+        assert_eq!(get(&s, 0, 0, 4), None);
+        let t = s.stats().total;
+        assert_eq!(t.stored_pages, 5);
+        assert_eq!(t.same_filled_pages, 3);
+        assert_eq!(t.unique_pages, 2);
+        assert_eq!(t.orig_data_bytes, 5 * PAGE_SIZE as u64);
+        assert_eq!(t.loads, 5);
+        assert_eq!(t.failed_loads, 1);
+        assert!(t.compr_data_bytes < 2 * PAGE_SIZE as u64 && t.compr_data_bytes > PAGE_SIZE as u64);
+    }
+
+    #[test]
+    fn put_replaces_and_exclusive_get_removes() {
+        let s = store(64 << 20);
+        put(&s, 0, 1, 5, &text_page(1));
+        put(&s, 0, 1, 5, &text_page(2));
+        assert_eq!(get(&s, 0, 1, 5), Some(text_page(2)));
+        let mut out = [0u8; PAGE_SIZE];
+        assert_eq!(
+            s.get(GuestId(0), 1, 5, &mut out, true).unwrap(),
+            GetOutcome::Found
+        );
+        assert_eq!(out, text_page(2));
+        assert_eq!(get(&s, 0, 1, 5), None);
+        let t = s.stats().total;
+        assert_eq!((t.stored_pages, t.unique_pages, t.succ_stores), (0, 0, 2));
+    }
+
+    #[test]
+    fn invalidate_page_pool_and_guest() {
+        let s = store(64 << 20);
+        for g in 0..2 {
+            for pool in 0..2 {
+                for i in 0..50 {
+                    put(&s, g, pool, i, &text_page(u64::from(g * 1000 + pool * 100) + i));
+                }
+            }
+        }
+        assert!(s.invalidate_page(GuestId(0), 0, 3));
+        assert!(!s.invalidate_page(GuestId(0), 0, 3));
+        assert_eq!(get(&s, 0, 0, 3), None);
+        assert_eq!(s.invalidate_pool(GuestId(0), 1), 50);
+        assert_eq!(get(&s, 0, 1, 7), None);
+        assert_eq!(get(&s, 0, 0, 7), Some(text_page(7)));
+        assert_eq!(s.drop_guest(GuestId(1)), 100);
+        assert_eq!(get(&s, 1, 0, 7), None);
+        let st = s.stats();
+        assert_eq!(st.total.stored_pages, 49);
+        assert_eq!(st.total.unique_pages, 49);
+        assert_eq!(st.guests[&0].pools[&0].stored_pages, 49);
+        assert_eq!(st.guests[&0].pools[&0].invalidates, 2);
+        assert_eq!(st.guests[&1].total.stored_pages, 0);
+    }
+
+    #[test]
+    fn accounting_returns_to_the_start_when_emptied() {
+        let s = store(64 << 20);
+        let empty = s.mem_used();
+        for i in 0..3000 {
+            put(&s, 0, 0, i, &text_page(i));
+        }
+        let full = s.memory();
+        assert!(full.total_bytes > empty + 3000 * 500);
+        assert_eq!(s.stats().total.mem_used_bytes, full.total_bytes);
+        s.drop_guest(GuestId(0));
+        let mem = s.memory();
+        assert_eq!(mem.payload_chunk_bytes, 0);
+        // Slab blocks are kept for reuse; everything else is back.
+        assert!(
+            mem.total_bytes < empty + (256 << 10),
+            "{} vs {}",
+            mem.total_bytes,
+            empty
+        );
+    }
+
+    #[test]
+    fn dedup_within_guest_by_default() {
+        let s = store(64 << 20);
+        let p = text_page(42);
+        put(&s, 0, 0, 1, &p);
+        put(&s, 0, 1, 2, &p);
+        put(&s, 1, 0, 1, &p);
+        let t = s.stats().total;
+        assert_eq!(t.stored_pages, 3);
+        assert_eq!(t.unique_pages, 2, "shared in guest 0, not across guests");
+        assert_eq!(t.dedup_hits, 1);
+        // Refcounting: dropping one reference leaves the other readable.
+        assert!(s.invalidate_page(GuestId(0), 0, 1));
+        assert_eq!(get(&s, 0, 1, 2), Some(p));
+        assert_eq!(s.stats().total.unique_pages, 2);
+        assert!(s.invalidate_page(GuestId(0), 1, 2));
+        assert_eq!(s.stats().total.unique_pages, 1);
+    }
+
+    #[test]
+    fn dedup_domains() {
+        for (dedup, unique) in [
+            (DedupDomain::Off, 3),
+            (DedupDomain::Guest, 2),
+            (DedupDomain::Global, 1),
+        ] {
+            let s = Store::new(StoreConfig {
+                dedup,
+                ..StoreConfig::default()
+            })
+            .unwrap();
+            let p = text_page(7);
+            put(&s, 0, 0, 1, &p);
+            put(&s, 0, 0, 2, &p);
+            put(&s, 1, 0, 1, &p);
+            assert_eq!(s.stats().total.unique_pages, unique, "{dedup:?}");
+            for (g, i) in [(0, 1), (0, 2), (1, 1)] {
+                assert_eq!(get(&s, g, 0, i), Some(p));
+            }
+        }
+    }
+
+    /// Puts pages over indices 0..n (several rounds, so later puts overwrite),
+    /// checking against a model that a rejection drops exactly the old copy.
+    /// Returns how many rejections overwrote a stored page.
+    fn fill_until_rejections(s: &Store, n: u64, limit: u64) -> u64 {
+        let mut model: HashMap<u64, Page> = HashMap::new();
+        let mut overwrites_rejected = 0;
+        for step in 0..4 * n {
+            let i = step % n;
+            let p = noise_page(step + 1);
+            match put(s, 0, 0, i, &p) {
+                PutOutcome::Stored => {
+                    model.insert(i, p);
+                }
+                PutOutcome::Rejected => {
+                    overwrites_rejected += u64::from(model.remove(&i).is_some());
+                }
+            }
+            assert!(s.mem_used() <= limit);
+        }
+        for i in 0..n {
+            assert_eq!(get(s, 0, 0, i), model.get(&i).copied(), "page {i}");
+        }
+        let t = s.stats().total;
+        assert_eq!(t.stored_pages, model.len() as u64);
+        assert!(t.failed_stores > 0);
+        overwrites_rejected
+    }
+
+    #[test]
+    fn ram_only_budget_is_hard_and_rejection_drops_the_old_copy() {
+        let limit = 512 << 10;
+        let s = store(limit);
+        assert!(fill_until_rejections(&s, 400, limit) > 0);
+    }
+
+    #[test]
+    fn churn_within_a_ram_budget_keeps_working() {
+        // Invalidations leave holes; compaction must turn them back into room,
+        // or a RAM-only store would start rejecting for good.
+        let limit = 1 << 20;
+        let s = store(limit);
+        let mut model: HashMap<u64, Page> = HashMap::new();
+        let mut x = 7u64;
+        let mut rejected = 0;
+        for step in 0..6000u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let i = (x >> 33) % 600;
+            if x % 5 == 0 {
+                s.invalidate_page(GuestId(0), 0, i);
+                model.remove(&i);
+            } else {
+                let p = text_page(step);
+                match put(&s, 0, 0, i, &p) {
+                    PutOutcome::Stored => {
+                        model.insert(i, p);
+                    }
+                    PutOutcome::Rejected => {
+                        rejected += 1;
+                        model.remove(&i);
+                    }
+                }
+            }
+            assert!(s.mem_used() <= limit);
+        }
+        for i in 0..600 {
+            assert_eq!(get(&s, 0, 0, i), model.get(&i).copied(), "page {i}");
+        }
+        // 600 text pages need well under the budget once packed.
+        assert_eq!(rejected, 0);
+        let mem = s.memory();
+        assert!(mem.payload_chunk_bytes < 2 * model.len() as u64 * 1400, "{mem:?}");
+    }
+
+    #[test]
+    fn spill_round_trip_keeps_ram_within_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = 1 << 20;
+        let s = spill_store(&dir, limit, 64 << 20);
+        let n = 2000;
+        for i in 0..n {
+            let p = if i % 2 == 0 { text_page(i) } else { noise_page(i) };
+            assert_eq!(put(&s, 0, 0, i, &p), PutOutcome::Stored, "page {i}");
+            assert!(s.mem_used() <= limit);
+        }
+        let t = s.stats().total;
+        assert!(t.spilled_pages > n / 2, "{t:?}");
+        assert!(t.spill_writes > 0 && t.writebacks >= t.spill_writes);
+        for i in 0..n {
+            let p = if i % 2 == 0 { text_page(i) } else { noise_page(i) };
+            assert_eq!(get(&s, 0, 0, i), Some(p), "page {i}");
+        }
+        assert!(s.stats().total.spill_reads > 0);
+        // Exclusive gets free the file slots and the next puts reuse them.
+        let file = s.stats().total.spill_file_bytes;
+        let mut out = [0u8; PAGE_SIZE];
+        for round in 0..3 {
+            for i in 0..n {
+                s.get(GuestId(0), 0, i, &mut out, true).unwrap();
+            }
+            for i in 0..n {
+                let p = if i % 2 == 0 {
+                    text_page(i + round)
+                } else {
+                    noise_page(i + round)
+                };
+                assert_eq!(put(&s, 0, 0, i, &p), PutOutcome::Stored);
+            }
+        }
+        assert!(
+            s.stats().total.spill_file_bytes <= file + (256 << 10),
+            "file space is reused"
+        );
+    }
+
+    #[test]
+    fn both_tiers_full_rejects_and_invalidates_only_that_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = 256 << 10;
+        let s = spill_store(&dir, limit, 256 << 10);
+        assert!(fill_until_rejections(&s, 300, limit) > 0);
+        assert!(s.stats().total.spilled_pages > 0);
+    }
+
+    #[test]
+    fn corrupt_spill_byte_is_an_error_never_wrong_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = spill_store(&dir, 256 << 10, 64 << 20);
+        let n = 200;
+        for i in 0..n {
+            put(&s, 0, 0, i, &text_page(i));
+        }
+        s.writeback(1000).unwrap();
+        assert!(s.stats().total.spilled_pages > 0);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("spill"))
+            .unwrap();
+        let len = s.stats().total.spill_file_bytes;
+        for off in (40..len).step_by(4096) {
+            file.write_all_at(&[0x5a], off).unwrap();
+        }
+        let mut errors = 0;
+        for i in 0..n {
+            let mut out = [0u8; PAGE_SIZE];
+            match s.get(GuestId(0), 0, i, &mut out, false) {
+                Ok(GetOutcome::Found) => assert_eq!(out, text_page(i), "page {i}"),
+                Ok(GetOutcome::NotFound) => panic!("page {i} lost"),
+                Err(e) => {
+                    assert_matches!(e, StoreError::Corrupt { .. });
+                    errors += 1;
+                }
+            }
+        }
+        assert!(errors > 0);
+    }
+
+    #[test]
+    fn enospc_from_the_filesystem_means_full() {
+        let s = Store::new(StoreConfig {
+            mem_limit: 256 << 10,
+            spill: Some(SpillConfig {
+                path: PathBuf::from("/dev/full"),
+                limit: 1 << 30,
+            }),
+            ..StoreConfig::default()
+        })
+        .unwrap();
+        let mut rejected = false;
+        for i in 0..500 {
+            match s.put(GuestId(0), 0, i, &noise_page(i)) {
+                Ok(PutOutcome::Stored) => {}
+                Ok(PutOutcome::Rejected) => rejected = true,
+                Err(e) => panic!("ENOSPC must reject, not fail: {e}"),
+            }
+        }
+        assert!(rejected);
+        assert_eq!(s.stats().total.spilled_pages, 0);
+    }
+
+    #[test]
+    fn lowering_the_limit_and_writeback_spill_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = spill_store(&dir, 64 << 20, 64 << 20);
+        for i in 0..500 {
+            put(&s, 0, 0, i, &text_page(i));
+        }
+        assert_eq!(s.writeback(10).unwrap(), 10);
+        assert_eq!(s.stats().total.spilled_pages, 10);
+        let target = s.mem_used() / 2;
+        s.set_mem_limit(target).unwrap();
+        assert!(s.mem_used() <= target);
+        assert_eq!(s.mem_limit(), target);
+        for i in 0..500 {
+            assert_eq!(get(&s, 0, 0, i), Some(text_page(i)));
+        }
+        assert_eq!(store(1 << 20).writeback(5).unwrap(), 0, "no spill tier");
+    }
+
+    #[test]
+    fn threads_share_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(spill_store(&dir, 2 << 20, 256 << 20));
+        let threads: Vec<_> = (0..4u32)
+            .map(|t| {
+                let s = Arc::clone(&s);
+                std::thread::spawn(move || {
+                    for round in 0..3u64 {
+                        for i in 0..400u64 {
+                            // Pages shared by all threads exercise dedup under contention.
+                            let p = if i % 4 == 0 {
+                                text_page(i)
+                            } else {
+                                text_page(u64::from(t) << 32 | i)
+                            };
+                            assert_eq!(s.put(GuestId(0), t, i, &p).unwrap(), PutOutcome::Stored);
+                            let mut out = [0u8; PAGE_SIZE];
+                            if round % 2 == 1 {
+                                s.get(GuestId(0), t, i, &mut out, i % 3 == 0).unwrap();
+                                assert_eq!(out, p);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(s.mem_used() <= 2 << 20);
+        for t in 0..4u32 {
+            for i in 0..400u64 {
+                let p = if i % 4 == 0 {
+                    text_page(i)
+                } else {
+                    text_page(u64::from(t) << 32 | i)
+                };
+                assert_eq!(get(&s, 0, t, i), Some(p));
+            }
+        }
     }
 }

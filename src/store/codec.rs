@@ -1,0 +1,219 @@
+//! Page encoding: same-filled detection, zstd with one reused context per
+//! thread, and the raw fallback for pages that do not shrink enough.
+//!
+//! Nothing here allocates per page: the zstd contexts live in thread locals
+//! (created once per thread and per level) and callers pass their own output
+//! buffers, which are fixed-size arrays on their stacks.
+
+use std::{cell::RefCell, io};
+
+use super::{Page, PAGE_SIZE};
+
+/// Room for zstd's worst case on one page (ZSTD_compressBound(4096) is 4177).
+pub const COMPRESS_BOUND: usize = PAGE_SIZE + 256;
+
+/// How a page is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoded {
+    /// The page is one u64 repeated: metadata only.
+    Fill(u64),
+    /// The first `len` bytes of the caller's buffer hold a zstd frame.
+    Zstd(usize),
+    /// Compression did not get below the threshold; keep the page as is.
+    Raw,
+}
+
+/// Returns the repeated word if the page is one u64 repeated (zero included).
+pub fn fill_value(page: &Page) -> Option<u64> {
+    let first = word(&page[..8]);
+    // Comparing 8 words per step lets the compiler vectorise; a typical
+    // non-filled page differs within the first block anyway.
+    let all_same = page.chunks_exact(64).all(|block| {
+        block
+            .chunks_exact(8)
+            .fold(true, |acc, w| acc & (word(w) == first))
+    });
+    all_same.then_some(first)
+}
+
+fn word(bytes: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(bytes);
+    u64::from_ne_bytes(w)
+}
+
+/// Writes the page made of `fill` repeated.
+pub fn write_fill(out: &mut Page, fill: u64) {
+    let bytes = fill.to_ne_bytes();
+    for w in out.chunks_exact_mut(8) {
+        w.copy_from_slice(&bytes);
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch for frames, so the hot path neither allocates nor
+    /// zeroes a page-sized buffer per call.
+    static SCRATCH: RefCell<Box<[u8; COMPRESS_BOUND]>> = RefCell::new(Box::new([0u8; COMPRESS_BOUND]));
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's scratch buffer. Not reentrant: `f` must not
+/// call it again (the store's put and get each use it once, at top level).
+pub fn with_scratch<R>(f: impl FnOnce(&mut [u8; COMPRESS_BOUND]) -> R) -> R {
+    SCRATCH.with(|s| f(&mut s.borrow_mut()))
+}
+
+/// Chooses the encoding of `page`; for `Zstd(len)` the frame is in `out[..len]`.
+///
+/// A compressed size at or above `raw_threshold` means the page is stored raw:
+/// it saves the decompression on every get for almost no space.
+pub fn encode(
+    page: &Page,
+    level: i32,
+    raw_threshold: usize,
+    out: &mut [u8; COMPRESS_BOUND],
+) -> io::Result<Encoded> {
+    if let Some(fill) = fill_value(page) {
+        return Ok(Encoded::Fill(fill));
+    }
+    let len = compress(page, level, out)?;
+    if len >= raw_threshold.min(PAGE_SIZE) {
+        Ok(Encoded::Raw)
+    } else {
+        Ok(Encoded::Zstd(len))
+    }
+}
+
+/// Compresses one page with this thread's context at `level`.
+pub fn compress(page: &Page, level: i32, out: &mut [u8; COMPRESS_BOUND]) -> io::Result<usize> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let ctx = match &mut *slot {
+            Some((l, ctx)) if *l == level => ctx,
+            _ => {
+                let (_, ctx) = slot.insert((level, zstd::bulk::Compressor::new(level)?));
+                ctx
+            }
+        };
+        ctx.compress_to_buffer(&page[..], &mut out[..])
+    })
+}
+
+/// Decompresses one stored frame; anything but exactly one page is an error.
+pub fn decompress(frame: &[u8], out: &mut Page) -> io::Result<()> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let ctx = match &mut *slot {
+            Some(ctx) => ctx,
+            None => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        let n = ctx.decompress_to_buffer(frame, &mut out[..])?;
+        if n == PAGE_SIZE {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("stored frame holds {n} bytes, not one page"),
+            ))
+        }
+    })
+}
+
+/// Restores a page from its stored payload (`len == PAGE_SIZE` means raw).
+#[cfg(test)]
+pub fn decode(payload: &[u8], out: &mut Page) -> io::Result<()> {
+    if payload.len() == PAGE_SIZE {
+        out.copy_from_slice(payload);
+        Ok(())
+    } else {
+        decompress(payload, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text_page() -> Page {
+        let mut p = [0u8; PAGE_SIZE];
+        let text = b"the quick brown fox jumps over the lazy dog; ";
+        for (i, b) in p.iter_mut().enumerate() {
+            *b = text[i % text.len()] ^ (i / 512) as u8;
+        }
+        p
+    }
+
+    fn noise_page(seed: u64) -> Page {
+        let mut p = [0u8; PAGE_SIZE];
+        let mut x = seed | 1;
+        for w in p.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        p
+    }
+
+    #[test]
+    fn zero_and_repeated_words_are_fill() {
+        assert_eq!(fill_value(&[0u8; PAGE_SIZE]), Some(0));
+        let mut p = [0u8; PAGE_SIZE];
+        write_fill(&mut p, 0xdead_beef_0123_4567);
+        assert_eq!(fill_value(&p), Some(0xdead_beef_0123_4567));
+    }
+
+    #[test]
+    fn one_different_byte_anywhere_is_not_fill() {
+        for pos in [0, 7, 8, 63, 64, 2048, PAGE_SIZE - 1] {
+            let mut p = [0x11u8; PAGE_SIZE];
+            p[pos] = 0x12;
+            assert_eq!(fill_value(&p), None, "byte {pos}");
+        }
+    }
+
+    #[test]
+    fn text_compresses_and_round_trips() {
+        let page = text_page();
+        let mut buf = [0u8; COMPRESS_BOUND];
+        let Encoded::Zstd(len) = encode(&page, 1, 3968, &mut buf).unwrap() else {
+            panic!("text page should compress")
+        };
+        assert!(len < 1024, "compressed to {len}");
+        let mut out = [0u8; PAGE_SIZE];
+        decode(&buf[..len], &mut out).unwrap();
+        assert_eq!(out, page);
+    }
+
+    #[test]
+    fn noise_is_stored_raw() {
+        let page = noise_page(7);
+        let mut buf = [0u8; COMPRESS_BOUND];
+        assert_eq!(encode(&page, 1, 3968, &mut buf).unwrap(), Encoded::Raw);
+        let mut out = [0u8; PAGE_SIZE];
+        decode(&page, &mut out).unwrap();
+        assert_eq!(out, page);
+    }
+
+    #[test]
+    fn level_change_replaces_the_context() {
+        let page = text_page();
+        let mut buf = [0u8; COMPRESS_BOUND];
+        for level in [1, 3, 1, 9] {
+            let len = compress(&page, level, &mut buf).unwrap();
+            let mut out = [0u8; PAGE_SIZE];
+            decompress(&buf[..len], &mut out).unwrap();
+            assert_eq!(out, page);
+        }
+    }
+
+    #[test]
+    fn garbage_frame_is_an_error() {
+        let mut out = [0u8; PAGE_SIZE];
+        assert!(decode(&[1, 2, 3, 4, 5], &mut out).is_err());
+        // A valid frame of the wrong size is refused too.
+        let small = zstd::bulk::compress(&[0u8; 100], 1).unwrap();
+        assert!(decode(&small, &mut out).is_err());
+    }
+}

@@ -1,0 +1,144 @@
+//! Summing the counters kept in the shards into [`StoreStats`].
+//!
+//! Counters are kept where their lock is already held: page counters per pool
+//! in the index shards, object counters per creating (guest, pool) in the
+//! object shards. Nothing on the per-page path touches a shared counter; the
+//! sum is built only when someone asks.
+
+use std::collections::BTreeMap;
+
+use super::{Counters, GuestStats, StoreStats};
+
+impl Counters {
+    /// Adds every field of `other` into `self`.
+    pub fn add(&mut self, other: &Counters) {
+        let Counters {
+            succ_stores,
+            failed_stores,
+            loads,
+            failed_loads,
+            invalidates,
+            stored_pages,
+            same_filled_pages,
+            dedup_hits,
+            unique_pages,
+            orig_data_bytes,
+            compr_data_bytes,
+            mem_used_bytes,
+            spilled_pages,
+            spill_file_bytes,
+            spill_reads,
+            spill_writes,
+            writebacks,
+        } = other;
+        self.succ_stores += succ_stores;
+        self.failed_stores += failed_stores;
+        self.loads += loads;
+        self.failed_loads += failed_loads;
+        self.invalidates += invalidates;
+        self.stored_pages += stored_pages;
+        self.same_filled_pages += same_filled_pages;
+        self.dedup_hits += dedup_hits;
+        self.unique_pages += unique_pages;
+        self.orig_data_bytes += orig_data_bytes;
+        self.compr_data_bytes += compr_data_bytes;
+        self.mem_used_bytes += mem_used_bytes;
+        self.spilled_pages += spilled_pages;
+        self.spill_file_bytes += spill_file_bytes;
+        self.spill_reads += spill_reads;
+        self.spill_writes += spill_writes;
+        self.writebacks += writebacks;
+    }
+}
+
+/// Per-(guest, pool) partial sums, gathered from the shards.
+#[derive(Default)]
+pub struct Gather {
+    pools: BTreeMap<(u32, u32), Counters>,
+}
+
+impl Gather {
+    pub fn add(&mut self, guest: u32, pool: u32, c: &Counters) {
+        self.pools.entry((guest, pool)).or_default().add(c);
+    }
+
+    pub fn add_mem(&mut self, guest: u32, pool: u32, bytes: u64) {
+        self.pools.entry((guest, pool)).or_default().mem_used_bytes += bytes;
+    }
+
+    /// Builds the report. Totals of `mem_used_bytes` and `spill_file_bytes`
+    /// are the store's exact figures, which include what no pool owns
+    /// (allocator slack, shard tables, holes in the file).
+    pub fn finish(self, mem_used: u64, mem_limit: u64, spill_file: u64) -> StoreStats {
+        let mut stats = StoreStats {
+            mem_limit_bytes: mem_limit,
+            ..StoreStats::default()
+        };
+        for ((guest, pool), c) in self.pools {
+            let g: &mut GuestStats = stats.guests.entry(guest).or_default();
+            g.total.add(&c);
+            stats.total.add(&c);
+            g.pools.insert(pool, c);
+        }
+        stats.total.mem_used_bytes = mem_used;
+        stats.total.spill_file_bytes = spill_file;
+        stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_sums_every_field() {
+        let one = Counters {
+            succ_stores: 1,
+            failed_stores: 1,
+            loads: 1,
+            failed_loads: 1,
+            invalidates: 1,
+            stored_pages: 1,
+            same_filled_pages: 1,
+            dedup_hits: 1,
+            unique_pages: 1,
+            orig_data_bytes: 1,
+            compr_data_bytes: 1,
+            mem_used_bytes: 1,
+            spilled_pages: 1,
+            spill_file_bytes: 1,
+            spill_reads: 1,
+            spill_writes: 1,
+            writebacks: 1,
+        };
+        let mut sum = one.clone();
+        sum.add(&one);
+        let json = serde_json::to_value(&sum).unwrap();
+        for (name, v) in json.as_object().unwrap() {
+            assert_eq!(v, 2, "{name}");
+        }
+    }
+
+    #[test]
+    fn gather_groups_by_guest_and_pool() {
+        let mut g = Gather::default();
+        let c = Counters {
+            stored_pages: 3,
+            mem_used_bytes: 10,
+            ..Counters::default()
+        };
+        g.add(0, 1, &c);
+        g.add(0, 1, &c);
+        g.add(0, 2, &c);
+        g.add(5, 1, &c);
+        g.add_mem(5, 1, 7);
+        let s = g.finish(1000, 2000, 64);
+        assert_eq!(s.total.stored_pages, 12);
+        assert_eq!(s.total.mem_used_bytes, 1000);
+        assert_eq!(s.total.spill_file_bytes, 64);
+        assert_eq!(s.mem_limit_bytes, 2000);
+        assert_eq!(s.guests[&0].total.stored_pages, 9);
+        assert_eq!(s.guests[&0].pools[&1].stored_pages, 6);
+        assert_eq!(s.guests[&5].pools[&1].mem_used_bytes, 17);
+    }
+}
