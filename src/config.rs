@@ -163,6 +163,8 @@ impl TryFrom<Args> for Config {
                 spill,
                 zstd_level: parse_compression(&args.compression)?,
                 dedup: args.dedup.into(),
+                // Tuning knobs the store may grow keep their defaults.
+                ..StoreConfig::default()
             },
             queues: args.queues,
             capacity_pages: capacity / PAGE_SIZE as u64,

@@ -260,6 +260,7 @@ fn open_store(setup: &Setup) -> Harness {
         spill,
         zstd_level: setup.level,
         dedup: setup.dedup,
+        ..StoreConfig::default()
     })
     .expect("Store::new");
     let baseline = store.stats().total.mem_used_bytes;

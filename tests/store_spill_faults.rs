@@ -55,6 +55,7 @@ fn spilling_store(spill: PathBuf, spill_limit: u64, ram_extra: u64) -> Store {
         }),
         zstd_level: 1,
         dedup: DedupDomain::Guest,
+        ..StoreConfig::default()
     })
     .expect("Store::new");
     let baseline = store.stats().total.mem_used_bytes;

@@ -214,6 +214,7 @@ pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
         }),
         zstd_level: args.level,
         dedup: args.dedup,
+        ..StoreConfig::default()
     })?;
 
     let (put_time, outcomes) = timed_store_puts(&store, &pages, threads)?;
