@@ -163,7 +163,6 @@ impl TryFrom<Args> for Config {
                 spill,
                 zstd_level: parse_compression(&args.compression)?,
                 dedup: args.dedup.into(),
-                // Tuning knobs the store may grow keep their defaults.
                 ..StoreConfig::default()
             },
             queues: args.queues,
