@@ -156,7 +156,7 @@ run_backing() {
     QEMU_EXTRA_ARGS=(-drive "file=$run/backing.img,format=raw,if=none,id=bk,cache=unsafe"
         -device virtio-blk-pci,drive=bk)
     start_guest "$QEMU" "$KERNEL_DIR" "$INITRD" "$run/tmem.sock" "$console" \
-        tmemfactor=2 tmemhold=1 tmemargs=backing_dev=/dev/vda
+        tmemfactor=1.5 tmemhold=1 tmemargs=backing_dev=/dev/vda
     QEMU_EXTRA_ARGS=()
     log "backing run $label: guest started (console: $console)"
     wait_console "$console" 'TMEM-E2E-DONE' "$E2E_TIMEOUT" || true
