@@ -172,8 +172,10 @@ fetch_guest_kernel() {
     log "fetching guest kernel linux-image-$abi ($ver)"
     rm -rf "$dir" && mkdir -p "$dir/modules"
     tmp=$(mktemp -d "$TMEM_CACHE/kernel.XXXXXX")
-    (cd "$tmp" && apt-get download -qq "linux-image-$abi=$ver" >/dev/null) ||
-        die "apt-get download linux-image-$abi=$ver failed"
+    # stderr only on failure: as root apt warns that its sandbox user cannot
+    # write into the cache directory, which is harmless.
+    (cd "$tmp" && apt-get download -qq "linux-image-$abi=$ver" >/dev/null 2>"$tmp/apt.err") ||
+        { cat "$tmp/apt.err" >&2; die "apt-get download linux-image-$abi=$ver failed"; }
     dpkg -x "$tmp"/linux-image-*.deb "$tmp/root"
     cp "$tmp/root/boot/vmlinuz-$abi" "$dir/vmlinuz"
     local moddir=$tmp/root/lib/modules/$abi
