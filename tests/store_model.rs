@@ -917,7 +917,7 @@ fn run_disjoint_threads(setup: &Setup, seed: u64, threads: u32, ops_per_thread: 
     );
 }
 
-const MT_SEEDS: [u64; 4] = [1, 0xdead_beef, 0x1234_5678_9abc, 42];
+const MT_SEEDS: [u64; 3] = [1, 0xdead_beef, 0x1234_5678_9abc];
 
 #[test]
 fn threads_disjoint_keys_roomy_every_domain() {
@@ -1073,8 +1073,8 @@ fn run_hammer(setup: &Setup, seed: u64, threads: u32, ops_per_thread: usize) {
 fn threads_hammer_same_indexes_every_domain() {
     for domain in [DedupDomain::Off, DedupDomain::Guest, DedupDomain::Global] {
         for seed in MT_SEEDS {
-            run_hammer(&Setup::roomy(domain), seed, 4, 4000);
-            run_hammer(&Setup::tight(16 << 10, Some(32 << 10), domain), seed, 4, 4000);
+            run_hammer(&Setup::roomy(domain), seed, 4, 2500);
+            run_hammer(&Setup::tight(16 << 10, Some(32 << 10), domain), seed, 4, 2500);
         }
     }
 }
@@ -1082,6 +1082,6 @@ fn threads_hammer_same_indexes_every_domain() {
 #[test]
 fn threads_hammer_same_indexes_no_spill() {
     for seed in MT_SEEDS {
-        run_hammer(&Setup::tight(12 << 10, None, DedupDomain::Global), seed, 4, 4000);
+        run_hammer(&Setup::tight(12 << 10, None, DedupDomain::Global), seed, 4, 2500);
     }
 }
