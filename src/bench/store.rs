@@ -1,13 +1,713 @@
-//! `tmem-bench store`. PLACEHOLDER until issue 2 lands.
+//! `tmem-bench store`: puts every page of a corpus through the page store, gets
+//! every page back and verifies it, and measures plain per-page zstd on the same
+//! pages, at the same level and thread count, as the yardstick.
+//!
+//! The corpus is raw concatenated 4096-byte pages (for instance a dump made by
+//! `ci/make-corpus.sh`), or a zstd frame of that. Page `n` is stored at index `n`
+//! of pool 0 of guest 0; with N threads, thread `t` owns the `t`-th contiguous
+//! slice of the pages.
 
-use std::path::PathBuf;
+use std::{
+    path::{Path, PathBuf},
+    sync::Barrier,
+    time::{Duration, Instant},
+};
 
-#[derive(Debug, clap::Args)]
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::{
+    size::parse_size,
+    store::{
+        DedupDomain, GetOutcome, GuestId, Page, PutOutcome, SpillConfig, Store, StoreConfig, StoreError,
+        StoreStats, PAGE_SIZE,
+    },
+};
+
+/// Budget used when `--mem-limit` / `--spill-limit` are not given: far above any
+/// corpus this tool can hold in memory, so nothing is written back or rejected.
+const UNLIMITED: u64 = 1 << 40;
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+const POOL: u32 = 0;
+const GUEST: GuestId = GuestId(0);
+
+#[derive(Debug, Clone, clap::Args)]
 pub struct StoreArgs {
+    /// Raw concatenated 4096-byte pages, or a `.zst` of that.
     #[arg(long)]
     pub corpus: PathBuf,
+    /// Threads putting and getting (each owns a contiguous range of pages).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: u16,
+    /// RAM budget of the store (e.g. 64M); below the data size, pages spill.
+    #[arg(long, value_parser = parse_size)]
+    pub mem_limit: Option<u64>,
+    /// Spill file; a temporary one is used when --mem-limit is given without it.
+    #[arg(long)]
+    pub spill_file: Option<PathBuf>,
+    /// Most bytes the spill file may grow to.
+    #[arg(long, value_parser = parse_size)]
+    pub spill_limit: Option<u64>,
+    /// zstd level, for the store and for the raw zstd yardstick.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    pub level: i32,
+    /// Which pages may share one stored copy: off, guest or global.
+    #[arg(long, default_value = "guest", value_parser = parse_dedup)]
+    pub dedup: DedupDomain,
+    /// Print only one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    /// Run every phase this many times and report the best round of each.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeat: u32,
 }
 
-pub fn run(_args: &StoreArgs) -> Result<(), Box<dyn std::error::Error>> {
-    Err("tmem-bench store is not implemented yet".into())
+fn parse_dedup(s: &str) -> Result<DedupDomain, String> {
+    match s {
+        "off" => Ok(DedupDomain::Off),
+        "guest" => Ok(DedupDomain::Guest),
+        "global" => Ok(DedupDomain::Global),
+        _ => Err(format!("unknown dedup domain {s:?} (off, guest or global)")),
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum BenchError {
+    #[error("cannot read corpus {path}")]
+    ReadCorpus {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot decompress corpus {path}")]
+    DecompressCorpus {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("corpus {path} is {len} bytes, not a whole number of {PAGE_SIZE}-byte pages")]
+    PartialPage { path: PathBuf, len: usize },
+    #[error("corpus {path} holds no page")]
+    EmptyCorpus { path: PathBuf },
+    #[error("zstd failed in the raw yardstick")]
+    Zstd(#[source] std::io::Error),
+    #[error("the store failed")]
+    Store(#[source] StoreError),
+    #[error("{count} pages did not read back as written (first: page {first})")]
+    Mismatch { count: u64, first: u64 },
+    #[error("plain zstd did not round-trip {count} pages")]
+    RawMismatch { count: u64 },
+}
+
+impl From<StoreError> for BenchError {
+    fn from(e: StoreError) -> Self {
+        BenchError::Store(e)
+    }
+}
+
+/// What one run measured. Rates are pages per second over the wall-clock time
+/// of the whole phase, all threads together.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreReport {
+    pub pages: u64,
+    pub threads: u16,
+    pub repeat: u32,
+    pub level: i32,
+    pub dedup: DedupDomain,
+    pub mem_limit: u64,
+    pub put_pages_per_sec: f64,
+    pub get_pages_per_sec: f64,
+    /// Original bytes / host RAM the store uses (after every put).
+    pub ratio: Option<f64>,
+    /// Original bytes / (host RAM + spill file bytes).
+    pub ratio_with_spill: Option<f64>,
+    pub meta_bytes_per_page: Option<f64>,
+    pub raw_zstd_compress_pages_per_sec: f64,
+    pub raw_zstd_decompress_pages_per_sec: f64,
+    pub raw_zstd_ratio: f64,
+    pub put_vs_raw: f64,
+    pub get_vs_raw: f64,
+    pub rejected_pages: u64,
+    pub stored_pages: u64,
+    pub same_filled_pages: u64,
+    pub unique_pages: u64,
+    pub dedup_hits: u64,
+    pub mem_used_bytes: u64,
+    pub compr_data_bytes: u64,
+    pub spilled_pages: u64,
+    pub spill_file_bytes: u64,
+    pub spill_writes: u64,
+    pub spill_reads: u64,
+    pub writebacks: u64,
+}
+
+pub fn run(args: &StoreArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let report = run_bench(args)?;
+    if !args.json {
+        print_table(&report);
+    }
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// Loads the corpus as whole pages, decompressing a zstd frame first.
+pub fn load_corpus(path: &Path) -> Result<Vec<u8>, BenchError> {
+    let raw = std::fs::read(path).map_err(|source| BenchError::ReadCorpus {
+        path: path.to_owned(),
+        source,
+    })?;
+    let data = if raw.starts_with(&ZSTD_MAGIC) {
+        zstd::stream::decode_all(&raw[..]).map_err(|source| BenchError::DecompressCorpus {
+            path: path.to_owned(),
+            source,
+        })?
+    } else {
+        raw
+    };
+    if data.len() % PAGE_SIZE != 0 {
+        return Err(BenchError::PartialPage {
+            path: path.to_owned(),
+            len: data.len(),
+        });
+    }
+    if data.is_empty() {
+        return Err(BenchError::EmptyCorpus {
+            path: path.to_owned(),
+        });
+    }
+    Ok(data)
+}
+
+/// Removes the spill file this run made up, whatever happens to the run.
+struct TempSpill(PathBuf);
+
+impl Drop for TempSpill {
+    fn drop(&mut self) {
+        // Best effort: the file may never have been created.
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
+    let data = load_corpus(&args.corpus)?;
+    let pages: Vec<&Page> = data
+        .chunks_exact(PAGE_SIZE)
+        .map(|c| <&Page>::try_from(c).expect("chunks_exact yields whole pages"))
+        .collect();
+    let threads = usize::from(args.threads);
+    let n = pages.len() as u64;
+
+    let mut temp_spill = None;
+    let spill_path = match (&args.spill_file, args.mem_limit) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(limit)) if limit < n * PAGE_SIZE as u64 => {
+            let p = std::env::temp_dir().join(format!("tmem-bench-{}.spill", std::process::id()));
+            temp_spill = Some(TempSpill(p.clone()));
+            Some(p)
+        }
+        (None, _) => None,
+    };
+    let mem_limit = args.mem_limit.unwrap_or(UNLIMITED);
+    let config = StoreConfig {
+        mem_limit,
+        spill: spill_path.map(|path| SpillConfig {
+            path,
+            limit: args.spill_limit.unwrap_or(UNLIMITED),
+        }),
+        zstd_level: args.level,
+        dedup: args.dedup,
+        ..StoreConfig::default()
+    };
+
+    // Each round measures the yardstick and the store back to back, so a busy
+    // machine slows both alike; the best round of each phase is reported.
+    let mut best: Option<(RawZstd, StoreRun)> = None;
+    for _ in 0..args.repeat {
+        let raw = raw_zstd(&pages, threads, args.level)?;
+        if let Some(t) = &temp_spill {
+            // Best effort: a fresh file each round; it may not exist yet.
+            let _ = std::fs::remove_file(&t.0);
+        }
+        let run = store_run(config.clone(), &pages, threads)?;
+        best = Some(match best {
+            None => (raw, run),
+            Some((b_raw, b_run)) => (
+                RawZstd {
+                    compress: b_raw.compress.min(raw.compress),
+                    decompress: b_raw.decompress.min(raw.decompress),
+                    compressed_bytes: raw.compressed_bytes,
+                },
+                StoreRun {
+                    put_time: b_run.put_time.min(run.put_time),
+                    get_time: b_run.get_time.min(run.get_time),
+                    ..run
+                },
+            ),
+        });
+    }
+    drop(temp_spill);
+    let (raw, run) = best.expect("--repeat is at least 1");
+    Ok(build_report(
+        args,
+        n,
+        mem_limit,
+        run.put_time,
+        run.get_time,
+        &raw,
+        &run.outcomes,
+        &run.after_put,
+        &run.after_get,
+    ))
+}
+
+struct StoreRun {
+    put_time: Duration,
+    get_time: Duration,
+    outcomes: Vec<PutOutcome>,
+    after_put: StoreStats,
+    after_get: StoreStats,
+}
+
+/// One fresh store: every page put, then every page got back and checked.
+fn store_run(config: StoreConfig, pages: &[&Page], threads: usize) -> Result<StoreRun, BenchError> {
+    let store = Store::new(config)?;
+    let (put_time, outcomes) = timed_store_puts(&store, pages, threads)?;
+    let after_put = store.stats();
+    let (get_time, mismatches) = timed_store_gets(&store, pages, &outcomes, threads)?;
+    let after_get = store.stats();
+    if let Some(first) = mismatches.first {
+        return Err(BenchError::Mismatch {
+            count: mismatches.count,
+            first,
+        });
+    }
+    Ok(StoreRun {
+        put_time,
+        get_time,
+        outcomes,
+        after_put,
+        after_get,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_report(
+    args: &StoreArgs,
+    n: u64,
+    mem_limit: u64,
+    put_time: Duration,
+    get_time: Duration,
+    raw: &RawZstd,
+    outcomes: &[PutOutcome],
+    after_put: &StoreStats,
+    after_get: &StoreStats,
+) -> StoreReport {
+    let orig = (n * PAGE_SIZE as u64) as f64;
+    let t = &after_put.total;
+    let put_pps = per_sec(n, put_time);
+    let get_pps = per_sec(n, get_time);
+    let raw_c = per_sec(n, raw.compress);
+    let raw_d = per_sec(n, raw.decompress);
+    StoreReport {
+        pages: n,
+        threads: args.threads,
+        repeat: args.repeat,
+        level: args.level,
+        dedup: args.dedup,
+        mem_limit,
+        put_pages_per_sec: put_pps,
+        get_pages_per_sec: get_pps,
+        ratio: quotient(orig, t.mem_used_bytes as f64),
+        ratio_with_spill: quotient(orig, (t.mem_used_bytes + t.spill_file_bytes) as f64),
+        meta_bytes_per_page: meta_bytes_per_page(after_put),
+        raw_zstd_compress_pages_per_sec: raw_c,
+        raw_zstd_decompress_pages_per_sec: raw_d,
+        raw_zstd_ratio: orig / raw.compressed_bytes as f64,
+        put_vs_raw: put_pps / raw_c,
+        get_vs_raw: get_pps / raw_d,
+        rejected_pages: outcomes.iter().filter(|o| **o == PutOutcome::Rejected).count() as u64,
+        stored_pages: t.stored_pages,
+        same_filled_pages: t.same_filled_pages,
+        unique_pages: t.unique_pages,
+        dedup_hits: t.dedup_hits,
+        mem_used_bytes: t.mem_used_bytes,
+        compr_data_bytes: t.compr_data_bytes,
+        spilled_pages: t.spilled_pages,
+        spill_file_bytes: t.spill_file_bytes,
+        spill_writes: t.spill_writes,
+        // Reads happen in the get phase; the rest is counted after the puts.
+        spill_reads: after_get.total.spill_reads,
+        writebacks: t.writebacks,
+    }
+}
+
+/// Index metadata per stored page. No counter carries it yet, so this is the
+/// host RAM that is not compressed payload, spread over the pages: an upper
+/// bound that also holds allocator slack.
+fn meta_bytes_per_page(stats: &StoreStats) -> Option<f64> {
+    let t = &stats.total;
+    let overhead = t.mem_used_bytes.checked_sub(t.compr_data_bytes)?;
+    quotient(overhead as f64, t.stored_pages as f64)
+}
+
+fn quotient(a: f64, b: f64) -> Option<f64> {
+    (b > 0.0).then(|| a / b)
+}
+
+fn per_sec(pages: u64, d: Duration) -> f64 {
+    pages as f64 / d.as_secs_f64().max(1e-9)
+}
+
+/// Splits `0..len` into `parts` contiguous ranges, the first ones one longer.
+fn ranges(len: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let base = len / parts;
+    let extra = len % parts;
+    let mut start = 0;
+    (0..parts)
+        .map(|i| {
+            let end = start + base + usize::from(i < extra);
+            let r = start..end;
+            start = end;
+            r
+        })
+        .collect()
+}
+
+/// Runs `work` on each contiguous range of `0..len` in its own thread, with that
+/// thread's own state, all starting together, and returns the wall-clock time
+/// from the common start to the last finish.
+fn timed_parallel<S, T, F>(len: usize, states: &mut [S], work: F) -> Result<(Duration, Vec<T>), BenchError>
+where
+    S: Send,
+    T: Send,
+    F: Fn(std::ops::Range<usize>, &mut S) -> Result<T, BenchError> + Sync,
+{
+    let barrier = Barrier::new(states.len() + 1);
+    let parts = ranges(len, states.len());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = parts
+            .into_iter()
+            .zip(states.iter_mut())
+            .map(|(r, state)| {
+                let (barrier, work) = (&barrier, &work);
+                s.spawn(move || {
+                    barrier.wait();
+                    work(r, state)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        let mut results = Vec::with_capacity(handles.len());
+        for h in handles {
+            // A panic here is a bug in this tool or the store: let it surface as one.
+            results.push(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?);
+        }
+        Ok((start.elapsed(), results))
+    })
+}
+
+struct RawZstd {
+    compress: Duration,
+    decompress: Duration,
+    compressed_bytes: u64,
+}
+
+/// Plain per-page zstd with one reused context per thread, into preallocated
+/// slots: the cost of the compression alone, which the store is measured against.
+fn raw_zstd(pages: &[&Page], threads: usize, level: i32) -> Result<RawZstd, BenchError> {
+    let slot = zstd::zstd_safe::compress_bound(PAGE_SIZE);
+    let mut arenas: Vec<(Vec<u8>, Vec<usize>)> = ranges(pages.len(), threads)
+        .into_iter()
+        // Filled with ones rather than zeroed so the kernel has faulted the memory
+        // in before the clock starts.
+        .map(|r| (vec![1u8; r.len() * slot], Vec::with_capacity(r.len())))
+        .collect();
+
+    let (compress, _) = timed_parallel(pages.len(), &mut arenas, |r, (arena, sizes)| {
+        let mut cctx = zstd::bulk::Compressor::new(level).map_err(BenchError::Zstd)?;
+        for (i, page) in pages[r].iter().enumerate() {
+            let out = &mut arena[i * slot..(i + 1) * slot];
+            sizes.push(
+                cctx.compress_to_buffer(&page[..], out)
+                    .map_err(BenchError::Zstd)?,
+            );
+        }
+        Ok(())
+    })?;
+    let (decompress, bad) = timed_parallel(pages.len(), &mut arenas, |r, (arena, sizes)| {
+        let mut dctx = zstd::bulk::Decompressor::new().map_err(BenchError::Zstd)?;
+        let mut out = [0u8; PAGE_SIZE];
+        let mut bad = 0u64;
+        for (i, page) in pages[r].iter().enumerate() {
+            let src = &arena[i * slot..i * slot + sizes[i]];
+            let len = dctx
+                .decompress_to_buffer(src, &mut out[..])
+                .map_err(BenchError::Zstd)?;
+            // The same comparison the store's get loop does, so both pay for it.
+            bad += u64::from(len != PAGE_SIZE || out != **page);
+        }
+        Ok(bad)
+    })?;
+    let bad: u64 = bad.iter().sum();
+    if bad != 0 {
+        return Err(BenchError::RawMismatch { count: bad });
+    }
+    let compressed_bytes = arenas
+        .iter()
+        .flat_map(|(_, sizes)| sizes.iter())
+        .map(|s| *s as u64)
+        .sum();
+    Ok(RawZstd {
+        compress,
+        decompress,
+        compressed_bytes,
+    })
+}
+
+fn timed_store_puts(
+    store: &Store,
+    pages: &[&Page],
+    threads: usize,
+) -> Result<(Duration, Vec<PutOutcome>), BenchError> {
+    let (time, parts) = timed_parallel(pages.len(), &mut vec![(); threads], |r, ()| {
+        let mut outcomes = Vec::with_capacity(r.len());
+        for i in r {
+            outcomes.push(store.put(GUEST, POOL, i as u64, pages[i])?);
+        }
+        Ok(outcomes)
+    })?;
+    Ok((time, parts.into_iter().flatten().collect()))
+}
+
+#[derive(Default)]
+struct Mismatches {
+    count: u64,
+    first: Option<u64>,
+}
+
+fn timed_store_gets(
+    store: &Store,
+    pages: &[&Page],
+    outcomes: &[PutOutcome],
+    threads: usize,
+) -> Result<(Duration, Mismatches), BenchError> {
+    let (time, parts) = timed_parallel(pages.len(), &mut vec![(); threads], |r, ()| {
+        let mut out = [0u8; PAGE_SIZE];
+        let mut bad = Mismatches::default();
+        for i in r {
+            let got = store.get(GUEST, POOL, i as u64, &mut out, false)?;
+            // A rejected page must be gone; a stored one must come back exactly.
+            let ok = match (outcomes[i], got) {
+                (PutOutcome::Stored, GetOutcome::Found) => out == *pages[i],
+                (PutOutcome::Rejected, GetOutcome::NotFound) => true,
+                _ => false,
+            };
+            if !ok {
+                bad.count += 1;
+                bad.first.get_or_insert(i as u64);
+            }
+        }
+        Ok(bad)
+    })?;
+    let mut all = Mismatches::default();
+    for part in parts {
+        all.count += part.count;
+        all.first = all.first.or(part.first);
+    }
+    Ok((time, all))
+}
+
+fn print_table(r: &StoreReport) {
+    let opt = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}"));
+    println!("pages                      {}", r.pages);
+    println!("threads / rounds           {} / {}", r.threads, r.repeat);
+    println!("zstd level / dedup         {} / {:?}", r.level, r.dedup);
+    println!(
+        "put   pages/s              {:>12.0}   raw zstd compress   {:>12.0}   ({:.2}x)",
+        r.put_pages_per_sec, r.raw_zstd_compress_pages_per_sec, r.put_vs_raw
+    );
+    println!(
+        "get   pages/s              {:>12.0}   raw zstd decompress {:>12.0}   ({:.2}x)",
+        r.get_pages_per_sec, r.raw_zstd_decompress_pages_per_sec, r.get_vs_raw
+    );
+    println!(
+        "ratio                      {:>12}   raw zstd ratio      {:>12.2}",
+        opt(r.ratio),
+        r.raw_zstd_ratio
+    );
+    println!("ratio incl. spill file     {:>12}", opt(r.ratio_with_spill));
+    println!("meta bytes per page        {:>12}", opt(r.meta_bytes_per_page));
+    println!(
+        "stored / rejected          {:>12} / {}",
+        r.stored_pages, r.rejected_pages
+    );
+    println!(
+        "same-filled / unique / dedup hits  {} / {} / {}",
+        r.same_filled_pages, r.unique_pages, r.dedup_hits
+    );
+    println!(
+        "mem used / compr data      {} / {} bytes (limit {})",
+        r.mem_used_bytes, r.compr_data_bytes, r.mem_limit
+    );
+    println!(
+        "spilled pages / file bytes {} / {}  (writes {}, reads {}, writebacks {})",
+        r.spilled_pages, r.spill_file_bytes, r.spill_writes, r.spill_reads, r.writebacks
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use assert_matches::assert_matches;
+    use clap::Parser;
+
+    use super::*;
+    use crate::bench::BenchCommand;
+
+    /// A small mixed corpus: zero, same-filled, text, random and repeated pages.
+    fn corpus(pages: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut out = Vec::with_capacity(pages * PAGE_SIZE);
+        for i in 0..pages {
+            let mut page = [0u8; PAGE_SIZE];
+            match i % 5 {
+                0 => {}
+                1 => page.fill(0xa5),
+                2 => {
+                    for (j, b) in page.iter_mut().enumerate() {
+                        *b = b"the quick brown fox jumps over the lazy dog "[(j + i) % 44];
+                    }
+                }
+                3 => page.iter_mut().for_each(|b| *b = next() as u8),
+                _ => page.copy_from_slice(&out[PAGE_SIZE * 3..PAGE_SIZE * 4]),
+            }
+            out.extend_from_slice(&page);
+        }
+        out
+    }
+
+    fn args(path: &Path, extra: &[&str]) -> StoreArgs {
+        let mut argv = vec!["tmem-bench", "store", "--corpus", path.to_str().unwrap()];
+        argv.extend_from_slice(extra);
+        match BenchCommand::parse_from(argv) {
+            BenchCommand::Store(a) => a,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn round_trips_a_small_corpus_with_two_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("corpus.raw");
+        std::fs::write(&path, corpus(40)).unwrap();
+        let r = run_bench(&args(&path, &["--threads", "2", "--json"])).unwrap();
+        assert_eq!(r.pages, 40);
+        assert_eq!(r.threads, 2);
+        assert_eq!(r.rejected_pages, 0);
+        assert_eq!(r.stored_pages, 40);
+        assert!(r.raw_zstd_ratio > 1.0);
+        assert!(r.put_pages_per_sec > 0.0 && r.get_pages_per_sec > 0.0);
+        let json = serde_json::to_value(&r).unwrap();
+        for key in [
+            "pages",
+            "put_pages_per_sec",
+            "get_pages_per_sec",
+            "ratio",
+            "meta_bytes_per_page",
+            "raw_zstd_compress_pages_per_sec",
+            "raw_zstd_decompress_pages_per_sec",
+            "raw_zstd_ratio",
+        ] {
+            assert!(json.get(key).is_some(), "missing {key}");
+        }
+    }
+
+    #[test]
+    fn reads_a_zstd_corpus_and_spills_below_the_mem_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("corpus.raw.zst");
+        let raw = corpus(64);
+        let mut enc = zstd::stream::Encoder::new(std::fs::File::create(&path).unwrap(), 3).unwrap();
+        enc.write_all(&raw).unwrap();
+        enc.finish().unwrap();
+        let spill = dir.path().join("spill");
+        let r = run_bench(&args(
+            &path,
+            &[
+                "--mem-limit",
+                "64K",
+                "--spill-file",
+                spill.to_str().unwrap(),
+                "--spill-limit",
+                "16M",
+                "--level",
+                "3",
+                "--dedup",
+                "off",
+                "--repeat",
+                "2",
+            ],
+        ))
+        .unwrap();
+        assert_eq!(r.pages, 64);
+        assert_eq!(r.level, 3);
+        assert_eq!(r.dedup, DedupDomain::Off);
+        assert_eq!(r.mem_limit, 64 << 10);
+    }
+
+    #[test]
+    fn partial_page_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("corpus.raw");
+        let mut data = corpus(2);
+        data.push(0);
+        std::fs::write(&path, data).unwrap();
+        assert_matches!(
+            run_bench(&args(&path, &[])),
+            Err(BenchError::PartialPage { len, .. }) if len == 2 * PAGE_SIZE + 1
+        );
+    }
+
+    #[test]
+    fn empty_and_missing_corpora_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty");
+        std::fs::write(&path, []).unwrap();
+        assert_matches!(run_bench(&args(&path, &[])), Err(BenchError::EmptyCorpus { .. }));
+        let missing = dir.path().join("missing");
+        assert_matches!(
+            run_bench(&args(&missing, &[])),
+            Err(BenchError::ReadCorpus { .. })
+        );
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        for argv in [
+            &["tmem-bench", "store", "--corpus", "x", "--threads", "0"][..],
+            &["tmem-bench", "store", "--corpus", "x", "--mem-limit", "12Q"],
+            &["tmem-bench", "store", "--corpus", "x", "--dedup", "all"],
+        ] {
+            assert!(BenchCommand::try_parse_from(argv).is_err(), "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn ranges_cover_everything_once() {
+        for (len, parts) in [(0, 1), (1, 2), (10, 3), (4096, 2), (7, 7)] {
+            let rs = ranges(len, parts);
+            assert_eq!(rs.len(), parts);
+            assert_eq!(rs.first().unwrap().start, 0);
+            assert_eq!(rs.last().unwrap().end, len);
+            assert!(rs.windows(2).all(|w| w[0].end == w[1].start));
+        }
+    }
 }

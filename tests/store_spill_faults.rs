@@ -1,0 +1,377 @@
+//! The spill tier under faults: a filesystem that fills up (ENOSPC) and a spill
+//! file corrupted on disk behind the store's back.
+//!
+//! The spill file's format belongs to the store, so corruption here is blind:
+//! it flips bytes wherever they are, and checks only what frontswap promises:
+//! a page comes back byte-exact or the get fails; it is never wrong and never
+//! silently missing.
+
+use std::{
+    collections::{hash_map::Entry, HashMap},
+    ffi::CString,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use vhost_user_tmem::store::{
+    DedupDomain, GetOutcome, GuestId, Page, PutOutcome, SpillConfig, Store, StoreConfig, PAGE_SIZE,
+};
+
+const G: GuestId = GuestId(0);
+const POOL: u32 = 0;
+/// Set in the environment of a copy of this test run inside `unshare -rm`.
+const REEXEC: &str = "TMEM_TEST_IN_USERNS";
+
+fn random_page(seed: u64) -> Box<Page> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut p = Box::new([0u8; PAGE_SIZE]);
+    for w in p.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes());
+    }
+    p
+}
+
+/// Compressible but unique: text with the seed written into it.
+fn text_page(seed: u64) -> Box<Page> {
+    let mut p = Box::new([0u8; PAGE_SIZE]);
+    let line = format!("page {seed} of the spill fault test, swapped out by a guest; ");
+    for (i, b) in p.iter_mut().enumerate() {
+        *b = line.as_bytes()[i % line.len()];
+    }
+    p
+}
+
+/// A store with almost no RAM beyond its own empty footprint, so pages spill.
+fn spilling_store(spill: PathBuf, spill_limit: u64, ram_extra: u64) -> Store {
+    let store = Store::new(StoreConfig {
+        mem_limit: 1 << 40,
+        spill: Some(SpillConfig {
+            path: spill,
+            limit: spill_limit,
+        }),
+        zstd_level: 1,
+        dedup: DedupDomain::Guest,
+        ..StoreConfig::default()
+    })
+    .expect("Store::new");
+    let baseline = store.stats().total.mem_used_bytes;
+    store
+        .set_mem_limit(baseline + ram_extra)
+        .expect("set_mem_limit on an empty store");
+    store
+}
+
+fn get(store: &Store, index: u64) -> (Result<GetOutcome, String>, Box<Page>) {
+    let mut out = Box::new([0x77u8; PAGE_SIZE]);
+    let r = store
+        .get(G, POOL, index, &mut out, false)
+        .map_err(|e| format!("{e:?}"));
+    (r, out)
+}
+
+fn assert_reads_back(store: &Store, model: &HashMap<u64, Box<Page>>, what: &str) {
+    for (&i, want) in model {
+        let (r, out) = get(store, i);
+        assert_eq!(r, Ok(GetOutcome::Found), "{what}: page {i}");
+        assert!(out[..] == want[..], "{what}: page {i} came back different");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A small tmpfs, mounted for one test
+
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let c = CString::new(self.0.as_os_str().as_bytes()).expect("path has no NUL");
+        // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+fn mount_tmpfs(dir: &Path, size: &str) -> std::io::Result<()> {
+    let target = CString::new(dir.as_os_str().as_bytes()).expect("path has no NUL");
+    let opts = CString::new(format!("size={size},mode=0700")).expect("no NUL");
+    // SAFETY: every pointer is a valid NUL-terminated string that outlives the
+    // call; tmpfs takes its options as such a string.
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            opts.as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Runs `body` with a directory on a fresh tmpfs of `size`. Without the right
+/// to mount, re-runs this one test inside `unshare -rm` (a user and mount
+/// namespace where it may), and fails loudly if that is impossible too.
+fn with_small_tmpfs(test: &str, size: &str, body: impl FnOnce(&Path)) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    match mount_tmpfs(dir.path(), size) {
+        Ok(()) => {
+            let _unmount = Unmount(dir.path().to_owned());
+            body(dir.path());
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) && std::env::var_os(REEXEC).is_none() => {
+            let exe = std::env::current_exe().expect("current_exe");
+            let out = Command::new("unshare")
+                .args(["-rm", "--"])
+                .arg(exe)
+                .args([test, "--exact", "--nocapture", "--test-threads=1"])
+                .env(REEXEC, "1")
+                .output()
+                .unwrap_or_else(|e2| {
+                    panic!(
+                        "mounting a tmpfs needs CAP_SYS_ADMIN ({e}); running `unshare -rm` \
+                         to get it in a user namespace failed too: {e2}"
+                    )
+                });
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            print!("{stdout}");
+            eprint!("{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "{test} failed inside `unshare -rm` ({}); mounting a tmpfs needs CAP_SYS_ADMIN \
+                 or unprivileged user namespaces",
+                out.status
+            );
+        }
+        Err(e) => panic!(
+            "cannot mount a {size} tmpfs on {}: {e}. This test needs CAP_SYS_ADMIN (root) or \
+             unprivileged user namespaces (`unshare -rm`)",
+            dir.path().display()
+        ),
+    }
+}
+
+fn free_bytes(dir: &Path) -> u64 {
+    let c = CString::new(dir.as_os_str().as_bytes()).expect("path has no NUL");
+    // SAFETY: statvfs is plain old data; zeroed is a valid value for it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid path and `st` a valid, writable statvfs.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    assert_eq!(rc, 0, "statvfs: {}", std::io::Error::last_os_error());
+    st.f_bavail * st.f_frsize
+}
+
+// ---------------------------------------------------------------------------
+// ENOSPC
+
+/// Free space allowed to remain when the store first says the file is full:
+/// a few objects' worth, for whatever granularity the spill file grows by.
+const ENOSPC_SLACK: u64 = 64 << 10;
+
+#[test]
+fn full_spill_filesystem_rejects_only_when_full_and_loses_nothing() {
+    with_small_tmpfs(
+        "full_spill_filesystem_rejects_only_when_full_and_loses_nothing",
+        "256k",
+        |dir| {
+            // The file's own limit is far above the filesystem: ENOSPC comes first.
+            let store = spilling_store(dir.join("spill"), 64 << 20, 16 << 10);
+            let mut model: HashMap<u64, Box<Page>> = HashMap::new();
+            let mut rejected_at = None;
+            for i in 0..2000u64 {
+                let page = random_page(i + 1);
+                match store.put(G, POOL, i, &page) {
+                    Ok(PutOutcome::Stored) => {
+                        model.insert(i, page);
+                    }
+                    Ok(PutOutcome::Rejected) | Err(_) => {
+                        rejected_at = Some(i);
+                        break;
+                    }
+                }
+            }
+            let first = rejected_at.expect("2000 incompressible pages never filled a 256k filesystem");
+            let free = free_bytes(dir);
+            assert!(
+                free < ENOSPC_SLACK,
+                "first put rejected after {first} pages while the filesystem still had {free} bytes free"
+            );
+            let s = store.stats();
+            assert!(s.total.spilled_pages > 0, "nothing spilled before the rejection");
+            assert_eq!(s.total.failed_stores, 1);
+            assert_eq!(get(&store, first).0, Ok(GetOutcome::NotFound));
+            assert_reads_back(&store, &model, "after the first rejection");
+
+            // Overwrites while full: either stored (new bytes) or rejected (gone).
+            let mut rejected_overwrites = 0;
+            for i in (0..first).step_by(3) {
+                let page = random_page(10_000 + i);
+                match store.put(G, POOL, i, &page) {
+                    Ok(PutOutcome::Stored) => {
+                        model.insert(i, page);
+                    }
+                    Ok(PutOutcome::Rejected) | Err(_) => {
+                        rejected_overwrites += 1;
+                        model.remove(&i);
+                        assert_eq!(
+                            get(&store, i).0,
+                            Ok(GetOutcome::NotFound),
+                            "old copy of rejected overwrite {i} is still readable"
+                        );
+                    }
+                }
+            }
+            assert!(
+                rejected_overwrites > 0,
+                "no overwrite was rejected on a full filesystem"
+            );
+            assert_reads_back(&store, &model, "after overwrites on a full filesystem");
+
+            // Freed file space is reused: drop pages, and new ones fit again.
+            let victims: Vec<u64> = model.keys().copied().take(24).collect();
+            for i in &victims {
+                assert!(store.invalidate_page(G, POOL, *i));
+                model.remove(i);
+            }
+            let mut stored_again = 0;
+            for i in 5000..5004u64 {
+                let page = random_page(i);
+                if store.put(G, POOL, i, &page).ok() == Some(PutOutcome::Stored) {
+                    stored_again += 1;
+                    model.insert(i, page);
+                }
+            }
+            assert!(stored_again > 0, "freed spill space was not reused");
+            assert_reads_back(&store, &model, "after reuse");
+            let s = store.stats();
+            assert_eq!(s.total.stored_pages, model.len() as u64);
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Corruption
+
+const PAGES: u64 = 96;
+
+/// Fills a fresh store so that most pages live in the spill file.
+fn filled_spilling_store(dir: &Path) -> (Store, HashMap<u64, Box<Page>>, PathBuf) {
+    let path = dir.join("spill");
+    let store = spilling_store(path.clone(), 64 << 20, 16 << 10);
+    let mut model = HashMap::new();
+    for i in 0..PAGES {
+        let page = if i % 3 == 0 {
+            text_page(i)
+        } else {
+            random_page(i + 1)
+        };
+        assert_eq!(
+            store.put(G, POOL, i, &page).expect("put"),
+            PutOutcome::Stored,
+            "put {i}"
+        );
+        model.insert(i, page);
+    }
+    let spilled = store.stats().total.spilled_pages;
+    assert!(spilled >= PAGES / 2, "only {spilled} of {PAGES} pages spilled");
+    let len = std::fs::metadata(&path)
+        .unwrap_or_else(|e| panic!("the spill file must exist at its path to corrupt it: {e}"))
+        .len();
+    assert!(
+        len > 0,
+        "the spill file is empty although {spilled} pages spilled"
+    );
+    (store, model, path)
+}
+
+/// Gets every page; each must be byte-exact or an error. Returns the failures.
+fn read_all_checked(store: &Store, model: &HashMap<u64, Box<Page>>) -> Vec<u64> {
+    let mut failed = Vec::new();
+    for (&i, want) in model {
+        match get(store, i) {
+            (Ok(GetOutcome::Found), out) => {
+                assert!(
+                    out[..] == want[..],
+                    "page {i} came back WRONG from a corrupted spill file"
+                )
+            }
+            (Ok(GetOutcome::NotFound), _) => panic!("stored page {i} reported NotFound"),
+            (Err(_), _) => failed.push(i),
+        }
+    }
+    failed.sort_unstable();
+    failed
+}
+
+#[test]
+fn every_byte_of_the_spill_file_flipped_gives_errors_never_wrong_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, mut model, path) = filled_spilling_store(dir.path());
+    let spilled = store.stats().total.spilled_pages;
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.iter_mut().for_each(|b| *b ^= 0xff);
+    std::fs::write(&path, &bytes).unwrap();
+
+    let failed = read_all_checked(&store, &model);
+    assert_eq!(
+        failed.len() as u64,
+        spilled,
+        "every spilled page must fail its checksum, and only those"
+    );
+    // Asking again still fails rather than returning something.
+    assert_eq!(read_all_checked(&store, &model), failed);
+
+    // The store keeps working: the broken pages can be dropped and replaced.
+    for i in &failed {
+        assert!(store.invalidate_page(G, POOL, *i), "invalidate {i}");
+        model.remove(i);
+    }
+    for i in 0..PAGES {
+        if let Entry::Vacant(slot) = model.entry(i) {
+            let page = random_page(1000 + i);
+            assert_eq!(store.put(G, POOL, i, &page).unwrap(), PutOutcome::Stored);
+            slot.insert(page);
+        }
+    }
+    // New writes may land in slots whose old bytes are garbage: they must not
+    // be mistaken for anything.
+    assert!(read_all_checked(&store, &model).is_empty());
+    assert_eq!(store.stats().total.stored_pages, PAGES);
+}
+
+#[test]
+fn scattered_flipped_bytes_fail_only_the_pages_they_hit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, model, path) = filled_spilling_store(dir.path());
+    let mut bytes = std::fs::read(&path).unwrap();
+    // 16 bytes every 16 KiB: each run can touch at most two stored objects.
+    const STRIDE: usize = 16 << 10;
+    const RUN: usize = 16;
+    let mut runs = 0;
+    let mut at = 1000;
+    while at + RUN <= bytes.len() {
+        bytes[at..at + RUN].iter_mut().for_each(|b| *b ^= 0xff);
+        runs += 1;
+        at += STRIDE;
+    }
+    assert!(
+        runs > 0,
+        "spill file of {} bytes is too small to corrupt",
+        bytes.len()
+    );
+    std::fs::write(&path, &bytes).unwrap();
+
+    let failed = read_all_checked(&store, &model);
+    assert!(!failed.is_empty(), "{runs} corrupted runs went unnoticed");
+    assert!(
+        failed.len() <= 2 * runs,
+        "{} pages failed from {runs} corrupted 16-byte runs",
+        failed.len()
+    );
+}
