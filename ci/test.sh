@@ -20,7 +20,7 @@ step "rustdoc"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --quiet
 
 step "cargo test"
-cargo test --locked --release 2>&1 | tee target/cargo-test.log
+cargo test --locked 2>&1 | tee target/cargo-test.log
 
 if [ "${TMEM_SKIP_E2E:-0}" = 1 ]; then
     echo "TMEM_SKIP_E2E=1: skipping the end-to-end guest test"

@@ -8,11 +8,22 @@
 //!
 //! - [`protocol`]: the wire format shared with the guest driver.
 //! - [`store`]: the page store (no vhost types).
+//! - [`config`]: the daemon's command line, validated into one `Config`.
+//! - [`device`]: the vhost-user backend (the only module touching virtqueues),
+//!   request parsing, and the daemon's run loop.
+//! - [`control`]: the control socket server, its messages, and the client.
+//! - [`stats`]: per-op latency histograms.
 //! - [`size`]: byte sizes as operators write them (`512M`, `4GiB`).
+//! - [`frontend`]: an in-process vhost-user frontend (a VMM stand-in) for tests and benches.
 
 pub mod bench;
+pub mod config;
+pub mod control;
+pub mod device;
+pub mod frontend;
 pub mod protocol;
 pub mod size;
+pub mod stats;
 pub mod store;
 
 /// Renders an error and its `source()` chain on one line, for top-level reporting.

@@ -597,6 +597,7 @@ mod tests {
         argv.extend_from_slice(extra);
         match BenchCommand::parse_from(argv) {
             BenchCommand::Store(a) => a,
+            other => panic!("parsed as {other:?}"),
         }
     }
 

@@ -38,13 +38,19 @@ impl Budget {
 
     /// Takes `bytes` from the budget if they fit.
     pub fn try_reserve(&self, bytes: u64) -> bool {
+        self.try_reserve_leaving(bytes, 0)
+    }
+
+    /// Takes `bytes` from the budget if they fit with `keep` bytes to spare.
+    pub fn try_reserve_leaving(&self, bytes: u64, keep: u64) -> bool {
         if bytes == 0 {
             return true;
         }
         let limit = self.limit();
         self.used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                used.checked_add(bytes).filter(|&n| n <= limit)
+                used.checked_add(bytes)
+                    .filter(|&n| n.saturating_add(keep) <= limit)
             })
             .is_ok()
     }
@@ -75,6 +81,10 @@ mod tests {
         b.set_limit(50);
         assert!(b.over());
         assert!(b.try_reserve(0));
+        let c = Budget::new(100);
+        assert!(!c.try_reserve_leaving(60, 50));
+        assert!(c.try_reserve_leaving(50, 50));
+        assert!(c.try_reserve(50));
     }
 
     #[test]

@@ -51,8 +51,17 @@ pub fn write_fill(out: &mut Page, fill: u64) {
 }
 
 thread_local! {
+    /// Per-thread scratch for frames, so the hot path neither allocates nor
+    /// zeroes a page-sized buffer per call.
+    static SCRATCH: RefCell<Box<[u8; COMPRESS_BOUND]>> = RefCell::new(Box::new([0u8; COMPRESS_BOUND]));
     static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's scratch buffer. Not reentrant: `f` must not
+/// call it again (the store's put and get each use it once, at top level).
+pub fn with_scratch<R>(f: impl FnOnce(&mut [u8; COMPRESS_BOUND]) -> R) -> R {
+    SCRATCH.with(|s| f(&mut s.borrow_mut()))
 }
 
 /// Chooses the encoding of `page`; for `Zstd(len)` the frame is in `out[..len]`.

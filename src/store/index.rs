@@ -24,21 +24,41 @@ struct PoolIndex {
 }
 
 pub struct IndexShard {
+    seed: u64,
     groups: HashMap<Group, PoolIndex>,
     counters: HashMap<(u32, u32), Counters>,
     counted: u64,
 }
 
+/// Pool number under which ops on pools that never held a page are counted.
+pub const OTHER_POOLS: u32 = u32::MAX;
+
+/// Bytes reserved when a put starts a new group or pool (table, map entry, counters).
+const NEW_GROUP_BYTES: u64 = 512;
+
 /// The index has no room for a new entry and the budget could not give it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct NoRoom;
 
-/// Spreads the lower index bits over the whole hash (shard choice took others).
-fn lo_hash(lo: u32) -> u64 {
-    let mut x = u64::from(lo).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    x ^= x >> 29;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^ (x >> 32)
+/// Indices in one aligned run of [`RUN`] share a shard and sit side by side
+/// in its table, so sequential swap-ins touch few cache lines.
+pub const RUN_BITS: u32 = 6;
+
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Table hash of the lower index half. The low bits (the bucket) keep the
+/// position within a run and place runs by a seeded mix, so a guest cannot
+/// choose indices that pile into one probe chain without knowing the seed;
+/// the top 7 bits (hashbrown's tag) come from a mix of the whole value.
+fn lo_hash(seed: u64, lo: u32) -> u64 {
+    let run_mask = (1u64 << RUN_BITS) - 1;
+    let place = mix(u64::from(lo >> RUN_BITS) ^ seed) << RUN_BITS;
+    let tag = mix(u64::from(lo) ^ seed.rotate_left(32)) & (0x7f << 57);
+    (place & !run_mask & !(0x7f << 57)) | (u64::from(lo) & run_mask) | tag
 }
 
 fn split(guest: u32, pool: u32, index: u64) -> (Group, u32) {
@@ -52,15 +72,10 @@ fn split(guest: u32, pool: u32, index: u64) -> (Group, u32) {
     )
 }
 
-impl Default for IndexShard {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl IndexShard {
-    pub fn new() -> Self {
+    pub fn new(seed: u64) -> Self {
         IndexShard {
+            seed,
             groups: HashMap::new(),
             counters: HashMap::new(),
             counted: 0,
@@ -77,8 +92,16 @@ impl IndexShard {
         budget.settle(&mut self.counted, now);
     }
 
+    /// The counters of a pool that has held pages; ops on any other pool
+    /// count under [`OTHER_POOLS`], so a guest naming random pools cannot make
+    /// the host allocate.
     pub fn counters(&mut self, guest: u32, pool: u32) -> &mut Counters {
-        self.counters.entry((guest, pool)).or_default()
+        let key = if self.counters.contains_key(&(guest, pool)) {
+            (guest, pool)
+        } else {
+            (guest, OTHER_POOLS)
+        };
+        self.counters.entry(key).or_default()
     }
 
     /// Points (guest, pool, index) at `handle`, returning the handle it replaces.
@@ -91,7 +114,14 @@ impl IndexShard {
         budget: &Budget,
     ) -> Result<Option<u32>, NoRoom> {
         let (group, lo) = split(guest, pool, index);
-        let h = lo_hash(lo);
+        let h = lo_hash(self.seed, lo);
+        if !self.groups.contains_key(&group) {
+            if !budget.try_reserve(NEW_GROUP_BYTES) {
+                return Err(NoRoom);
+            }
+            self.counted += NEW_GROUP_BYTES;
+            self.counters.entry((guest, pool)).or_default();
+        }
         let g = self.groups.entry(group).or_default();
         if let Some(entry) = g.entries.find_mut(h, |e| e.0 == lo) {
             return Ok(Some(std::mem::replace(&mut entry.1, handle)));
@@ -104,7 +134,8 @@ impl IndexShard {
             }
             self.counted += growth;
         }
-        g.entries.insert_unique(h, (lo, handle), |e| lo_hash(e.0));
+        let seed = self.seed;
+        g.entries.insert_unique(h, (lo, handle), |e| lo_hash(seed, e.0));
         self.settle(budget);
         Ok(None)
     }
@@ -112,19 +143,20 @@ impl IndexShard {
     pub fn get(&self, guest: u32, pool: u32, index: u64) -> Option<u32> {
         let (group, lo) = split(guest, pool, index);
         let g = self.groups.get(&group)?;
-        g.entries.find(lo_hash(lo), |e| e.0 == lo).map(|e| e.1)
+        g.entries.find(lo_hash(self.seed, lo), |e| e.0 == lo).map(|e| e.1)
     }
 
     pub fn remove(&mut self, guest: u32, pool: u32, index: u64, budget: &Budget) -> Option<u32> {
         let (group, lo) = split(guest, pool, index);
         let g = self.groups.get_mut(&group)?;
-        let Ok(entry) = g.entries.find_entry(lo_hash(lo), |e| e.0 == lo) else {
+        let Ok(entry) = g.entries.find_entry(lo_hash(self.seed, lo), |e| e.0 == lo) else {
             return None;
         };
         let ((_, handle), _) = entry.remove();
         let (len, cap) = (g.entries.len(), g.entries.capacity());
         if cap > 64 && len * 4 < cap {
-            g.entries.shrink_to(len * 2, |e| lo_hash(e.0));
+            let seed = self.seed;
+            g.entries.shrink_to(len * 2, |e| lo_hash(seed, e.0));
             self.settle(budget);
         }
         Some(handle)
@@ -144,6 +176,9 @@ impl IndexShard {
         });
         if self.groups.is_empty() {
             self.groups.shrink_to_fit();
+        }
+        if out.is_empty() {
+            return out;
         }
         self.settle(budget);
         out
@@ -173,7 +208,7 @@ mod tests {
     #[test]
     fn insert_replace_get_remove() {
         let b = Budget::new(1 << 30);
-        let mut s = IndexShard::new();
+        let mut s = IndexShard::new(12345);
         assert_eq!(s.insert(1, 2, 3, 10, &b), Ok(None));
         assert_eq!(s.insert(1, 2, 3, 11, &b), Ok(Some(10)));
         assert_eq!(s.get(1, 2, 3), Some(11));
@@ -191,7 +226,7 @@ mod tests {
     #[test]
     fn budget_counts_and_limits_the_tables() {
         let b = Budget::new(1 << 30);
-        let mut s = IndexShard::new();
+        let mut s = IndexShard::new(12345);
         for i in 0..10_000 {
             s.insert(0, 0, i, i as u32, &b).unwrap();
         }
@@ -205,7 +240,7 @@ mod tests {
         assert!(s.heap_bytes() < 4096, "tables shrink back");
 
         let tight = Budget::new(0);
-        let mut t = IndexShard::new();
+        let mut t = IndexShard::new(12345);
         assert_eq!(t.insert(0, 0, 1, 1, &tight), Err(NoRoom));
         assert_eq!(t.get(0, 0, 1), None);
     }
@@ -213,7 +248,7 @@ mod tests {
     #[test]
     fn take_pools_selects_by_guest_and_pool() {
         let b = Budget::new(1 << 30);
-        let mut s = IndexShard::new();
+        let mut s = IndexShard::new(12345);
         for (g, p) in [(0, 0), (0, 1), (1, 0)] {
             for i in 0..5 {
                 s.insert(g, p, i, g * 100 + p * 10 + i as u32, &b).unwrap();
@@ -225,5 +260,41 @@ mod tests {
         assert_eq!(s.take_pools(|g, _| g == 1, &b).len(), 5);
         assert_eq!(s.entries(), 5);
         assert_eq!(s.get(0, 0, 4), Some(4));
+    }
+
+    #[test]
+    fn runs_stay_together_and_strides_spread() {
+        let seed = 99;
+        // One run: consecutive buckets.
+        let base = lo_hash(seed, 640) & 0xffff;
+        for k in 0..64 {
+            assert_eq!(lo_hash(seed, 640 + k) & 0xffff, base + u64::from(k));
+        }
+        // Power-of-two strides (a classic way to pile keys up) spread over the
+        // run places: a guest can crowd at most one run's worth into a place.
+        let buckets: std::collections::HashSet<u64> =
+            (0..1000u32).map(|i| lo_hash(seed, i << 16) & 0xffff).collect();
+        assert!(buckets.len() > 500, "{} distinct buckets", buckets.len());
+        // Tags vary inside a run.
+        let tags: std::collections::HashSet<u64> = (0..64).map(|k| lo_hash(seed, k) >> 57).collect();
+        assert!(tags.len() > 20);
+    }
+
+    #[test]
+    fn misses_on_unknown_pools_allocate_nothing() {
+        let b = Budget::new(1 << 30);
+        let mut s = IndexShard::new(12345);
+        s.insert(0, 1, 1, 1, &b).unwrap();
+        let before = s.heap_bytes();
+        for pool in 100..10_000 {
+            assert_eq!(s.remove(0, pool, 1, &b), None);
+            s.counters(0, pool).failed_loads += 1;
+        }
+        s.counters(0, 1).loads += 1;
+        assert!(s.heap_bytes() <= before + 256, "one shared bucket at most");
+        let mut seen = Vec::new();
+        s.add_stats(|g, p, c, _| seen.push((g, p, c.loads, c.failed_loads)));
+        seen.sort();
+        assert_eq!(seen, vec![(0, 1, 1, 0), (0, OTHER_POOLS, 0, 9900)]);
     }
 }

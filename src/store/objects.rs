@@ -10,10 +10,10 @@
 //! object happens under that lock: it is the slow path, and it keeps the
 //! object from being freed (and its file slot reused) during the read.
 
-use hashbrown::{HashMap, HashTable};
+use hashbrown::HashTable;
 
 use super::{
-    alloc::{class_of, class_size, Loc, SizeClassAlloc},
+    alloc::{ChunkAlloc, Loc, CHUNK, HDR},
     budget::Budget,
     slab::{table_hash, Obj, Slab, Tier, INDEXED, REFERENCED},
     spill::{units_for, SpillFile, UNIT},
@@ -38,8 +38,8 @@ pub enum Content<'a> {
 pub enum Obtained {
     /// The object now carries one more reference; `hit` says it already existed.
     Ref { id: u32, hit: bool },
-    /// The budget has no room: make some (ideally in `class`) and retry.
-    NeedRoom { class: Option<usize> },
+    /// The budget has no room: make some and retry.
+    NeedRoom,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -64,10 +64,17 @@ pub enum Evicted {
 pub struct ObjShard {
     slab: Slab,
     dedup: HashTable<u32>,
-    alloc: SizeClassAlloc,
-    owners: HashMap<(u32, u32), Counters>,
+    alloc: ChunkAlloc,
+    /// Object counters by owner id.
+    owners: Vec<Counters>,
     /// Bytes this shard has counted in the budget.
     counted: u64,
+    /// Objects with a payload in RAM: writeback gives up at once when none.
+    in_ram: u32,
+    /// After a compaction finds no sparse chunk, garbage must reach this
+    /// before the next try, so a shard with thinly spread holes is not
+    /// rescanned on every free.
+    compact_floor: u64,
     max_ids: u32,
 }
 
@@ -76,14 +83,16 @@ impl ObjShard {
         ObjShard {
             slab: Slab::new(),
             dedup: HashTable::new(),
-            alloc: SizeClassAlloc::new(),
-            owners: HashMap::new(),
+            alloc: ChunkAlloc::new(),
+            owners: Vec::new(),
             counted: 0,
+            in_ram: 0,
+            compact_floor: 0,
             max_ids,
         }
     }
 
-    /// Bytes of RAM chunks (payload plus slot and chunk-tail slack).
+    /// Bytes of RAM chunks (payloads, their headers, holes and tails).
     pub fn chunk_bytes(&self) -> u64 {
         self.alloc.chunk_bytes()
     }
@@ -91,10 +100,9 @@ impl ObjShard {
     pub fn heap_bytes(&self) -> u64 {
         self.slab.heap_bytes()
             + self.alloc.heap_bytes()
-            + (self.dedup.allocation_size() + self.owners.allocation_size()) as u64
+            + (self.dedup.allocation_size() + self.owners.capacity() * std::mem::size_of::<Counters>()) as u64
     }
 
-    #[cfg(test)]
     pub fn live_objects(&self) -> u32 {
         self.slab.live()
     }
@@ -104,12 +112,16 @@ impl ObjShard {
         budget.settle(&mut self.counted, now);
     }
 
-    fn owner(&mut self, guest: u32, pool: u32) -> &mut Counters {
-        self.owners.entry((guest, pool)).or_default()
+    fn owner(&mut self, owner: u16) -> &mut Counters {
+        let i = usize::from(owner);
+        if i >= self.owners.len() {
+            self.owners.resize(i + 1, Counters::default());
+        }
+        &mut self.owners[i]
     }
 
     /// Finds an equal object in the dedup table or stores a new one, taking a reference.
-    pub fn obtain(&mut self, content: &Content<'_>, guest: u32, pool: u32, budget: &Budget) -> Obtained {
+    pub fn obtain(&mut self, content: &Content<'_>, owner: u16, budget: &Budget) -> Obtained {
         let (hash, dedup) = match *content {
             Content::Fill { word, domain } => ([word, u64::from(domain)], true),
             Content::Data { hash, dedup, .. } => (hash, dedup),
@@ -124,7 +136,7 @@ impl ObjShard {
                         Content::Data { payload, .. } => {
                             o.tier == Tier::Ram
                                 && usize::from(o.len) == payload.len()
-                                && self.alloc.bytes(Loc::unpack(o.loc), payload.len()) == payload
+                                && self.alloc.bytes(Loc::unpack(o.loc()), payload.len()) == payload
                         }
                     }
             });
@@ -150,35 +162,39 @@ impl ObjShard {
             0
         };
         let growth = (alloc_growth + table_growth + self.slab.growth()) as u64;
-        let class = (alloc_growth > 0).then(|| class_of(payload_len));
-        if !self.slab.has_room(self.max_ids) || !budget.try_reserve(growth) {
-            return Obtained::NeedRoom { class };
+        // New chunks for puts leave one chunk of headroom, for compaction to move into.
+        let keep = if alloc_growth > 0 { CHUNK as u64 } else { 0 };
+        if !self.slab.has_room(self.max_ids) || !budget.try_reserve_leaving(growth, keep) {
+            return Obtained::NeedRoom;
         }
         self.counted += growth;
 
-        let (tier, loc) = match *content {
-            Content::Fill { .. } => (Tier::Fill, 0),
-            Content::Data { payload, .. } => {
-                let loc = self.alloc.alloc(payload.len());
-                self.alloc.bytes_mut(loc, payload.len()).copy_from_slice(payload);
-                (Tier::Ram, loc.pack())
-            }
+        let tier = match content {
+            Content::Fill { .. } => Tier::Fill,
+            Content::Data { .. } => Tier::Ram,
         };
         let id = self.slab.insert(Obj {
             hash,
-            loc,
             refs: 1,
-            guest,
-            pool,
+            owner,
             len: payload_len as u16,
             tier,
             flags: REFERENCED | if dedup { INDEXED } else { 0 },
+            ..Obj::default()
         });
+        if let Content::Data { payload, .. } = *content {
+            let loc = self.alloc.alloc(payload.len(), id);
+            self.alloc.bytes_mut(loc, payload.len()).copy_from_slice(payload);
+            self.slab.get_mut(id).set_loc(loc.pack());
+        }
         if dedup {
             let slab = &self.slab;
             self.dedup.insert_unique(th, id, |&i| slab.get(i).table_hash());
         }
-        let c = self.owner(guest, pool);
+        if tier == Tier::Ram {
+            self.in_ram += 1;
+        }
+        let c = self.owner(owner);
         c.mem_used_bytes += obj_ram_bytes(tier, payload_len);
         if tier == Tier::Ram {
             c.unique_pages += 1;
@@ -196,7 +212,7 @@ impl ObjShard {
         let obj = *o;
         let fill = obj.tier == Tier::Fill;
         if obj.tier == Tier::Spilled {
-            self.owner(obj.guest, obj.pool).spilled_pages -= 1;
+            self.owner(obj.owner).spilled_pages -= 1;
         }
         if obj.refs > 0 {
             return fill;
@@ -208,15 +224,18 @@ impl ObjShard {
         }
         let len = usize::from(obj.len);
         match obj.tier {
-            Tier::Ram => self.alloc.free(Loc::unpack(obj.loc)),
+            Tier::Ram => {
+                self.alloc.free(Loc::unpack(obj.loc()), len);
+                self.in_ram -= 1;
+            }
             Tier::Spilled => {
                 if let Some(spill) = spill {
-                    spill.free(obj.loc, len, budget);
+                    spill.free(obj.loc() * UNIT, len, budget);
                 }
             }
             Tier::Fill | Tier::Free => {}
         }
-        let c = self.owner(obj.guest, obj.pool);
+        let c = self.owner(obj.owner);
         c.mem_used_bytes -= obj_ram_bytes(obj.tier, len);
         if obj.tier != Tier::Fill {
             c.unique_pages -= 1;
@@ -226,8 +245,52 @@ impl ObjShard {
             c.spill_file_bytes -= units_for(len) as u64 * UNIT;
         }
         self.slab.remove(id);
+        self.tidy(budget);
         self.settle(budget);
         fill
+    }
+
+    /// Compacts when holes exceed an eighth of the chunks (and two chunks), so
+    /// churn cannot leave RAM mostly empty space.
+    fn tidy(&mut self, budget: &Budget) {
+        let garbage = self.alloc.garbage();
+        if garbage > 2 * CHUNK as u64 && garbage > self.alloc.chunk_bytes() / 8 {
+            self.compact(budget);
+        }
+    }
+
+    /// Holes and abandoned tails in this shard's chunks.
+    pub fn garbage(&self) -> u64 {
+        self.alloc.garbage()
+    }
+
+    /// Moves the live payloads of the sparsest chunk into the open chunks and
+    /// frees it. Returns whether a chunk went back to the host.
+    pub fn compact(&mut self, budget: &Budget) -> bool {
+        if self.alloc.garbage() < self.compact_floor {
+            return false;
+        }
+        let Some(src) = self.alloc.sparsest() else {
+            self.compact_floor = self.alloc.garbage() + CHUNK as u64;
+            return false;
+        };
+        self.compact_floor = 0;
+        let mut from = 0;
+        let mut done = true;
+        while let Some((id, loc)) = self.alloc.next_live(src, from) {
+            let len = usize::from(self.slab.get(id).len);
+            let growth = self.alloc.growth_for(len) as u64;
+            if !budget.try_reserve(growth) {
+                done = false;
+                break;
+            }
+            self.counted += growth;
+            from = loc.off + len as u32;
+            let to = self.alloc.relocate(loc, len, id);
+            self.slab.get_mut(id).set_loc(to.pack());
+        }
+        self.settle(budget);
+        done
     }
 
     /// Fetches the payload (reading the file if spilled), marking the object used:
@@ -236,7 +299,7 @@ impl ObjShard {
         &mut self,
         id: u32,
         page: &mut [u8; PAGE_SIZE],
-        frame: &mut [u8; PAGE_SIZE],
+        frame: &mut [u8],
         spill: Option<&SpillFile>,
     ) -> Result<Loaded, StoreError> {
         let o = self.slab.get_mut(id);
@@ -244,50 +307,44 @@ impl ObjShard {
         let obj = *o;
         let len = usize::from(obj.len);
         let (dest, loaded) = if obj.is_raw() {
-            (page, Loaded::Raw)
+            (&mut page[..], Loaded::Raw)
         } else {
             (frame, Loaded::Frame(len))
         };
         match obj.tier {
             Tier::Fill => Ok(Loaded::Fill(obj.hash[0])),
             Tier::Ram => {
-                dest[..len].copy_from_slice(self.alloc.bytes(Loc::unpack(obj.loc), len));
+                dest[..len].copy_from_slice(self.alloc.bytes(Loc::unpack(obj.loc()), len));
                 Ok(loaded)
             }
             Tier::Spilled => {
-                let spill = spill.ok_or(StoreError::Corrupt { offset: obj.loc })?;
-                self.owner(obj.guest, obj.pool).spill_reads += 1;
-                spill.read(obj.loc, len, obj.hash[0], &mut dest[..])?;
+                let offset = obj.loc() * UNIT;
+                let spill = spill.ok_or(StoreError::Corrupt { offset })?;
+                self.owner(obj.owner).spill_reads += 1;
+                spill.read(offset, len, obj.hash[0], &mut dest[..])?;
                 Ok(loaded)
             }
-            Tier::Free => Err(StoreError::Corrupt { offset: obj.loc }),
+            Tier::Free => Err(StoreError::Corrupt { offset: u64::MAX }),
         }
     }
 
-    /// Writes one cold RAM object (of `class`, if given) to the spill file.
-    pub fn evict(
-        &mut self,
-        class: Option<usize>,
-        spill: &SpillFile,
-        budget: &Budget,
-    ) -> Result<Evicted, StoreError> {
-        // A class-targeted scan may skip many records, so it gets a bounded look.
-        let scan = match class {
-            Some(_) => 4 * super::slab::BLOCK,
-            None => 2 * self.slab.high_water() as usize + 1,
-        };
-        let Some(id) = self.slab.next_victim(scan, |o| {
-            class.map_or(true, |c| class_of(usize::from(o.len)) == c)
-        }) else {
+    /// Writes one cold RAM object to the spill file. Its RAM becomes a hole,
+    /// which compaction turns into free host memory.
+    pub fn evict(&mut self, spill: &SpillFile, budget: &Budget) -> Result<Evicted, StoreError> {
+        if self.in_ram == 0 {
+            return Ok(Evicted::NoVictim);
+        }
+        let scan = 2 * self.slab.high_water() as usize + 1;
+        let Some(id) = self.slab.next_victim(scan, |_| true) else {
             return Ok(Evicted::NoVictim);
         };
         let obj = *self.slab.get(id);
         let len = usize::from(obj.len);
-        let loc = Loc::unpack(obj.loc);
+        let loc = Loc::unpack(obj.loc());
         let Some(offset) = spill.write(self.alloc.bytes(loc, len), obj.hash[0], budget)? else {
             return Ok(Evicted::TierFull);
         };
-        self.alloc.free(loc);
+        self.alloc.free(loc, len);
         if obj.has(INDEXED) {
             // Only RAM objects are dedup candidates: a match must be compared in memory.
             if let Ok(entry) = self.dedup.find_entry(obj.table_hash(), |&i| i == id) {
@@ -296,9 +353,10 @@ impl ObjShard {
         }
         let o = self.slab.get_mut(id);
         o.tier = Tier::Spilled;
-        o.loc = offset;
+        self.in_ram -= 1;
+        o.set_loc(offset / UNIT);
         o.set(INDEXED, false);
-        let c = self.owner(obj.guest, obj.pool);
+        let c = self.owner(obj.owner);
         c.mem_used_bytes -= obj_ram_bytes(Tier::Ram, len) - obj_ram_bytes(Tier::Spilled, len);
         c.spilled_pages += u64::from(obj.refs);
         c.spill_file_bytes += units_for(len) as u64 * UNIT;
@@ -308,21 +366,17 @@ impl ObjShard {
         Ok(Evicted::One)
     }
 
-    /// Adds this shard's object counters into `into`, by (guest, pool).
-    pub fn add_stats(&self, mut into: impl FnMut(u32, u32, &Counters)) {
-        for (&(guest, pool), c) in &self.owners {
-            into(guest, pool, c);
+    /// Hands this shard's object counters to `into`, by owner id.
+    pub fn add_stats(&self, mut into: impl FnMut(u16, &Counters)) {
+        for (owner, c) in self.owners.iter().enumerate() {
+            into(owner as u16, c);
         }
     }
 }
 
-/// RAM attributed to one object: its record plus its payload slot.
+/// RAM attributed to one object: its record plus its payload and header.
 fn obj_ram_bytes(tier: Tier, len: usize) -> u64 {
-    let slot = if tier == Tier::Ram {
-        class_size(class_of(len))
-    } else {
-        0
-    };
+    let slot = if tier == Tier::Ram { HDR + len } else { 0 };
     (std::mem::size_of::<Obj>() + slot) as u64
 }
 
@@ -350,9 +404,9 @@ mod tests {
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
         let p = vec![7u8; 1000];
-        let (a, hit) = id_of(s.obtain(&data(1, &p, true), 0, 0, &budget));
+        let (a, hit) = id_of(s.obtain(&data(1, &p, true), 0, &budget));
         assert!(!hit);
-        let (b, hit) = id_of(s.obtain(&data(1, &p, true), 0, 1, &budget));
+        let (b, hit) = id_of(s.obtain(&data(1, &p, true), 1, &budget));
         assert!(hit);
         assert_eq!(a, b);
         assert_eq!(s.slab.get(a).refs, 2);
@@ -362,10 +416,10 @@ mod tests {
         assert_eq!(budget.used(), used, "one reference left: nothing freed");
         s.release(a, None, &budget);
         assert_eq!(s.live_objects(), 0);
-        assert_eq!(s.alloc.chunk_bytes(), 0);
+        assert_eq!(s.alloc.garbage(), 0);
         assert_eq!(s.dedup.len(), 0);
         let mut total = Counters::default();
-        s.add_stats(|_, _, c| total.unique_pages += c.unique_pages + c.compr_data_bytes + c.mem_used_bytes);
+        s.add_stats(|_, c| total.unique_pages += c.unique_pages + c.compr_data_bytes + c.mem_used_bytes);
         assert_eq!(total.unique_pages, 0);
     }
 
@@ -373,8 +427,8 @@ mod tests {
     fn equal_hash_but_different_bytes_is_not_a_hit() {
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
-        let (a, _) = id_of(s.obtain(&data(5, &[1u8; 100], true), 0, 0, &budget));
-        let (b, hit) = id_of(s.obtain(&data(5, &[2u8; 100], true), 0, 0, &budget));
+        let (a, _) = id_of(s.obtain(&data(5, &[1u8; 100], true), 0, &budget));
+        let (b, hit) = id_of(s.obtain(&data(5, &[2u8; 100], true), 0, &budget));
         assert!(!hit);
         assert_ne!(a, b);
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
@@ -387,33 +441,31 @@ mod tests {
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
         let p = [3u8; 64];
-        let (a, _) = id_of(s.obtain(&data(9, &p, false), 0, 0, &budget));
-        let (b, hit) = id_of(s.obtain(&data(9, &p, false), 0, 0, &budget));
+        let (a, _) = id_of(s.obtain(&data(9, &p, false), 0, &budget));
+        let (b, hit) = id_of(s.obtain(&data(9, &p, false), 0, &budget));
         assert!(!hit && a != b);
         let fill = Content::Fill { word: 0, domain: 4 };
-        let (f1, _) = id_of(s.obtain(&fill, 4, 0, &budget));
-        let (f2, hit) = id_of(s.obtain(&fill, 4, 0, &budget));
+        let (f1, _) = id_of(s.obtain(&fill, 4, &budget));
+        let (f2, hit) = id_of(s.obtain(&fill, 4, &budget));
         assert!(hit && f1 == f2);
         let other_domain = Content::Fill { word: 0, domain: 5 };
-        assert_ne!(id_of(s.obtain(&other_domain, 5, 0, &budget)).0, f1);
+        assert_ne!(id_of(s.obtain(&other_domain, 5, &budget)).0, f1);
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
         assert_eq!(s.load(f1, &mut page, &mut buf, None).unwrap(), Loaded::Fill(0));
         assert!(s.release(f1, None, &budget));
     }
 
     #[test]
-    fn budget_refuses_growth_and_names_the_class() {
+    fn budget_refuses_growth_and_counts_exactly() {
         let budget = Budget::new(0);
         let mut s = ObjShard::new(1 << 20);
         assert_eq!(
-            s.obtain(&data(1, &[1u8; 500], true), 0, 0, &budget),
-            Obtained::NeedRoom {
-                class: Some(class_of(500))
-            }
+            s.obtain(&data(1, &[1u8; 500], true), 0, &budget),
+            Obtained::NeedRoom
         );
         assert_eq!(budget.used(), 0);
         budget.set_limit(1 << 20);
-        let (_, _) = id_of(s.obtain(&data(1, &[1u8; 500], true), 0, 0, &budget));
+        let (_, _) = id_of(s.obtain(&data(1, &[1u8; 500], true), 0, &budget));
         assert_eq!(
             budget.used(),
             s.heap_bytes(),
@@ -428,11 +480,11 @@ mod tests {
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
         let p: Vec<u8> = (0..700u32).map(|i| i as u8).collect();
-        let (a, _) = id_of(s.obtain(&data(11, &p, true), 1, 2, &budget));
-        s.obtain(&data(11, &p, true), 1, 2, &budget);
+        let (a, _) = id_of(s.obtain(&data(11, &p, true), 1, &budget));
+        s.obtain(&data(11, &p, true), 1, &budget);
         // Referenced once on insert: CLOCK spares it on the first pass.
-        assert_eq!(s.evict(None, &spill, &budget).unwrap(), Evicted::One);
-        assert_eq!(s.alloc.chunk_bytes(), 0, "payload left RAM");
+        assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::One);
+        assert_eq!(s.chunk_bytes(), 0, "the payload left RAM");
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
         assert_eq!(
             s.load(a, &mut page, &mut buf, Some(&spill)).unwrap(),
@@ -440,10 +492,10 @@ mod tests {
         );
         assert_eq!(&buf[..700], &p[..]);
         // A spilled object is not a dedup candidate: an equal put makes a RAM copy.
-        let (c, hit) = id_of(s.obtain(&data(11, &p, true), 1, 2, &budget));
+        let (c, hit) = id_of(s.obtain(&data(11, &p, true), 1, &budget));
         assert!(!hit && c != a);
         let mut total = Counters::default();
-        s.add_stats(|_, _, c| {
+        s.add_stats(|_, c| {
             total.spilled_pages += c.spilled_pages;
             total.spill_reads += c.spill_reads;
         });
@@ -452,7 +504,40 @@ mod tests {
         assert!(spill.live_bytes() > 0);
         s.release(a, Some(&spill), &budget);
         assert_eq!(spill.live_bytes(), 0);
-        assert_eq!(s.evict(Some(0), &spill, &budget).unwrap(), Evicted::NoVictim);
+        s.release(c, Some(&spill), &budget);
+        assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::NoVictim);
+        assert_eq!(s.chunk_bytes(), 0);
+    }
+
+    #[test]
+    fn compaction_moves_live_payloads_and_frees_chunks() {
+        let budget = Budget::new(1 << 30);
+        let mut s = ObjShard::new(1 << 20);
+        let payload = |i: u64| -> Vec<u8> { (0..900).map(|k| (i as u8).wrapping_add(k as u8)).collect() };
+        let ids: Vec<u32> = (0..400u64)
+            .map(|i| id_of(s.obtain(&data(i + 1, &payload(i), true), 0, &budget)).0)
+            .collect();
+        let full = s.chunk_bytes();
+        // Free three in four: release() tidies up once holes pass an eighth.
+        for (i, &id) in ids.iter().enumerate() {
+            if i % 4 != 0 {
+                s.release(id, None, &budget);
+            }
+        }
+        while s.garbage() >= CHUNK as u64 && s.compact(&budget) {}
+        assert!(s.chunk_bytes() < full / 2, "{} of {full}", s.chunk_bytes());
+        assert_eq!(budget.used(), s.heap_bytes());
+        let (mut page, mut frame) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+        for (i, &id) in ids.iter().enumerate().filter(|(i, _)| i % 4 == 0) {
+            assert_eq!(
+                s.load(id, &mut page, &mut frame, None).unwrap(),
+                Loaded::Frame(900)
+            );
+            assert_eq!(&frame[..900], &payload(i as u64)[..]);
+        }
+        // Moved payloads are still found by dedup.
+        let (again, hit) = id_of(s.obtain(&data(1, &payload(0), true), 0, &budget));
+        assert!(hit && again == ids[0]);
     }
 
     #[test]
@@ -461,8 +546,8 @@ mod tests {
         let spill = SpillFile::open(&dir.path().join("s"), 0).unwrap();
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
-        let (a, _) = id_of(s.obtain(&data(1, &[5u8; 300], true), 0, 0, &budget));
-        assert_eq!(s.evict(None, &spill, &budget).unwrap(), Evicted::TierFull);
+        let (a, _) = id_of(s.obtain(&data(1, &[5u8; 300], true), 0, &budget));
+        assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::TierFull);
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
         assert_eq!(
             s.load(a, &mut page, &mut buf, Some(&spill)).unwrap(),

@@ -6,7 +6,7 @@
 
 use super::PAGE_SIZE;
 
-pub const BLOCK: usize = 1024;
+pub const BLOCK: usize = 256;
 const NONE: u32 = u32::MAX;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -15,24 +15,25 @@ pub enum Tier {
     Free,
     /// Payload in a RAM chunk; `loc` is a packed [`super::alloc::Loc`].
     Ram,
-    /// Payload in the spill file; `loc` is the file offset.
+    /// Payload in the spill file; `loc` is the file offset in spill units.
     Spilled,
     /// Same-filled page: `hash[0]` is the word, no payload.
     Fill,
 }
 
-/// One stored content (40 bytes).
+/// One stored content (32 bytes).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Obj {
     /// 128-bit content hash, seeded by the dedup domain; for fills, the word and the domain.
     pub hash: [u64; 2],
-    pub loc: u64,
-    pub refs: u32,
-    /// Guest and pool that created it: object-level stats are counted there.
-    pub guest: u32,
-    pub pool: u32,
+    /// A 48-bit location, split so the record packs into 32 bytes.
+    pub loc_hi: u32,
+    pub loc_lo: u16,
     /// Payload length; `PAGE_SIZE` means stored raw.
     pub len: u16,
+    pub refs: u32,
+    /// The (guest, pool) that created it (see [`super::owners`]): object counters go there.
+    pub owner: u16,
     pub tier: Tier,
     /// [`REFERENCED`] (CLOCK's bit) and [`INDEXED`] (in the dedup table).
     pub flags: u8,
@@ -42,6 +43,16 @@ pub const REFERENCED: u8 = 1;
 pub const INDEXED: u8 = 2;
 
 impl Obj {
+    pub fn loc(&self) -> u64 {
+        (u64::from(self.loc_hi) << 16) | u64::from(self.loc_lo)
+    }
+
+    pub fn set_loc(&mut self, loc: u64) {
+        debug_assert!(loc < 1 << 48);
+        self.loc_hi = (loc >> 16) as u32;
+        self.loc_lo = loc as u16;
+    }
+
     pub fn has(&self, flag: u8) -> bool {
         self.flags & flag != 0
     }
@@ -92,7 +103,6 @@ impl Slab {
             + self.blocks.capacity() * std::mem::size_of::<Box<[Obj]>>()) as u64
     }
 
-    #[cfg(test)]
     pub fn live(&self) -> u32 {
         self.live
     }
@@ -114,7 +124,7 @@ impl Slab {
     pub fn insert(&mut self, obj: Obj) -> u32 {
         let id = if self.free_head != NONE {
             let id = self.free_head;
-            self.free_head = self.get(id).loc as u32;
+            self.free_head = self.get(id).loc() as u32;
             id
         } else {
             if self.len as usize == self.blocks.len() * BLOCK {
@@ -131,10 +141,8 @@ impl Slab {
     pub fn remove(&mut self, id: u32) {
         let free_head = self.free_head;
         let obj = self.get_mut(id);
-        *obj = Obj {
-            loc: u64::from(free_head),
-            ..Obj::default()
-        };
+        *obj = Obj::default();
+        obj.set_loc(u64::from(free_head));
         self.free_head = id;
         self.live -= 1;
     }
@@ -194,8 +202,13 @@ mod tests {
     }
 
     #[test]
-    fn record_is_forty_bytes() {
-        assert_eq!(std::mem::size_of::<Obj>(), 40);
+    fn record_is_thirty_two_bytes_and_holds_48_bit_locations() {
+        assert_eq!(std::mem::size_of::<Obj>(), 32);
+        let mut o = Obj::default();
+        for loc in [0, 1, 0xffff, 0x1_0000, (1 << 48) - 1] {
+            o.set_loc(loc);
+            assert_eq!(o.loc(), loc);
+        }
     }
 
     #[test]

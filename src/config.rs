@@ -1,0 +1,350 @@
+//! The daemon's command line, and the one validated [`Config`] it turns into.
+//!
+//! [`Args`] is what clap parses; it holds strings exactly as the operator typed
+//! them. [`Config::try_from`] checks them all at once, so the rest of the daemon
+//! only ever sees values that make sense.
+
+use std::{collections::HashSet, path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+use thiserror::Error;
+
+use crate::{
+    protocol::PAGE_SIZE,
+    size::{parse_size, SizeError},
+    store::{DedupDomain, SpillConfig, StoreConfig},
+};
+
+/// Most virtqueues per device. The worker-thread layout is a 64-bit queue
+/// mask in vhost-user-backend, so 64 is a hard ceiling anyway.
+pub const MAX_QUEUES: u16 = 64;
+/// Longest busy-poll we accept: beyond this a worker burns a core for nothing
+/// a kick would not have given it faster.
+pub const MAX_POLL_US: u64 = 1_000_000;
+
+#[derive(Parser, Debug, Clone, PartialEq, Eq)]
+#[command(
+    name = "vhost-user-tmem",
+    version,
+    about = "vhost-user backend for the tmem virtio device (ID 63): compressed, deduplicated swap for guests"
+)]
+pub struct Args {
+    /// vhost-user socket to listen on; repeat for more devices (one per VM). Device N is the N-th socket.
+    #[arg(long = "socket", value_name = "PATH", required = true)]
+    pub sockets: Vec<PathBuf>,
+    /// Control socket for tmemctl (mode 0600). Without it there is no control socket.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Host RAM the page store may use, e.g. 512M or 4G.
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    pub mem_limit: String,
+    /// File the coldest pages spill to once RAM is full.
+    #[arg(long, value_name = "PATH", requires = "spill_limit")]
+    pub spill_file: Option<PathBuf>,
+    /// Largest size the spill file may grow to, e.g. 8G.
+    #[arg(long, value_name = "SIZE", requires = "spill_file")]
+    pub spill_limit: Option<String>,
+    /// Page compression: zstd or zstd:LEVEL.
+    #[arg(long, value_name = "ALGO[:LEVEL]", default_value = "zstd:1")]
+    pub compression: String,
+    /// Virtqueues per device; each is served by its own worker thread.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub queues: u16,
+    /// Swap size advertised to the guest in config space; 0 lets the driver decide.
+    #[arg(long, value_name = "SIZE", default_value = "0")]
+    pub capacity: String,
+    /// Microseconds a worker busy-polls its queue after the last request before sleeping on the kick eventfd.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub poll_us: u64,
+    /// Which pages may share one stored copy.
+    #[arg(long, value_enum, default_value_t = DedupArg::Guest)]
+    pub dedup: DedupArg,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DedupArg {
+    Off,
+    Guest,
+    Global,
+}
+
+impl From<DedupArg> for DedupDomain {
+    fn from(arg: DedupArg) -> Self {
+        match arg {
+            DedupArg::Off => DedupDomain::Off,
+            DedupArg::Guest => DedupDomain::Guest,
+            DedupArg::Global => DedupDomain::Global,
+        }
+    }
+}
+
+/// Everything the daemon needs, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Device N listens on `sockets[N]` and is `GuestId(N)` in the store.
+    pub sockets: Vec<PathBuf>,
+    pub control: Option<PathBuf>,
+    pub store: StoreConfig,
+    pub queues: u16,
+    pub capacity_pages: u64,
+    pub poll: Duration,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("invalid --{option} value")]
+    Size {
+        option: &'static str,
+        #[source]
+        source: SizeError,
+    },
+    #[error("--queues must be between 1 and {MAX_QUEUES}, got {0}")]
+    Queues(u16),
+    #[error("--poll-us must be at most {MAX_POLL_US}, got {0}")]
+    PollUs(u64),
+    #[error("--compression must be zstd or zstd:LEVEL with LEVEL in {min}..={max}, got {value:?}")]
+    Compression { value: String, min: i32, max: i32 },
+    #[error("--compression level in {value:?} is not a number")]
+    CompressionLevel {
+        value: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    #[error("--socket {0} is given more than once")]
+    DuplicateSocket(PathBuf),
+    #[error("--capacity {0} is smaller than one page ({PAGE_SIZE} bytes)")]
+    CapacityTooSmall(u64),
+    #[error("--control {0} is also a vhost-user --socket")]
+    ControlIsSocket(PathBuf),
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, Self::Error> {
+        let size = |option: &'static str, text: &str| {
+            parse_size(text).map_err(|source| ConfigError::Size { option, source })
+        };
+        if args.queues == 0 || args.queues > MAX_QUEUES {
+            return Err(ConfigError::Queues(args.queues));
+        }
+        if args.poll_us > MAX_POLL_US {
+            return Err(ConfigError::PollUs(args.poll_us));
+        }
+        let mut seen = HashSet::new();
+        for socket in &args.sockets {
+            if !seen.insert(socket) {
+                return Err(ConfigError::DuplicateSocket(socket.clone()));
+            }
+        }
+        if let Some(control) = &args.control {
+            if seen.contains(control) {
+                return Err(ConfigError::ControlIsSocket(control.clone()));
+            }
+        }
+        let mem_limit = size("mem-limit", &args.mem_limit)?;
+        let spill = match (args.spill_file, args.spill_limit) {
+            (Some(path), Some(limit)) => Some(SpillConfig {
+                path,
+                limit: size("spill-limit", &limit)?,
+            }),
+            // clap's `requires` makes a lone half impossible; treat it as no spill.
+            _ => None,
+        };
+        let capacity = size("capacity", &args.capacity)?;
+        if capacity != 0 && capacity < PAGE_SIZE as u64 {
+            return Err(ConfigError::CapacityTooSmall(capacity));
+        }
+        Ok(Config {
+            sockets: args.sockets,
+            control: args.control,
+            store: StoreConfig {
+                mem_limit,
+                spill,
+                zstd_level: parse_compression(&args.compression)?,
+                dedup: args.dedup.into(),
+                ..StoreConfig::default()
+            },
+            queues: args.queues,
+            capacity_pages: capacity / PAGE_SIZE as u64,
+            poll: Duration::from_micros(args.poll_us),
+        })
+    }
+}
+
+/// `zstd` (level 1: fast, and swap pages compress well at any level) or `zstd:LEVEL`.
+fn parse_compression(text: &str) -> Result<i32, ConfigError> {
+    let range = zstd::compression_level_range();
+    let bad = || ConfigError::Compression {
+        value: text.to_owned(),
+        min: *range.start(),
+        max: *range.end(),
+    };
+    let level = match text.split_once(':') {
+        None if text == "zstd" => 1,
+        Some(("zstd", level)) => level
+            .parse::<i32>()
+            .map_err(|source| ConfigError::CompressionLevel {
+                value: text.to_owned(),
+                source,
+            })?,
+        _ => return Err(bad()),
+    };
+    if range.contains(&level) {
+        Ok(level)
+    } else {
+        Err(bad())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use assert_matches::assert_matches;
+
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["vhost-user-tmem", "--socket", "/tmp/a.sock"];
+        argv.extend_from_slice(extra);
+        Config::try_from(Args::parse_from(argv))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.sockets, vec![PathBuf::from("/tmp/a.sock")]);
+        assert_eq!(c.control, None);
+        assert_eq!(c.store.mem_limit, 256 << 20);
+        assert_eq!(c.store.spill, None);
+        assert_eq!(c.store.zstd_level, 1);
+        assert_eq!(c.store.dedup, DedupDomain::Guest);
+        assert_eq!(c.queues, 1);
+        assert_eq!(c.capacity_pages, 0);
+        assert_eq!(c.poll, Duration::ZERO);
+    }
+
+    #[test]
+    fn every_option() {
+        let c = parse(&[
+            "--socket",
+            "/tmp/b.sock",
+            "--control",
+            "/tmp/ctl",
+            "--mem-limit",
+            "4G",
+            "--spill-file",
+            "/tmp/spill",
+            "--spill-limit",
+            "16G",
+            "--compression",
+            "zstd:3",
+            "--queues",
+            "4",
+            "--capacity",
+            "1G",
+            "--poll-us",
+            "50",
+            "--dedup",
+            "global",
+        ])
+        .unwrap();
+        assert_eq!(c.sockets.len(), 2);
+        assert_eq!(c.sockets[1], PathBuf::from("/tmp/b.sock"));
+        assert_eq!(c.control, Some(PathBuf::from("/tmp/ctl")));
+        assert_eq!(c.store.mem_limit, 4 << 30);
+        assert_eq!(
+            c.store.spill,
+            Some(SpillConfig {
+                path: "/tmp/spill".into(),
+                limit: 16 << 30
+            })
+        );
+        assert_eq!(c.store.zstd_level, 3);
+        assert_eq!(c.store.dedup, DedupDomain::Global);
+        assert_eq!(c.queues, 4);
+        assert_eq!(c.capacity_pages, (1 << 30) / 4096);
+        assert_eq!(c.poll, Duration::from_micros(50));
+    }
+
+    #[test]
+    fn socket_is_required() {
+        assert!(Args::try_parse_from(["vhost-user-tmem"]).is_err());
+    }
+
+    #[test]
+    fn spill_file_and_limit_come_together() {
+        let only_file = ["x", "--socket", "s", "--spill-file", "/tmp/f"];
+        assert!(Args::try_parse_from(only_file).is_err());
+        let only_limit = ["x", "--socket", "s", "--spill-limit", "1G"];
+        assert!(Args::try_parse_from(only_limit).is_err());
+    }
+
+    #[test]
+    fn bad_queues() {
+        assert_matches!(parse(&["--queues", "0"]), Err(ConfigError::Queues(0)));
+        assert_matches!(parse(&["--queues", "65"]), Err(ConfigError::Queues(65)));
+    }
+
+    #[test]
+    fn bad_poll() {
+        assert_matches!(
+            parse(&["--poll-us", "1000001"]),
+            Err(ConfigError::PollUs(1_000_001))
+        );
+    }
+
+    #[test]
+    fn bad_compression() {
+        for value in ["lz4", "zstd:99", "zstd3"] {
+            assert_matches!(
+                parse(&["--compression", value]),
+                Err(ConfigError::Compression { .. }),
+                "{value}"
+            );
+        }
+        for value in ["zstd:", "zstd:x"] {
+            assert_matches!(
+                parse(&["--compression", value]),
+                Err(ConfigError::CompressionLevel { .. }),
+                "{value}"
+            );
+        }
+        assert_eq!(parse(&["--compression", "zstd"]).unwrap().store.zstd_level, 1);
+        assert_eq!(parse(&["--compression", "zstd:-5"]).unwrap().store.zstd_level, -5);
+    }
+
+    #[test]
+    fn duplicate_socket() {
+        assert_matches!(
+            parse(&["--socket", "/tmp/a.sock"]),
+            Err(ConfigError::DuplicateSocket(_))
+        );
+    }
+
+    #[test]
+    fn control_must_differ_from_sockets() {
+        assert_matches!(
+            parse(&["--control", "/tmp/a.sock"]),
+            Err(ConfigError::ControlIsSocket(_))
+        );
+    }
+
+    #[test]
+    fn capacity_below_a_page() {
+        assert_matches!(
+            parse(&["--capacity", "100"]),
+            Err(ConfigError::CapacityTooSmall(100))
+        );
+    }
+
+    #[test]
+    fn bad_size_names_the_option() {
+        assert_matches!(
+            parse(&["--mem-limit", "lots"]),
+            Err(ConfigError::Size {
+                option: "mem-limit",
+                source: SizeError::NoNumber(_)
+            })
+        );
+    }
+}
