@@ -272,6 +272,11 @@ fn render_config(config: &Value) -> String {
             let shown = match (key.as_str(), value) {
                 ("mem_limit" | "spill_limit", Value::Number(n)) => bytes_h(n.as_u64().unwrap_or(0)),
                 (_, Value::String(text)) => text.clone(),
+                (_, Value::Array(items)) => items
+                    .iter()
+                    .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 (_, Value::Null) => "-".to_owned(),
                 (_, other) => other.to_string(),
             };
