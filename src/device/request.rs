@@ -24,8 +24,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions}
 
 use crate::protocol::{HeaderError, Op, RequestHeader, HEADER_SIZE, PAGE_SIZE};
 
-/// Most non-empty descriptors we accept in each direction of a chain (so at
-/// most twice this per chain). A well-formed request is at most
+/// Most non-empty descriptors we accept in one chain. A well-formed request is at most
 /// header + page + status, and a page is contiguous in guest-physical memory,
 /// so a driver needs 3 or 4; 64 leaves room for odd layouts while bounding the
 /// work and stack (1 KiB per direction) a guest can make one request cost.
@@ -33,7 +32,7 @@ pub const MAX_DESCRIPTORS: usize = 64;
 
 #[derive(Debug, Error)]
 pub enum ChainError {
-    #[error("chain has more than {MAX_DESCRIPTORS} descriptors in one direction")]
+    #[error("chain has more than {MAX_DESCRIPTORS} non-empty descriptors")]
     TooManyDescriptors,
     #[error("device-readable descriptor follows a device-writable one")]
     ReadableAfterWritable,
@@ -226,7 +225,12 @@ where
         if len == 0 {
             continue;
         }
-        let step = if desc.is_write_only() {
+        let step = if readable.count + writable.count >= MAX_DESCRIPTORS {
+            if desc.is_write_only() {
+                last_writable = Some(Segment { addr, len });
+            }
+            Err(ChainError::TooManyDescriptors)
+        } else if desc.is_write_only() {
             last_writable = Some(Segment { addr, len });
             check_range(mem, addr, len, Permissions::Write).and_then(|()| writable.push(addr, len))
         } else if last_writable.is_some() {
@@ -585,34 +589,34 @@ mod tests {
     fn over_long_chain() {
         let mem = memory();
         let mut descs = vec![r(BUF, 24)];
-        descs.extend((0..=MAX_DESCRIPTORS as u64).map(|i| w(BUF + 0x1000 + i, 1)));
+        descs.extend((0..MAX_DESCRIPTORS as u64).map(|i| w(BUF + 0x1000 + i, 1)));
         let rej = parse_with(&mem, &header(3, 0), &descs).err().unwrap();
         assert_matches!(rej.error, ChainError::TooManyDescriptors);
         // The status is found past the cap: it is the chain's last writable byte.
         assert_eq!(
             rej.status,
-            Some(GuestAddress(BUF + 0x1000 + MAX_DESCRIPTORS as u64))
+            Some(GuestAddress(BUF + 0x1000 + MAX_DESCRIPTORS as u64 - 1))
         );
     }
 
     #[test]
     fn longest_accepted_chain() {
         let mem = memory();
-        // PUT: 24 one-byte header descriptors and the page in 40 pieces,
-        // with empty descriptors between them (they do not count).
+        // PUT: 24 one-byte header descriptors, the page in 39 pieces and the
+        // status: 64, with empty descriptors between them (they do not count).
         let mut descs: Vec<_> = (0..24).map(|i| r(BUF + i, 1)).collect();
         descs.extend((0..20).map(|_| r(BUF, 0)));
-        descs.extend((0..39).map(|i| r(BUF + 24 + i * 100, 100)));
-        descs.push(r(BUF + 24 + 3900, 196));
+        descs.extend((0..38).map(|i| r(BUF + 24 + i * 100, 100)));
+        descs.push(r(BUF + 24 + 3800, 296));
         descs.push(w(BUF + 0x2000, 1));
         let req = parse_with(&mem, &put_bytes(), &descs).unwrap();
         let mut page = [0u8; PAGE_SIZE];
         req.read_page(&mem, &mut page).unwrap();
         assert_eq!(&page[..], &put_bytes()[24..]);
-        // GET: the page and status in 64 writable pieces.
+        // GET: the header, then page and status in 63 writable pieces.
         let mut descs = vec![r(BUF, 24)];
-        descs.extend((0..63).map(|i| w(BUF + 0x2000 + i * 64, 64)));
-        descs.push(w(BUF + 0x2000 + 63 * 64, 65));
+        descs.extend((0..62).map(|i| w(BUF + 0x2000 + i * 64, 64)));
+        descs.push(w(BUF + 0x2000 + 62 * 64, 129));
         let req = parse_with(&mem, &header(2, 0), &descs).unwrap();
         assert_eq!(req.status, GuestAddress(BUF + 0x2000 + 4096));
     }
