@@ -4,6 +4,7 @@
 # checks the daemon's counters during and after the run.
 #   E2E_KERNELS="6.12 6.1"  which guest kernels to run
 #   E2E_TIMEOUT=1200        seconds per guest run
+#   E2E_FAULT=1             also kill the daemon under a swapping 6.12 guest
 # Artifacts: target/e2e/console-<kernel>.log, daemon-<kernel>.log, stats-*.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -106,6 +107,39 @@ run_guest() {
     fi
 }
 
+# Surprise loss of the device: the daemon is killed while the guest swaps.
+# The driver must turn the stalled requests into I/O errors (io_timeout_ms)
+# instead of hanging the guest: the guest must still reach its DONE marker
+# and no kernel oops/BUG may appear.
+run_fault() {
+    local label=$1
+    local run=$GUEST_OUT/run-fault-$label console=$ART/console-fault-$label.log
+    rm -rf "$run" && mkdir -p "$run"
+    start_daemon "$run" --mem-limit 8M --spill-file "$run/spill.bin" --spill-limit 2G \
+        --queues "$GUEST_CPUS" --capacity 1G
+    local t0=$SECONDS
+    start_guest "$QEMU" "$KERNEL_DIR" "$INITRD" "$run/tmem.sock" "$console" \
+        tmemfactor=2 tmemhold=1 tmemcg=48M tmemargs=io_timeout_ms=3000
+    log "fault run $label: guest started (console: $console)"
+    if wait_console "$console" 'swaptest: filled [4-9][0-9]%' "$E2E_TIMEOUT"; then
+        kill -KILL "$DAEMON_PID" 2>/dev/null || true
+        wait "$DAEMON_PID" 2>/dev/null || true
+        DAEMON_PID=""
+        log "fault run $label: daemon killed after $((SECONDS - t0))s"
+    fi
+    local done=false
+    wait_console "$console" 'TMEM-E2E-DONE' 300 && done=true
+    check "$label fault: guest survives losing the device" "$done" \
+        "$(grep -a -m1 'TMEM-E2E-DONE' "$console" || echo 'no DONE marker: guest hung')"
+    check "$label fault: driver reported the device unusable" \
+        "$(grep -a -q 'device unusable' "$console" && echo true || echo false)" \
+        "$(grep -a -m1 'device unusable' "$console" | tr -d '\r' || echo none)"
+    check "$label fault: no kernel oops or BUG" \
+        "$(grep -a -q -E 'Oops|BUG:|Kernel panic|hung_task|blocked for more than' "$console" && echo false || echo true)" "see $console"
+    stop_guest
+    log "fault run $label took $((SECONDS - t0))s"
+}
+
 T_START=$SECONDS
 t bash ci/deps.sh guest
 s=$SECONDS; QEMU=$(build_qemu); log "QEMU ready after $((SECONDS - s))s: $QEMU"
@@ -122,6 +156,9 @@ for want in $E2E_KERNELS; do
     prepare_guest "$suite"
     log "kernel $want fetched and module built in $((SECONDS - s))s"
     run_guest "$want"
+    if [ "$want" = "${E2E_FAULT_KERNEL:-6.12}" ] && [ "${E2E_FAULT:-1}" = 1 ]; then
+        run_fault "$want"
+    fi
 done
 
 log "end-to-end total $((SECONDS - T_START))s"

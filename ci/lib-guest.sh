@@ -7,7 +7,7 @@
 TMEM_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TMEM_CACHE=${TMEM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-tmem}
 QEMU_SUITE=trixie
-# Debian guest kernels: "<label> <suite> <apt version glob of linux-image-amd64>"
+# Debian guest kernels: "<label> <suite>" (newest linux-image-amd64 of the suite)
 GUEST_KERNEL_SUITES=(
     "6.12 bookworm-backports"
     "6.1 bookworm"
