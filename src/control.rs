@@ -38,6 +38,9 @@ use crate::{
     store::{DedupDomain, GuestId, Store, StoreStats},
 };
 
+/// Where `tmemctl` looks when not given `--control`.
+pub const DEFAULT_CONTROL_PATH: &str = "/run/vhost-user-tmem/control.sock";
+
 /// Longest request line accepted. Real requests are under 100 bytes; the cap
 /// only keeps a misbehaving client from growing our buffer without bound.
 pub const MAX_LINE: usize = 64 * 1024;

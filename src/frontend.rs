@@ -574,6 +574,9 @@ pub struct RawChain {
     pub indirect_len: Option<u32>,
     /// Link the last descriptor back to the first, making an endless chain.
     pub cycle: bool,
+    /// Give the last descriptor NEXT with this `next` index (e.g. beyond the table),
+    /// making a chain that does not end where it stops.
+    pub dangling_next: Option<u16>,
 }
 
 /// How a request's readable and writable byte streams are cut into descriptors.
@@ -985,8 +988,12 @@ impl Virtqueue {
             let n = chain.descs.len();
             for (i, d) in chain.descs.iter().enumerate() {
                 let last = i + 1 == n && !chain.cycle;
-                let flags = flags_of(d) | if last { 0 } else { VRING_DESC_F_NEXT };
-                let next = if last { 0 } else { ((i + 1) % n) as u16 };
+                let mut flags = flags_of(d) | if last { 0 } else { VRING_DESC_F_NEXT };
+                let mut next = if last { 0 } else { ((i + 1) % n) as u16 };
+                if let (true, Some(dangling)) = (i + 1 == n, chain.dangling_next) {
+                    flags |= VRING_DESC_F_NEXT;
+                    next = dangling;
+                }
                 self.write_desc(table, i as u16, gpa(d.addr), d.len, flags, next)?;
             }
             let taddr = chain.indirect_addr.unwrap_or(table);
@@ -996,8 +1003,12 @@ impl Virtqueue {
             let n = descs.len();
             for (i, d) in chain.descs.iter().enumerate() {
                 let last = i + 1 == n && !chain.cycle;
-                let flags = flags_of(d) | if last { 0 } else { VRING_DESC_F_NEXT };
-                let next = if last { 0 } else { descs[(i + 1) % n] };
+                let mut flags = flags_of(d) | if last { 0 } else { VRING_DESC_F_NEXT };
+                let mut next = if last { 0 } else { descs[(i + 1) % n] };
+                if let (true, Some(dangling)) = (i + 1 == n, chain.dangling_next) {
+                    flags |= VRING_DESC_F_NEXT;
+                    next = dangling;
+                }
                 self.write_desc(self.layout.desc, descs[i], gpa(d.addr), d.len, flags, next)?;
             }
         }

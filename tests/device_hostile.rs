@@ -428,25 +428,55 @@ fn over_long_chains_are_invalid() {
     still_serving(&mut d, &mut q, "over-long chains");
 }
 
-/// A cycle inside an indirect table: the walk is cut short after as many
-/// descriptors as the table holds, and the last one still says NEXT. The chain
-/// never ends, so it is malformed and must not be acted on: INVALID, and the
-/// INVALIDATE_PAGE it carries (of planted page 0) does not happen.
+/// Chains that stop without ending: a cycle inside an indirect table (the walk
+/// is cut after as many descriptors as the table holds), or a last descriptor
+/// whose NEXT names an index beyond the ring or table. Such a chain is malformed
+/// and must not be acted on: INVALID, and the INVALIDATE_PAGE it carries (of
+/// planted page 0) does not happen.
 #[test]
-fn cyclic_indirect_table_is_invalid() {
+fn chains_that_do_not_end_are_invalid() {
     let mut d = Daemon::start();
     let (_vmm, mut q) = d.connect1();
     plant(&mut q);
-    let chain = RawChain {
+    let base = RawChain {
         descs: vec![slot(0, 24, false), slot(100, 1, true)],
         init: vec![(0, raw_header(3, 0, 0, 1000, 0))],
-        indirect: true,
-        cycle: true,
         ..RawChain::default()
     };
-    let c = q.roundtrip_raw(&chain).unwrap();
-    assert_eq!((c.status(), c.used_len), (INVALID, 1), "cyclic indirect table");
-    still_serving(&mut d, &mut q, "cyclic indirect table");
+    let cases = [
+        (
+            "cycle in an indirect table",
+            RawChain {
+                indirect: true,
+                cycle: true,
+                ..base.clone()
+            },
+        ),
+        (
+            "NEXT beyond the ring",
+            RawChain {
+                dangling_next: Some(q.size() + 3),
+                ..base.clone()
+            },
+        ),
+        (
+            "NEXT beyond the indirect table",
+            RawChain {
+                indirect: true,
+                dangling_next: Some(7),
+                ..base.clone()
+            },
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, chain) in cases {
+        let c = q.roundtrip_raw(&chain).unwrap();
+        if (c.status(), c.used_len) != (INVALID, 1) {
+            failures.push(format!("{what}: got {:?} used {}", c.status(), c.used_len));
+        }
+    }
+    assert!(failures.is_empty(), "accepted as well-formed: {failures:#?}");
+    still_serving(&mut d, &mut q, "chains that do not end");
 }
 
 /// The virtio rule that device-readable descriptors come before device-writable

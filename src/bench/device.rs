@@ -48,7 +48,7 @@ pub struct DeviceArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub queues: u16,
     /// Requests each thread keeps in flight.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=512))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub depth: u16,
     /// Passed to the daemon: how long a worker busy-polls before sleeping.
     #[arg(long)]
@@ -94,7 +94,7 @@ pub enum DeviceBenchError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the daemon exited early ({0}); see its log above")]
+    #[error("the daemon exited early ({0}); its log is above")]
     DaemonExited(std::process::ExitStatus),
     #[error("the daemon did not create {0} in time")]
     NoSocket(PathBuf),
@@ -317,6 +317,12 @@ impl DaemonProcess {
             .arg("--dedup")
             .arg(&args.dedup)
             .stdin(Stdio::null());
+        // The daemon's log would interleave with the figures; keep it aside and
+        // show it only if the daemon dies.
+        let log = dir.path().join("daemon.log");
+        let logfile = std::fs::File::create(&log).map_err(DeviceBenchError::TempDir)?;
+        let logfile2 = logfile.try_clone().map_err(DeviceBenchError::TempDir)?;
+        cmd.stdout(logfile).stderr(logfile2);
         if let Some(us) = args.poll_us {
             cmd.arg("--poll-us").arg(us.to_string());
         }
@@ -338,6 +344,8 @@ impl DaemonProcess {
         while !self.socket.exists() {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(st)) = child.try_wait() {
+                    let log = std::fs::read_to_string(self._dir.path().join("daemon.log"));
+                    eprintln!("{}", log.unwrap_or_default());
                     return Err(DeviceBenchError::DaemonExited(st));
                 }
             }
@@ -385,7 +393,13 @@ fn device_phases(
     spin_us: u64,
 ) -> Result<Measured, DeviceBenchError> {
     let depth = usize::from(args.depth);
-    let queue_size = depth.next_power_of_two().clamp(64, 1024) as u16;
+    // Each request is header, page and status in three descriptors, as a Linux
+    // driver lays it out; the ring must hold `depth` of them, else they go
+    // indirect (one ring descriptor each).
+    let direct = depth * 3 <= 1024;
+    let queue_size = if direct { depth * 3 } else { depth }
+        .next_power_of_two()
+        .clamp(64, 1024) as u16;
     let wait = if spin_us > 0 {
         WaitMode::Spin(Duration::from_micros(spin_us))
     } else {
@@ -407,10 +421,10 @@ fn device_phases(
     let ranges = split(pages.len(), threads);
 
     let put_time = parallel(&mut queues, &ranges, |q, range| {
-        pipelined(q, pages, range, depth, Op::Put)
+        pipelined(q, pages, range, depth, !direct, Op::Put)
     })?;
     let get_time = parallel(&mut queues, &ranges, |q, range| {
-        pipelined(q, pages, range, depth, Op::Get)
+        pipelined(q, pages, range, depth, !direct, Op::Get)
     })?;
 
     let q = &mut queues[0];
@@ -503,6 +517,7 @@ fn pipelined(
     pages: &[&Page],
     range: std::ops::Range<usize>,
     depth: usize,
+    indirect: bool,
     op: Op,
 ) -> Result<(), DeviceBenchError> {
     // Tokens are handed out in submission order, so a token maps to a page.
@@ -516,6 +531,12 @@ fn pipelined(
             let req = match op {
                 Op::Put => Request::new(header(Op::Put, 0, POOL, next as u64, 0), Some(&pages[next][..])),
                 _ => Request::new(header(Op::Get, 0, POOL, next as u64, 0), None),
+            };
+            let req = if indirect {
+                let layout = req.layout.clone().with_indirect(true);
+                req.with_layout(layout)
+            } else {
+                req
             };
             let token = q.submit(&req)?;
             first_token.get_or_insert(token - (next - range.start) as u64);

@@ -19,8 +19,8 @@ use thiserror::Error;
 use crate::{
     size::parse_size,
     store::{
-        DedupDomain, GetOutcome, GuestId, Page, PutOutcome, SpillConfig, Store, StoreConfig, StoreError,
-        StoreStats, PAGE_SIZE,
+        DedupDomain, GetOutcome, GuestId, MemoryUse, Page, PutOutcome, SpillConfig, Store, StoreConfig,
+        StoreError, StoreStats, PAGE_SIZE,
     },
 };
 
@@ -121,6 +121,8 @@ pub struct StoreReport {
     pub ratio: Option<f64>,
     /// Original bytes / (host RAM + spill file bytes).
     pub ratio_with_spill: Option<f64>,
+    /// Host RAM that is not payload chunks (index, dedup table, object records,
+    /// free lists), per stored page, as the store reports it.
     pub meta_bytes_per_page: Option<f64>,
     pub raw_zstd_compress_pages_per_sec: f64,
     pub raw_zstd_decompress_pages_per_sec: f64,
@@ -255,6 +257,7 @@ pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
         run.get_time,
         &raw,
         &run.outcomes,
+        &run.memory,
         &run.after_put,
         &run.after_get,
     ))
@@ -264,6 +267,7 @@ struct StoreRun {
     put_time: Duration,
     get_time: Duration,
     outcomes: Vec<PutOutcome>,
+    memory: MemoryUse,
     after_put: StoreStats,
     after_get: StoreStats,
 }
@@ -273,6 +277,7 @@ fn store_run(config: StoreConfig, pages: &[&Page], threads: usize) -> Result<Sto
     let store = Store::new(config)?;
     let (put_time, outcomes) = timed_store_puts(&store, pages, threads)?;
     let after_put = store.stats();
+    let memory = store.memory();
     let (get_time, mismatches) = timed_store_gets(&store, pages, &outcomes, threads)?;
     let after_get = store.stats();
     if let Some(first) = mismatches.first {
@@ -285,6 +290,7 @@ fn store_run(config: StoreConfig, pages: &[&Page], threads: usize) -> Result<Sto
         put_time,
         get_time,
         outcomes,
+        memory,
         after_put,
         after_get,
     })
@@ -299,6 +305,7 @@ fn build_report(
     get_time: Duration,
     raw: &RawZstd,
     outcomes: &[PutOutcome],
+    memory: &MemoryUse,
     after_put: &StoreStats,
     after_get: &StoreStats,
 ) -> StoreReport {
@@ -319,7 +326,7 @@ fn build_report(
         get_pages_per_sec: get_pps,
         ratio: quotient(orig, t.mem_used_bytes as f64),
         ratio_with_spill: quotient(orig, (t.mem_used_bytes + t.spill_file_bytes) as f64),
-        meta_bytes_per_page: meta_bytes_per_page(after_put),
+        meta_bytes_per_page: quotient(memory.metadata_bytes as f64, memory.stored_pages as f64),
         raw_zstd_compress_pages_per_sec: raw_c,
         raw_zstd_decompress_pages_per_sec: raw_d,
         raw_zstd_ratio: orig / raw.compressed_bytes as f64,
@@ -339,15 +346,6 @@ fn build_report(
         spill_reads: after_get.total.spill_reads,
         writebacks: t.writebacks,
     }
-}
-
-/// Index metadata per stored page. No counter carries it yet, so this is the
-/// host RAM that is not compressed payload, spread over the pages: an upper
-/// bound that also holds allocator slack.
-fn meta_bytes_per_page(stats: &StoreStats) -> Option<f64> {
-    let t = &stats.total;
-    let overhead = t.mem_used_bytes.checked_sub(t.compr_data_bytes)?;
-    quotient(overhead as f64, t.stored_pages as f64)
 }
 
 fn quotient(a: f64, b: f64) -> Option<f64> {
