@@ -14,11 +14,13 @@
 //! - [`control`]: the control socket server, its messages, and the client.
 //! - [`stats`]: per-op latency histograms.
 //! - [`size`]: byte sizes as operators write them (`512M`, `4GiB`).
+//! - [`frontend`]: an in-process vhost-user frontend (a VMM stand-in) for tests and benches.
 
 pub mod bench;
 pub mod config;
 pub mod control;
 pub mod device;
+pub mod frontend;
 pub mod protocol;
 pub mod size;
 pub mod stats;

@@ -3,6 +3,7 @@
 
 use clap::Parser;
 
+pub mod device;
 pub mod store;
 
 #[derive(Debug, Parser)]
@@ -10,12 +11,16 @@ pub mod store;
 pub enum BenchCommand {
     /// Put, then get and verify, every page of a corpus through the page store.
     Store(store::StoreArgs),
+    /// Drive a vhost-user-tmem daemon over its socket with an in-process frontend
+    /// (N queues, depth D), and the store alone on the same pages, for comparison.
+    Device(device::DeviceArgs),
 }
 
 impl BenchCommand {
     pub fn run(self) -> Result<(), Box<dyn std::error::Error>> {
         match self {
             BenchCommand::Store(args) => store::run(&args),
+            BenchCommand::Device(args) => device::run(&args),
         }
     }
 }

@@ -1,0 +1,795 @@
+//! `tmem-bench device`: drives a real `vhost-user-tmem` daemon over its
+//! vhost-user socket with the in-process frontend, the way a VMM would, and
+//! measures the page store alone on the same pages in the same run.
+//!
+//! Phases, in order:
+//! 1. device throughput: N threads (one per queue), each keeping D requests in
+//!    flight, PUT every page of the corpus, then GET and verify every page;
+//! 2. device latency at depth 1 on queue 0: the round trip (submit, kick, wait
+//!    for the used entry) of each PUT and GET of a sample of pages;
+//! 3. store-only: the same pages through [`Store`] in-process, same config, same
+//!    thread count, put then get and verify; its per-page time is the wall time of
+//!    a phase times the thread count over the page count (time one call takes).
+//!
+//! The two targets of issue 3 are evaluated on those figures and printed.
+
+use std::{
+    os::unix::fs::DirBuilderExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Barrier,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::{
+    bench::store::{load_corpus, BenchError as CorpusError},
+    frontend::{self, header, FrontendError, Op, Request, Virtqueue, Vmm, VmmConfig, WaitMode},
+    protocol::{Status, PAGE_SIZE},
+    size::parse_size,
+    store::{DedupDomain, GetOutcome, GuestId, Page, PutOutcome, Store, StoreConfig, StoreError},
+};
+
+/// Far above any corpus this tool can hold: nothing is rejected or spilled.
+const UNLIMITED: u64 = 1 << 40;
+const POOL: u32 = 0;
+/// Most pages whose round trip is timed one by one.
+const LATENCY_SAMPLE: usize = 20_000;
+const DAEMON_NAME: &str = "vhost-user-tmem";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeviceArgs {
+    /// Raw concatenated 4096-byte pages, or a `.zst` of that.
+    #[arg(long)]
+    pub corpus: PathBuf,
+    /// Virtqueues, each driven by its own thread (the daemon gets --queues N).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub queues: u16,
+    /// Requests each thread keeps in flight.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub depth: u16,
+    /// Passed to the daemon: how long a worker busy-polls before sleeping.
+    #[arg(long)]
+    pub poll_us: Option<u64>,
+    /// How long the frontend busy-polls the used ring before sleeping on the call
+    /// eventfd. Default: 200 at depth 1 (a synchronous driver spins), else 0.
+    #[arg(long)]
+    pub spin_us: Option<u64>,
+    /// RAM budget for the daemon's store and the store-only run (e.g. 4G).
+    #[arg(long, value_parser = parse_size)]
+    pub mem_limit: Option<u64>,
+    /// zstd level, for the daemon (--compression zstd:LEVEL) and the store run.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    pub level: i32,
+    /// Dedup domain: off, guest or global.
+    #[arg(long, default_value = "guest")]
+    pub dedup: String,
+    /// The daemon binary; default: `vhost-user-tmem` beside this program.
+    #[arg(long)]
+    pub daemon: Option<PathBuf>,
+    /// Print only one JSON line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum DeviceBenchError {
+    #[error("loading the corpus")]
+    Corpus(#[source] CorpusError),
+    #[error("unknown dedup domain {0:?} (off, guest or global)")]
+    Dedup(String),
+    #[error(
+        "cannot find the daemon binary at {0} (build it, e.g. `cargo build --release`, or pass --daemon)"
+    )]
+    NoDaemon(PathBuf),
+    #[error("cannot locate this program")]
+    CurrentExe(#[source] std::io::Error),
+    #[error("temporary directory")]
+    TempDir(#[source] std::io::Error),
+    #[error("starting {path}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the daemon exited early ({0}); its log is above")]
+    DaemonExited(std::process::ExitStatus),
+    #[error("the daemon did not create {0} in time")]
+    NoSocket(PathBuf),
+    #[error("frontend")]
+    Frontend(#[source] FrontendError),
+    #[error("the store")]
+    Store(#[source] StoreError),
+    #[error("{what}: page {index} came back {status:?} with used length {used_len}")]
+    BadReply {
+        what: &'static str,
+        index: u64,
+        status: Option<Status>,
+        used_len: u32,
+    },
+    #[error("{count} pages did not read back as written (first: page {first}) via {path}")]
+    Mismatch {
+        path: &'static str,
+        count: u64,
+        first: u64,
+    },
+    #[error("a worker thread panicked")]
+    Panicked,
+}
+
+impl From<FrontendError> for DeviceBenchError {
+    fn from(e: FrontendError) -> Self {
+        DeviceBenchError::Frontend(e)
+    }
+}
+
+impl From<StoreError> for DeviceBenchError {
+    fn from(e: StoreError) -> Self {
+        DeviceBenchError::Store(e)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub samples: usize,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub mean_us: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceReport {
+    pub pages: u64,
+    pub queues: u16,
+    pub depth: u16,
+    pub poll_us: Option<u64>,
+    pub spin_us: u64,
+    pub level: i32,
+    pub dedup: String,
+    pub device_put_pages_per_sec: f64,
+    pub device_get_pages_per_sec: f64,
+    /// Round trips at depth 1 on one queue.
+    pub put_latency: Latency,
+    pub get_latency: Latency,
+    pub store_put_pages_per_sec: f64,
+    pub store_get_pages_per_sec: f64,
+    /// Time one store call takes, in microseconds (phase time x threads / pages).
+    pub store_put_us_per_page: f64,
+    pub store_get_us_per_page: f64,
+    pub put_ratio: f64,
+    pub get_ratio: f64,
+    /// depth >= 32: device throughput >= 0.8 x store-only (put and get). `None`
+    /// when the run's depth does not apply.
+    pub target_throughput_met: Option<bool>,
+    /// depth 1 with polling: p50 round trip <= store per-page time + 10 us.
+    pub target_latency_met: Option<bool>,
+}
+
+pub fn run(args: &DeviceArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let report = run_bench(args)?;
+    if !args.json {
+        print_table(&report);
+    }
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn parse_dedup(s: &str) -> Result<DedupDomain, DeviceBenchError> {
+    match s {
+        "off" => Ok(DedupDomain::Off),
+        "guest" => Ok(DedupDomain::Guest),
+        "global" => Ok(DedupDomain::Global),
+        _ => Err(DeviceBenchError::Dedup(s.to_owned())),
+    }
+}
+
+pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
+    let dedup = parse_dedup(&args.dedup)?;
+    let data = load_corpus(&args.corpus).map_err(DeviceBenchError::Corpus)?;
+    let pages: Vec<&Page> = data
+        .chunks_exact(PAGE_SIZE)
+        .map(|c| <&Page>::try_from(c).expect("chunks_exact yields whole pages"))
+        .collect();
+    let n = pages.len() as u64;
+    let mem_limit = args.mem_limit.unwrap_or(UNLIMITED);
+    let spin_us = args.spin_us.unwrap_or(if args.depth == 1 { 200 } else { 0 });
+
+    let (put_time, get_time, put_lat, get_lat) = {
+        let daemon = DaemonProcess::start(args, mem_limit)?;
+        let measured = device_phases(args, &daemon, &pages, spin_us);
+        daemon.stop();
+        measured?
+    };
+
+    let store = Store::new(StoreConfig {
+        mem_limit,
+        spill: None,
+        zstd_level: args.level,
+        dedup,
+        ..StoreConfig::default()
+    })?;
+    let threads = usize::from(args.queues);
+    let store_put = store_puts(&store, &pages, threads)?;
+    let store_get = store_gets(&store, &pages, threads)?;
+    drop(store);
+
+    let rate = |d: Duration| n as f64 / d.as_secs_f64().max(1e-9);
+    let per_page_us = |d: Duration| d.as_secs_f64() * 1e6 * threads as f64 / n as f64;
+    let device_put = rate(put_time);
+    let device_get = rate(get_time);
+    let store_put_rate = rate(store_put);
+    let store_get_rate = rate(store_get);
+    let put_ratio = device_put / store_put_rate;
+    let get_ratio = device_get / store_get_rate;
+    let store_put_us = per_page_us(store_put);
+    let store_get_us = per_page_us(store_get);
+    let target_throughput_met = (args.depth >= 32).then_some(put_ratio >= 0.8 && get_ratio >= 0.8);
+    let polling = args.poll_us.unwrap_or(0) > 0;
+    let target_latency_met = (args.depth == 1 && polling)
+        .then_some(put_lat.p50_us <= store_put_us + 10.0 && get_lat.p50_us <= store_get_us + 10.0);
+    Ok(DeviceReport {
+        pages: n,
+        queues: args.queues,
+        depth: args.depth,
+        poll_us: args.poll_us,
+        spin_us,
+        level: args.level,
+        dedup: args.dedup.clone(),
+        device_put_pages_per_sec: device_put,
+        device_get_pages_per_sec: device_get,
+        put_latency: put_lat,
+        get_latency: get_lat,
+        store_put_pages_per_sec: store_put_rate,
+        store_get_pages_per_sec: store_get_rate,
+        store_put_us_per_page: store_put_us,
+        store_get_us_per_page: store_get_us,
+        put_ratio,
+        get_ratio,
+        target_throughput_met,
+        target_latency_met,
+    })
+}
+
+/// The daemon, on a socket in a temporary directory; SIGTERM on stop or drop.
+struct DaemonProcess {
+    child: Option<Child>,
+    /// Held so the directory outlives the daemon's sockets.
+    _dir: TempDir,
+    socket: PathBuf,
+}
+
+/// A private directory for the sockets, removed with everything in it on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> std::io::Result<Self> {
+        let base = std::env::temp_dir();
+        for attempt in 0..100u32 {
+            let p = base.join(format!("tmem-bench-{}-{attempt}", std::process::id()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&p) {
+                Ok(()) => return Ok(TempDir(p)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::from(std::io::ErrorKind::AlreadyExists))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // Best effort: the daemon is gone by now, its sockets may linger.
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl DaemonProcess {
+    fn start(args: &DeviceArgs, mem_limit: u64) -> Result<Self, DeviceBenchError> {
+        let path = match &args.daemon {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()
+                .map_err(DeviceBenchError::CurrentExe)?
+                .with_file_name(DAEMON_NAME),
+        };
+        if !path.is_file() {
+            return Err(DeviceBenchError::NoDaemon(path));
+        }
+        let dir = TempDir::new().map_err(DeviceBenchError::TempDir)?;
+        let socket = dir.path().join("vm0.sock");
+        let mut cmd = Command::new(&path);
+        cmd.arg("--socket")
+            .arg(&socket)
+            .arg("--control")
+            .arg(dir.path().join("control.sock"))
+            .arg("--queues")
+            .arg(args.queues.to_string())
+            .arg("--mem-limit")
+            .arg(mem_limit.to_string())
+            .arg("--compression")
+            .arg(format!("zstd:{}", args.level))
+            .arg("--dedup")
+            .arg(&args.dedup)
+            .stdin(Stdio::null());
+        // The daemon's log would interleave with the figures; keep it aside and
+        // show it only if the daemon dies.
+        let log = dir.path().join("daemon.log");
+        let logfile = std::fs::File::create(&log).map_err(DeviceBenchError::TempDir)?;
+        let logfile2 = logfile.try_clone().map_err(DeviceBenchError::TempDir)?;
+        cmd.stdout(logfile).stderr(logfile2);
+        if let Some(us) = args.poll_us {
+            cmd.arg("--poll-us").arg(us.to_string());
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|source| DeviceBenchError::Spawn { path, source })?;
+        let mut d = DaemonProcess {
+            child: Some(child),
+            _dir: dir,
+            socket,
+        };
+        d.wait_for_socket()?;
+        Ok(d)
+    }
+
+    fn wait_for_socket(&mut self) -> Result<(), DeviceBenchError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut backoff = Duration::from_millis(1);
+        while !self.socket.exists() {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(st)) = child.try_wait() {
+                    let log = std::fs::read_to_string(self._dir.path().join("daemon.log"));
+                    eprintln!("{}", log.unwrap_or_default());
+                    return Err(DeviceBenchError::DaemonExited(st));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(DeviceBenchError::NoSocket(self.socket.clone()));
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                // SAFETY: kill(2) on our own child, which has not been reaped.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+type Measured = (Duration, Duration, Latency, Latency);
+
+fn device_phases(
+    args: &DeviceArgs,
+    daemon: &DaemonProcess,
+    pages: &[&Page],
+    spin_us: u64,
+) -> Result<Measured, DeviceBenchError> {
+    let depth = usize::from(args.depth);
+    // Each request is header, page and status in three descriptors, as a Linux
+    // driver lays it out; the ring must hold `depth` of them, else they go
+    // indirect (one ring descriptor each).
+    let direct = depth * 3 <= 1024;
+    let queue_size = if direct { depth * 3 } else { depth }
+        .next_power_of_two()
+        .clamp(64, 1024) as u16;
+    let wait = if spin_us > 0 {
+        WaitMode::Spin(Duration::from_micros(spin_us))
+    } else {
+        WaitMode::Interrupt
+    };
+    let cfg = VmmConfig {
+        queues: usize::from(args.queues),
+        queue_size,
+        event_idx: true,
+        indirect: true,
+        wait,
+        honour_no_notify: true,
+        timeout: Duration::from_secs(30),
+        reset_device: true,
+    };
+    let mut vmm = Vmm::connect(&daemon.socket, cfg)?;
+    let mut queues = vmm.start()?;
+    let threads = queues.len();
+    let ranges = split(pages.len(), threads);
+
+    let put_time = parallel(&mut queues, &ranges, |q, range| {
+        pipelined(q, pages, range, depth, !direct, Op::Put)
+    })?;
+    let get_time = parallel(&mut queues, &ranges, |q, range| {
+        pipelined(q, pages, range, depth, !direct, Op::Get)
+    })?;
+
+    let q = &mut queues[0];
+    let sample = pages.len().min(LATENCY_SAMPLE);
+    let mut put_ns = Vec::with_capacity(sample);
+    let mut get_ns = Vec::with_capacity(sample);
+    for (i, page) in pages.iter().take(sample).enumerate() {
+        let t = Instant::now();
+        let r = q.put(POOL, i as u64, &page[..])?;
+        put_ns.push(t.elapsed().as_nanos() as u64);
+        check(&r, "put", i as u64, Status::Ok, 1)?;
+    }
+    for (i, page) in pages.iter().take(sample).enumerate() {
+        let t = Instant::now();
+        let r = q.get(POOL, i as u64, false)?;
+        get_ns.push(t.elapsed().as_nanos() as u64);
+        check(&r, "get", i as u64, Status::Ok, 4097)?;
+        if r.page[..] != page[..] {
+            return Err(DeviceBenchError::Mismatch {
+                path: "device (latency pass)",
+                count: 1,
+                first: i as u64,
+            });
+        }
+    }
+    drop(queues);
+    vmm.disconnect();
+    Ok((put_time, get_time, latency(put_ns), latency(get_ns)))
+}
+
+fn check(
+    r: &frontend::Reply,
+    what: &'static str,
+    index: u64,
+    status: Status,
+    used_len: u32,
+) -> Result<(), DeviceBenchError> {
+    if r.status == Some(status) && r.used_len == used_len {
+        Ok(())
+    } else {
+        Err(DeviceBenchError::BadReply {
+            what,
+            index,
+            status: r.status,
+            used_len: r.used_len,
+        })
+    }
+}
+
+/// Runs `work` on every queue from its own thread, all starting together; returns
+/// the wall time from the common start to the last finish.
+fn parallel<F>(
+    queues: &mut [Virtqueue],
+    ranges: &[std::ops::Range<usize>],
+    work: F,
+) -> Result<Duration, DeviceBenchError>
+where
+    F: Fn(&mut Virtqueue, std::ops::Range<usize>) -> Result<(), DeviceBenchError> + Sync,
+{
+    let barrier = Barrier::new(queues.len() + 1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = queues
+            .iter_mut()
+            .zip(ranges.iter().cloned())
+            .map(|(q, range)| {
+                let barrier = &barrier;
+                let work = &work;
+                s.spawn(move || {
+                    barrier.wait();
+                    work(q, range)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        let mut result = Ok(());
+        for h in handles {
+            let r = h.join().unwrap_or(Err(DeviceBenchError::Panicked));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result.map(|()| start.elapsed())
+    })
+}
+
+/// PUTs or GETs (and verifies) the pages of `range` keeping `depth` in flight.
+fn pipelined(
+    q: &mut Virtqueue,
+    pages: &[&Page],
+    range: std::ops::Range<usize>,
+    depth: usize,
+    indirect: bool,
+    op: Op,
+) -> Result<(), DeviceBenchError> {
+    // Tokens are handed out in submission order, so a token maps to a page.
+    let mut first_token = None;
+    let mut next = range.start;
+    let mut done = range.start;
+    let mut bad = 0u64;
+    let mut first_bad = None;
+    while done < range.end {
+        while next < range.end && q.in_flight() < depth {
+            let req = match op {
+                Op::Put => Request::new(header(Op::Put, 0, POOL, next as u64, 0), Some(&pages[next][..])),
+                _ => Request::new(header(Op::Get, 0, POOL, next as u64, 0), None),
+            };
+            let req = if indirect {
+                let layout = req.layout.clone().with_indirect(true);
+                req.with_layout(layout)
+            } else {
+                req
+            };
+            let token = q.submit(&req)?;
+            first_token.get_or_insert(token - (next - range.start) as u64);
+            next += 1;
+        }
+        let c = q.complete()?;
+        let index = range.start + (c.token - first_token.unwrap_or(0)) as usize;
+        let (status, used) = match op {
+            Op::Put => (Status::Ok, 1),
+            _ => (Status::Ok, 4097),
+        };
+        if c.status() != Some(status) || c.used_len != used {
+            return Err(DeviceBenchError::BadReply {
+                what: if op == Op::Put { "put" } else { "get" },
+                index: index as u64,
+                status: c.status(),
+                used_len: c.used_len,
+            });
+        }
+        if op == Op::Get && pages.get(index).map_or(true, |p| c.payload() != &p[..]) {
+            bad += 1;
+            first_bad.get_or_insert(index as u64);
+        }
+        done += 1;
+    }
+    match first_bad {
+        Some(first) => Err(DeviceBenchError::Mismatch {
+            path: "device",
+            count: bad,
+            first,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn split(len: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = parts.max(1);
+    (0..parts)
+        .map(|i| (len * i / parts)..(len * (i + 1) / parts))
+        .collect()
+}
+
+fn store_puts(store: &Store, pages: &[&Page], threads: usize) -> Result<Duration, DeviceBenchError> {
+    store_phase(pages, threads, |i, page| {
+        match store.put(GuestId(0), POOL, i as u64, page)? {
+            PutOutcome::Stored => Ok(true),
+            PutOutcome::Rejected => Ok(false),
+        }
+    })
+    .map(|(d, _)| d)
+}
+
+fn store_gets(store: &Store, pages: &[&Page], threads: usize) -> Result<Duration, DeviceBenchError> {
+    let (d, bad) = store_phase(pages, threads, |i, page| {
+        let mut out = [0u8; PAGE_SIZE];
+        Ok(match store.get(GuestId(0), POOL, i as u64, &mut out, false)? {
+            GetOutcome::Found => out[..] == page[..],
+            GetOutcome::NotFound => false,
+        })
+    })?;
+    match bad {
+        Some((count, first)) => Err(DeviceBenchError::Mismatch {
+            path: "store",
+            count,
+            first,
+        }),
+        None => Ok(d),
+    }
+}
+
+/// Calls `f(index, page)` for every page from `threads` threads; returns the wall
+/// time and, if `f` said false for some pages, their count and the first one.
+fn store_phase<F>(
+    pages: &[&Page],
+    threads: usize,
+    f: F,
+) -> Result<(Duration, Option<(u64, u64)>), DeviceBenchError>
+where
+    F: Fn(usize, &Page) -> Result<bool, StoreError> + Sync,
+{
+    let ranges = split(pages.len(), threads);
+    let barrier = Barrier::new(threads + 1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ranges
+            .into_iter()
+            .map(|range| {
+                let (barrier, f) = (&barrier, &f);
+                s.spawn(move || {
+                    barrier.wait();
+                    let mut bad = None::<(u64, u64)>;
+                    for i in range {
+                        if !f(i, pages[i])? {
+                            let e = bad.get_or_insert((0, i as u64));
+                            e.0 += 1;
+                        }
+                    }
+                    Ok::<_, StoreError>(bad)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        let mut bad: Option<(u64, u64)> = None;
+        let mut err = None;
+        for h in handles {
+            match h.join() {
+                Ok(Ok(Some((c, first)))) => {
+                    let e = bad.get_or_insert((0, first));
+                    e.0 += c;
+                    e.1 = e.1.min(first);
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => err = Some(DeviceBenchError::Store(e)),
+                Err(_) => err = Some(DeviceBenchError::Panicked),
+            }
+        }
+        let elapsed = start.elapsed();
+        match err {
+            Some(e) => Err(e),
+            None => Ok((elapsed, bad)),
+        }
+    })
+}
+
+fn latency(mut ns: Vec<u64>) -> Latency {
+    ns.sort_unstable();
+    let pick = |q: f64| -> f64 {
+        if ns.is_empty() {
+            return 0.0;
+        }
+        let i = ((ns.len() as f64 * q).ceil() as usize).clamp(1, ns.len()) - 1;
+        ns[i] as f64 / 1000.0
+    };
+    let mean = if ns.is_empty() {
+        0.0
+    } else {
+        ns.iter().sum::<u64>() as f64 / ns.len() as f64 / 1000.0
+    };
+    Latency {
+        samples: ns.len(),
+        p50_us: pick(0.50),
+        p99_us: pick(0.99),
+        p999_us: pick(0.999),
+        mean_us: mean,
+    }
+}
+
+fn print_table(r: &DeviceReport) {
+    let yes_no = |v: Option<bool>| match v {
+        Some(true) => "met",
+        Some(false) => "NOT met",
+        None => "n/a at this depth/polling",
+    };
+    println!(
+        "corpus: {} pages, {} queue(s), depth {}, daemon --poll-us {}, frontend spin {} us, zstd {}, dedup {}",
+        r.pages,
+        r.queues,
+        r.depth,
+        r.poll_us.map_or("default".into(), |u| u.to_string()),
+        r.spin_us,
+        r.level,
+        r.dedup
+    );
+    println!("{:<22} {:>14} {:>14}", "", "put pages/s", "get pages/s");
+    println!(
+        "{:<22} {:>14.0} {:>14.0}",
+        "device (vhost-user)", r.device_put_pages_per_sec, r.device_get_pages_per_sec
+    );
+    println!(
+        "{:<22} {:>14.0} {:>14.0}",
+        "store only", r.store_put_pages_per_sec, r.store_get_pages_per_sec
+    );
+    println!(
+        "{:<22} {:>14.2} {:>14.2}",
+        "device / store", r.put_ratio, r.get_ratio
+    );
+    println!(
+        "store per-page time:   put {:.2} us, get {:.2} us",
+        r.store_put_us_per_page, r.store_get_us_per_page
+    );
+    for (name, l) in [("put", &r.put_latency), ("get", &r.get_latency)] {
+        println!(
+            "depth-1 {name} round trip: p50 {:.2} us, p99 {:.2} us, p999 {:.2} us, mean {:.2} us ({} samples)",
+            l.p50_us, l.p99_us, l.p999_us, l.mean_us, l.samples
+        );
+    }
+    println!(
+        "target depth>=32 throughput >= 0.8x store: {}",
+        yes_no(r.target_throughput_met)
+    );
+    println!(
+        "target depth-1 polling p50 <= store per-page + 10 us: {}",
+        yes_no(r.target_latency_met)
+    );
+}
+
+/// Where `tmem-bench` looks for the daemon by default.
+pub fn default_daemon_path() -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .map(|p| p.with_file_name(DAEMON_NAME))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_covers_everything_once() {
+        for (len, parts) in [(10, 3), (0, 2), (7, 7), (5, 8)] {
+            let r = split(len, parts);
+            assert_eq!(r.len(), parts);
+            assert_eq!(r.first().unwrap().start, 0);
+            assert_eq!(r.last().unwrap().end, len);
+            for w in r.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+            }
+        }
+    }
+
+    #[test]
+    fn percentiles_pick_ranks() {
+        let l = latency((1..=1000).map(|v| v * 1000).collect());
+        assert_eq!(l.samples, 1000);
+        assert_eq!(l.p50_us, 500.0);
+        assert_eq!(l.p99_us, 990.0);
+        assert_eq!(l.p999_us, 999.0);
+        assert_eq!(latency(vec![]).p50_us, 0.0);
+    }
+
+    #[test]
+    fn missing_daemon_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = dir.path().join("c");
+        std::fs::write(&corpus, vec![1u8; PAGE_SIZE]).unwrap();
+        let args = DeviceArgs {
+            corpus,
+            queues: 1,
+            depth: 1,
+            poll_us: None,
+            spin_us: None,
+            mem_limit: None,
+            level: 1,
+            dedup: "guest".into(),
+            daemon: Some(dir.path().join("nope")),
+            json: true,
+        };
+        assert!(matches!(run_bench(&args), Err(DeviceBenchError::NoDaemon(_))));
+    }
+
+    #[test]
+    fn default_daemon_is_beside_this_program() {
+        let p = default_daemon_path().unwrap();
+        assert_eq!(p.file_name().unwrap(), "vhost-user-tmem");
+    }
+}

@@ -1,0 +1,49 @@
+//! `tmem-bench device` end to end on a tiny corpus against the real daemon: the
+//! figures are not checked (speed is for the benchmark to report), only that every
+//! page went through the device and the store and read back intact.
+
+use vhost_user_tmem::bench::device::{run_bench, DeviceArgs};
+
+fn corpus(dir: &std::path::Path, pages: usize) -> std::path::PathBuf {
+    let mut data = Vec::with_capacity(pages * 4096);
+    for p in 0..pages {
+        match p % 3 {
+            0 => data.extend([0u8; 4096]),
+            1 => data.extend((0..4096).map(|i| ((i * 31 + p * 7) % 251) as u8)),
+            _ => data.extend(format!("page {p} ").bytes().cycle().take(4096)),
+        }
+    }
+    let path = dir.join("corpus.raw");
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+fn args(corpus: std::path::PathBuf, queues: u16, depth: u16, poll_us: Option<u64>) -> DeviceArgs {
+    DeviceArgs {
+        corpus,
+        queues,
+        depth,
+        poll_us,
+        spin_us: None,
+        mem_limit: None,
+        level: 1,
+        dedup: "guest".into(),
+        daemon: Some(env!("CARGO_BIN_EXE_vhost-user-tmem").into()),
+        json: true,
+    }
+}
+
+#[test]
+fn device_bench_round_trips_every_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = corpus(dir.path(), 300);
+    for (queues, depth, poll) in [(1, 1, Some(20)), (2, 8, None), (3, 40, None), (1, 400, None)] {
+        let r = run_bench(&args(c.clone(), queues, depth, poll)).unwrap();
+        assert_eq!(r.pages, 300);
+        assert_eq!((r.queues, r.depth), (queues, depth));
+        assert!(r.device_put_pages_per_sec > 0.0 && r.store_get_pages_per_sec > 0.0);
+        assert_eq!(r.get_latency.samples, 300);
+        assert_eq!(r.target_throughput_met.is_some(), depth >= 32);
+        assert_eq!(r.target_latency_met.is_some(), depth == 1 && poll.is_some());
+    }
+}

@@ -1,0 +1,174 @@
+//! The control socket (issue 3, deliver 3; CONTRACTS.md "Control socket"):
+//! "A unix socket with mode 0600, carrying newline-delimited JSON."
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+
+use common::{connect_socket_for_test, control_line, page, Daemon};
+use vhost_user_tmem::protocol::Status;
+
+const OK: Option<Status> = Some(Status::Ok);
+const NOT_FOUND: Option<Status> = Some(Status::NotFound);
+
+/// "A unix socket with mode 0600".
+#[test]
+fn control_socket_is_owner_only() {
+    let d = Daemon::start();
+    let mode = std::fs::metadata(&d.control).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "control socket mode {:o}", mode & 0o777);
+}
+
+/// "stats (global, per device, per pool: the store's counters, plus per-op latency
+/// p50/p99 from a histogram)": the counters move with the traffic.
+#[test]
+fn stats_counters_follow_traffic() {
+    let d = Daemon::with(1, &["--queues", "2"]);
+    let before = d.stats();
+    assert_eq!(before["store"]["total"]["succ_stores"], 0);
+    let dev = &before["devices"][0];
+    assert_eq!(dev["id"], 0);
+    assert_eq!(dev["connected"], false, "no VMM yet");
+    assert_eq!(dev["queues"], 2);
+    assert_eq!(dev["socket"].as_str().unwrap(), d.sockets[0].to_str().unwrap());
+
+    let (_vmm, mut qs) = d.connect(0, Daemon::vmm_config(2, true));
+    for i in 0..3 {
+        assert_eq!(qs[0].put(4, i, &page(i)).unwrap().status, OK);
+    }
+    assert_eq!(qs[1].put_fill(5, 0, 0).unwrap().status, OK);
+    assert_eq!(qs[1].get(4, 0, false).unwrap().status, OK);
+    assert_eq!(qs[1].get(4, 99, false).unwrap().status, NOT_FOUND);
+    assert_eq!(qs[0].invalidate_page(4, 1).unwrap().status, OK);
+
+    let s = d.stats();
+    let total = &s["store"]["total"];
+    assert_eq!(total["succ_stores"], 4, "{total}");
+    // One hit and one miss; whether `loads` counts attempts or hits is the
+    // store's choice, a miss is a failed load either way.
+    let (loads, failed) = (total["loads"].as_u64(), total["failed_loads"].as_u64());
+    assert!(
+        matches!((loads, failed), (Some(1), Some(1)) | (Some(2), Some(1))),
+        "loads/failed_loads: {total}"
+    );
+    assert_eq!(total["invalidates"], 1, "{total}");
+    assert_eq!(total["stored_pages"], 3, "{total}");
+    assert_eq!(total["same_filled_pages"], 1, "{total}");
+    let g = &s["store"]["guests"]["0"];
+    assert_eq!(g["total"]["succ_stores"], 4, "per guest: {g}");
+    assert_eq!(g["pools"]["4"]["succ_stores"], 3, "per pool: {g}");
+    assert_eq!(g["pools"]["5"]["succ_stores"], 1, "per pool: {g}");
+    let dev = &s["devices"][0];
+    assert_eq!(dev["connected"], true);
+    let lat = &dev["latency"];
+    let puts = lat["put"]["count"].as_u64().unwrap_or(0);
+    assert!(puts == 3 || puts == 4, "PUT (+ PUT_FILL) latency samples: {lat}");
+    assert_eq!(lat["get"]["count"], 2, "{lat}");
+    assert_eq!(lat["invalidate"]["count"], 1, "{lat}");
+    for op in ["put", "get", "invalidate"] {
+        let p50 = lat[op]["p50_us"].as_f64().expect("p50_us is a number");
+        let p99 = lat[op]["p99_us"].as_f64().expect("p99_us is a number");
+        assert!(p50 <= p99, "{op}: p50 {p50} > p99 {p99}");
+    }
+}
+
+/// "get-config / set-config (mem-limit at run time)", sizes with a unit or in bytes.
+#[test]
+fn set_and_get_mem_limit() {
+    let d = Daemon::with(1, &["--mem-limit", "64M"]);
+    let r = d.control(r#"{"cmd":"get-config"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["config"]["mem_limit"], 64 << 20);
+    let r = d.control(r#"{"cmd":"set-config","mem_limit":"1G"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    let r = d.control(r#"{"cmd":"get-config"}"#);
+    assert_eq!(r["config"]["mem_limit"], 1u64 << 30);
+    assert_eq!(d.stats()["store"]["mem_limit_bytes"], 1u64 << 30);
+    let r = d.control(r#"{"cmd":"set-config","mem_limit":33554432}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        d.control(r#"{"cmd":"get-config"}"#)["config"]["mem_limit"],
+        32 << 20
+    );
+}
+
+/// "writeback {pages}" moves pages to the spill file; they still read back intact.
+#[test]
+fn writeback_keeps_pages_readable() {
+    let d0 = tempfile::tempdir().unwrap();
+    let spill = d0.path().join("spill");
+    let d = Daemon::with(
+        1,
+        &["--spill-file", spill.to_str().unwrap(), "--spill-limit", "64M"],
+    );
+    let (_vmm, mut q) = d.connect1();
+    for i in 0..32 {
+        assert_eq!(q.put(1, i, &page(i)).unwrap().status, OK);
+    }
+    let r = d.control(r#"{"cmd":"writeback","pages":16}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    let written = r["written"].as_u64().expect("written is a count");
+    assert!(written <= 16, "wrote {written} of 16 asked");
+    for i in 0..32 {
+        let r = q.get(1, i, false).unwrap();
+        assert_eq!((r.status, r.used_len), (OK, 4097));
+        assert_eq!(r.page, page(i), "page {i} after writeback");
+    }
+}
+
+/// "drop-pool": the pool of that device goes, other pools and devices stay.
+#[test]
+fn drop_pool_drops_one_pool_of_one_device() {
+    let d = Daemon::with(2, &[]);
+    let (_v0, mut q0) = d.connect(0, Daemon::vmm_config(1, true));
+    let (_v1, mut q1) = d.connect(1, Daemon::vmm_config(1, true));
+    for i in 0..5 {
+        assert_eq!(q0[0].put(7, i, &page(i)).unwrap().status, OK);
+        assert_eq!(q0[0].put(8, i, &page(10 + i)).unwrap().status, OK);
+        assert_eq!(q1[0].put(7, i, &page(20 + i)).unwrap().status, OK);
+    }
+    let r = d.control(r#"{"cmd":"drop-pool","device":0,"pool":7}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["dropped"], 5, "{r}");
+    for i in 0..5 {
+        assert_eq!(q0[0].get(7, i, false).unwrap().status, NOT_FOUND);
+        assert_eq!(q0[0].get(8, i, false).unwrap().page, page(10 + i));
+        assert_eq!(q1[0].get(7, i, false).unwrap().page, page(20 + i));
+    }
+}
+
+/// "A bad request gets a JSON error naming what was wrong", and the connection
+/// and the daemon go on.
+#[test]
+fn bad_requests_get_json_errors() {
+    let mut d = Daemon::start();
+    let mut s = connect_socket_for_test(&d.control);
+    let bad = [
+        ("not json at all", ""),
+        (r#"{"cmd":"no-such-command"}"#, "no-such-command"),
+        (r#"{"nocmd":1}"#, "cmd"),
+        (r#"[1,2,3]"#, ""),
+        (r#"{"cmd":"set-config","mem_limit":"12Q"}"#, "12Q"),
+        (r#"{"cmd":"set-config","mem_limit":-5}"#, ""),
+        (r#"{"cmd":"writeback"}"#, "pages"),
+        (r#"{"cmd":"writeback","pages":"many"}"#, "many"),
+        (r#"{"cmd":"drop-pool","device":0}"#, "pool"),
+        (r#"{"cmd":"drop-pool","device":99,"pool":1}"#, "99"),
+    ];
+    for (req, mentions) in bad {
+        let r = control_line(&mut s, req);
+        assert_eq!(r["ok"], false, "{req} -> {r}");
+        let msg = r["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{req}: no error string: {r}"));
+        assert!(!msg.is_empty());
+        assert!(
+            msg.to_lowercase().contains(&mentions.to_lowercase()),
+            "{req}: error {msg:?} does not name {mentions:?}"
+        );
+    }
+    // Same connection, good request.
+    let r = control_line(&mut s, r#"{"cmd":"stats"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    d.assert_alive();
+}
