@@ -64,6 +64,9 @@ pub type Vring = VringRwLock<GuestMemory>;
 /// so deeper rings only add latency under load.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
+/// Busy-poll rounds (a few microseconds' worth) between yields of the CPU.
+const YIELD_EVERY: u32 = 64;
+
 /// What outlives one VMM connection: identity, counters and the error log.
 pub struct DeviceShared {
     pub id: u32,
@@ -385,9 +388,16 @@ impl TmemBackend {
         };
         let mem = self.mem.memory();
         let deadline = Instant::now() + self.poll;
+        let mut round: u32 = 0;
         loop {
             if self.closing.load(Ordering::Relaxed) {
                 return false;
+            }
+            round = round.wrapping_add(1);
+            // On an oversubscribed host a poller that never yields can delay
+            // the very vCPU (or driver thread) it is waiting for.
+            if round % YIELD_EVERY == 0 {
+                std::thread::yield_now();
             }
             match mem.load::<u16>(idx_addr, Ordering::Acquire) {
                 Ok(idx) => {
