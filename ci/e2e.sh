@@ -172,8 +172,8 @@ run_backing() {
     check "$label backing: guest printed SWAPTEST PASS" \
         "$(grep -q '^SWAPTEST PASS' "$console" && echo true || echo false)" "$(grep -a -m1 '^SWAPTEST' "$console" || echo none)"
     check "$label backing: MSI-X vector per queue" \
-        "$(grep -a -q 'PCI-MSIX.*virtio[0-9]*-req.0' "$console" && echo true || echo false)" \
-        "$(grep -a -m1 'virtio[0-9]*-req.0' "$console" | tr -s ' ' || echo 'no req.0 interrupt')"
+        "$(grep -a -q -E 'PCI-MSI.*virtio[0-9]+-tmem[.]0' "$console" && echo true || echo false)" \
+        "$(grep -a -m1 -E 'virtio[0-9]+-tmem[.]0' "$console" | tr -s ' ' || echo 'no tmem.0 interrupt')"
     check "$label backing: no kernel oops or BUG" \
         "$(grep -a -q -E 'Oops|BUG:|Kernel panic|WARNING:' "$console" && echo false || echo true)" "see $console"
     stop_guest

@@ -1150,7 +1150,7 @@ static int tmem_probe(struct virtio_device *vdev)
 		init_completion(&q->compl);
 		init_waitqueue_head(&q->slot_wq);
 		q->dev = dev;
-		snprintf(q->name, sizeof(q->name), "req.%u", i);
+		snprintf(q->name, sizeof(q->name), "tmem.%u", i);
 		/* Header and status are DMA targets: never on the stack. */
 		q->dma = kzalloc(sizeof(*q->dma), GFP_KERNEL);
 		if (!q->dma)
