@@ -29,6 +29,7 @@ fn args(corpus: std::path::PathBuf, queues: u16, depth: u16, poll_us: Option<u64
         level: 1,
         dedup: "guest".into(),
         daemon: Some(env!("CARGO_BIN_EXE_vhost-user-tmem").into()),
+        repeat: 2,
         json: true,
     }
 }
