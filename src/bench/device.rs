@@ -54,7 +54,8 @@ pub struct DeviceArgs {
     #[arg(long)]
     pub poll_us: Option<u64>,
     /// How long the frontend busy-polls the used ring before sleeping on the call
-    /// eventfd. Default: 200 at depth 1 (a synchronous driver spins), else 0.
+    /// eventfd. 0 (the default) sleeps at once: on a host with fewer free cores
+    /// than spinning threads, a spinning frontend only takes CPU from the daemon.
     #[arg(long)]
     pub spin_us: Option<u64>,
     /// RAM budget for the daemon's store and the store-only run (e.g. 4G).
@@ -204,7 +205,7 @@ pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
         .collect();
     let n = pages.len() as u64;
     let mem_limit = args.mem_limit.unwrap_or(UNLIMITED);
-    let spin_us = args.spin_us.unwrap_or(if args.depth == 1 { 200 } else { 0 });
+    let spin_us = args.spin_us.unwrap_or(0);
 
     let store_config = StoreConfig {
         mem_limit,
