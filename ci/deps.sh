@@ -28,6 +28,15 @@ rust)
 bench)
     need_apt python3 zstd coreutils
     ;;
+guest)
+    # QEMU build (patched, from Debian's source package), the kernel module
+    # build against Debian's headers, the initramfs and the guest boot.
+    need_apt gcc make pkg-config build-essential bc flex bison libelf-dev \
+        python3-venv ninja-build libglib2.0-dev libpixman-1-dev libfdt-dev \
+        dpkg-dev xz-utils zstd cpio busybox-static jq seabios qemu-system-data \
+        kmod util-linux
+    command -v cargo >/dev/null || { echo "cargo is required (rustup)" >&2; exit 1; }
+    ;;
 *)
     echo "unknown part: $1" >&2
     exit 2

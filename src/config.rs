@@ -11,6 +11,7 @@ use thiserror::Error;
 
 use crate::{
     protocol::PAGE_SIZE,
+    size::{parse_size, SizeError},
     store::{DedupDomain, SpillConfig, StoreConfig},
 };
 
@@ -196,53 +197,6 @@ fn parse_compression(text: &str) -> Result<i32, ConfigError> {
     }
 }
 
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum SizeError {
-    #[error("size is empty")]
-    Empty,
-    #[error("{0:?} is not a size: expected digits with an optional K, M, G or T suffix")]
-    Syntax(String),
-    #[error("{0:?} does not fit in 64 bits")]
-    Overflow(String),
-    #[error("{text:?} has too many digits")]
-    Digits {
-        text: String,
-        #[source]
-        source: std::num::ParseIntError,
-    },
-}
-
-/// Parses `4096`, `64K`, `512M`, `4G`, `1T` (binary units; `KiB`/`KB`/`B`
-/// spellings accepted) into bytes.
-///
-/// Private stand-in until the shared `size` module lands; same grammar.
-pub(crate) fn parse_size(text: &str) -> Result<u64, SizeError> {
-    let text = text.trim();
-    if text.is_empty() {
-        return Err(SizeError::Empty);
-    }
-    let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (digits, suffix) = text.split_at(digits_end);
-    if digits.is_empty() {
-        return Err(SizeError::Syntax(text.to_owned()));
-    }
-    let shift = match suffix.to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => return Err(SizeError::Syntax(text.to_owned())),
-    };
-    let value: u64 = digits.parse().map_err(|source| SizeError::Digits {
-        text: text.to_owned(),
-        source,
-    })?;
-    value
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| SizeError::Overflow(text.to_owned()))
-}
-
 #[cfg(test)]
 mod tests {
     use assert_matches::assert_matches;
@@ -389,29 +343,8 @@ mod tests {
             parse(&["--mem-limit", "lots"]),
             Err(ConfigError::Size {
                 option: "mem-limit",
-                source: SizeError::Syntax(_)
+                source: SizeError::NoNumber(_)
             })
-        );
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(64 << 10));
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("4G"), Ok(4 << 30));
-        assert_eq!(parse_size("4GiB"), Ok(4 << 30));
-        assert_eq!(parse_size("1t"), Ok(1 << 40));
-        assert_eq!(parse_size(" 2M "), Ok(2 << 20));
-        assert_eq!(parse_size(""), Err(SizeError::Empty));
-        assert_matches!(parse_size("M"), Err(SizeError::Syntax(_)));
-        assert_matches!(parse_size("1.5G"), Err(SizeError::Syntax(_)));
-        assert_matches!(parse_size("-1"), Err(SizeError::Syntax(_)));
-        assert_matches!(parse_size("1X"), Err(SizeError::Syntax(_)));
-        assert_matches!(parse_size("99999999999T"), Err(SizeError::Overflow(_)));
-        assert_matches!(
-            parse_size("99999999999999999999999"),
-            Err(SizeError::Digits { .. })
         );
     }
 }

@@ -30,12 +30,16 @@ use serde_json::{json, Value};
 use thiserror::Error;
 
 use crate::{
-    config::{parse_size, Config},
+    config::Config,
     device::DeviceShared,
     error_chain,
+    size::parse_size,
     stats::{summarize, Latency},
     store::{DedupDomain, GuestId, Store, StoreStats},
 };
+
+/// Where `tmemctl` looks when not given `--control`.
+pub const DEFAULT_CONTROL_PATH: &str = "/run/vhost-user-tmem/control.sock";
 
 /// Longest request line accepted. Real requests are under 100 bytes; the cap
 /// only keeps a misbehaving client from growing our buffer without bound.
@@ -46,14 +50,14 @@ const MAX_CLIENTS: usize = 16;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A request, as parsed from one line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
     Stats,
     GetConfig,
     SetConfig {
         /// Bytes, or a size string such as "1G".
-        #[serde(default)]
+        #[serde(skip_serializing_if = "Option::is_none")]
         mem_limit: Option<Value>,
     },
     Writeback {
@@ -63,6 +67,69 @@ pub enum Request {
         device: u32,
         pool: u32,
     },
+}
+
+const COMMANDS: &str = "stats, get-config, set-config, writeback, drop-pool";
+
+impl Request {
+    /// Decodes a request object, with errors that name the offending field
+    /// (serde's own messages give a column number instead).
+    pub fn from_value(value: &Value) -> Result<Request, String> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| format!("expected a JSON object with a \"cmd\" field, got {value}"))?;
+        let cmd = match obj.get("cmd") {
+            Some(Value::String(cmd)) => cmd.as_str(),
+            Some(other) => return Err(format!("\"cmd\" must be a string, got {other}")),
+            None => return Err(format!("missing \"cmd\" field (one of {COMMANDS})")),
+        };
+        let fields: &[&str] = match cmd {
+            "stats" | "get-config" => &[],
+            "set-config" => &["mem_limit"],
+            "writeback" => &["pages"],
+            "drop-pool" => &["device", "pool"],
+            other => return Err(format!("unknown cmd {other:?}; expected one of {COMMANDS}")),
+        };
+        if let Some(extra) = obj
+            .keys()
+            .find(|k| k.as_str() != "cmd" && !fields.contains(&k.as_str()))
+        {
+            return Err(format!(
+                "{cmd}: unknown field {extra:?} (accepted: {})",
+                if fields.is_empty() {
+                    "none".to_owned()
+                } else {
+                    fields.join(", ")
+                }
+            ));
+        }
+        let uint = |name: &str| -> Result<u64, String> {
+            match obj.get(name) {
+                Some(v) => v
+                    .as_u64()
+                    .ok_or_else(|| format!("{cmd}: field {name:?} must be a non-negative integer, got {v}")),
+                None => Err(format!("{cmd}: missing field {name:?}")),
+            }
+        };
+        let uint32 = |name: &str| -> Result<u32, String> {
+            let v = uint(name)?;
+            u32::try_from(v).map_err(|e| format!("{cmd}: field {name:?} = {v}: {e}"))
+        };
+        Ok(match cmd {
+            "stats" => Request::Stats,
+            "get-config" => Request::GetConfig,
+            "set-config" => Request::SetConfig {
+                mem_limit: obj.get("mem_limit").cloned(),
+            },
+            "writeback" => Request::Writeback {
+                pages: uint("pages")?,
+            },
+            _ => Request::DropPool {
+                device: uint32("device")?,
+                pool: uint32("pool")?,
+            },
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,9 +180,13 @@ impl ControlContext {
         if text.is_empty() {
             return error_reply("empty request: expected a JSON object such as {\"cmd\":\"stats\"}");
         }
-        match serde_json::from_str::<Request>(text) {
+        let value: Value = match serde_json::from_str(text) {
+            Ok(value) => value,
+            Err(e) => return error_reply(format!("request is not valid JSON: {e}")),
+        };
+        match Request::from_value(&value) {
             Ok(req) => self.handle(req),
-            Err(e) => error_reply(format!("bad request: {e}")),
+            Err(msg) => error_reply(format!("bad request: {msg}")),
         }
     }
 
@@ -129,7 +200,7 @@ impl ControlContext {
                 };
                 let bytes = match size_value(&value) {
                     Ok(bytes) => bytes,
-                    Err(msg) => return error_reply(format!("set-config: mem_limit {msg}")),
+                    Err(msg) => return error_reply(format!("set-config: mem_limit {value}: {msg}")),
                 };
                 match self.store.set_mem_limit(bytes) {
                     Ok(()) => {
@@ -522,7 +593,7 @@ mod tests {
 
     #[test]
     fn requests_parse() {
-        let parse = |s: &str| serde_json::from_str::<Request>(s).unwrap();
+        let parse = |s: &str| Request::from_value(&serde_json::from_str(s).unwrap()).unwrap();
         assert_eq!(parse(r#"{"cmd":"stats"}"#), Request::Stats);
         assert_eq!(parse(r#"{"cmd":"get-config"}"#), Request::GetConfig);
         assert_eq!(
@@ -591,7 +662,15 @@ mod tests {
     fn bad_requests() {
         let ctx = context();
         let e = reply(&ctx, "garbage");
-        assert!(error_of(&e).starts_with("bad request"), "{e}");
+        assert!(error_of(&e).contains("not valid JSON"), "{e}");
+        let e = reply(&ctx, "[1,2]");
+        assert!(error_of(&e).contains("JSON object"), "{e}");
+        let e = reply(&ctx, r#"{"cmd":7}"#);
+        assert!(error_of(&e).contains("must be a string"), "{e}");
+        let e = reply(&ctx, r#"{"cmd":"drop-pool","device":0,"pool":4294967296}"#);
+        assert!(error_of(&e).contains("\"pool\""), "{e}");
+        let e = reply(&ctx, r#"{"cmd":"stats","x":1}"#);
+        assert!(error_of(&e).contains("unknown field \"x\""), "{e}");
         let e = reply(&ctx, r#"{"cmd":"explode"}"#);
         assert!(error_of(&e).contains("explode"), "{e}");
         let e = reply(&ctx, r#"{"pages":3}"#);
@@ -599,7 +678,7 @@ mod tests {
         let e = reply(&ctx, r#"{"cmd":"writeback"}"#);
         assert!(error_of(&e).contains("pages"), "{e}");
         let e = reply(&ctx, r#"{"cmd":"writeback","pages":"x"}"#);
-        assert!(error_of(&e).contains("invalid type"), "{e}");
+        assert!(error_of(&e).contains("\"pages\" must be"), "{e}");
         let e = reply(&ctx, "");
         assert!(error_of(&e).contains("empty"), "{e}");
         let e = ctx.handle_line(b"\xff\xfe");

@@ -45,7 +45,10 @@ fn text_page(seed: u64) -> Box<Page> {
     p
 }
 
-/// A store with almost no RAM beyond its own empty footprint, so pages spill.
+/// A store with almost no RAM for payload, so pages spill. Its tables are
+/// grown first (pages put at every index used later, then dropped), so that
+/// the tight limit is spent on pages rather than on the first allocation of
+/// each index and dedup table.
 fn spilling_store(spill: PathBuf, spill_limit: u64, ram_extra: u64) -> Store {
     let store = Store::new(StoreConfig {
         mem_limit: 1 << 40,
@@ -58,12 +61,21 @@ fn spilling_store(spill: PathBuf, spill_limit: u64, ram_extra: u64) -> Store {
         ..StoreConfig::default()
     })
     .expect("Store::new");
+    for i in 0..WARM_PAGES {
+        let r = store.put(G, POOL, i, &random_page(u64::MAX - i));
+        assert_eq!(r.expect("warm-up put"), PutOutcome::Stored);
+    }
+    assert_eq!(store.drop_guest(G), WARM_PAGES);
+    assert_eq!(store.stats().total.spilled_pages, 0, "warm-up spilled");
     let baseline = store.stats().total.mem_used_bytes;
     store
         .set_mem_limit(baseline + ram_extra)
         .expect("set_mem_limit on an empty store");
     store
 }
+
+/// Covers every index the tests use.
+const WARM_PAGES: u64 = 6000;
 
 fn get(store: &Store, index: u64) -> (Result<GetOutcome, String>, Box<Page>) {
     let mut out = Box::new([0x77u8; PAGE_SIZE]);
@@ -181,7 +193,7 @@ fn full_spill_filesystem_rejects_only_when_full_and_loses_nothing() {
         "256k",
         |dir| {
             // The file's own limit is far above the filesystem: ENOSPC comes first.
-            let store = spilling_store(dir.join("spill"), 64 << 20, 16 << 10);
+            let store = spilling_store(dir.join("spill"), 64 << 20, 64 << 10);
             let mut model: HashMap<u64, Box<Page>> = HashMap::new();
             let mut rejected_at = None;
             for i in 0..2000u64 {
@@ -263,7 +275,7 @@ const PAGES: u64 = 96;
 /// Fills a fresh store so that most pages live in the spill file.
 fn filled_spilling_store(dir: &Path) -> (Store, HashMap<u64, Box<Page>>, PathBuf) {
     let path = dir.join("spill");
-    let store = spilling_store(path.clone(), 64 << 20, 16 << 10);
+    let store = spilling_store(path.clone(), 64 << 20, 64 << 10);
     let mut model = HashMap::new();
     for i in 0..PAGES {
         let page = if i % 3 == 0 {

@@ -19,8 +19,8 @@ use thiserror::Error;
 use crate::{
     size::parse_size,
     store::{
-        DedupDomain, GetOutcome, GuestId, Page, PutOutcome, SpillConfig, Store, StoreConfig, StoreError,
-        StoreStats, PAGE_SIZE,
+        DedupDomain, GetOutcome, GuestId, MemoryUse, Page, PutOutcome, SpillConfig, Store, StoreConfig,
+        StoreError, StoreStats, PAGE_SIZE,
     },
 };
 
@@ -57,6 +57,9 @@ pub struct StoreArgs {
     /// Print only one JSON line.
     #[arg(long)]
     pub json: bool,
+    /// Run every phase this many times and report the best round of each.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeat: u32,
 }
 
 fn parse_dedup(s: &str) -> Result<DedupDomain, String> {
@@ -108,6 +111,7 @@ impl From<StoreError> for BenchError {
 pub struct StoreReport {
     pub pages: u64,
     pub threads: u16,
+    pub repeat: u32,
     pub level: i32,
     pub dedup: DedupDomain,
     pub mem_limit: u64,
@@ -117,6 +121,8 @@ pub struct StoreReport {
     pub ratio: Option<f64>,
     /// Original bytes / (host RAM + spill file bytes).
     pub ratio_with_spill: Option<f64>,
+    /// Host RAM that is not payload chunks (index, dedup table, object records,
+    /// free lists), per stored page, as the store reports it.
     pub meta_bytes_per_page: Option<f64>,
     pub raw_zstd_compress_pages_per_sec: f64,
     pub raw_zstd_decompress_pages_per_sec: f64,
@@ -193,8 +199,6 @@ pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
     let threads = usize::from(args.threads);
     let n = pages.len() as u64;
 
-    let raw = raw_zstd(&pages, threads, args.level)?;
-
     let mut temp_spill = None;
     let spill_path = match (&args.spill_file, args.mem_limit) {
         (Some(p), _) => Some(p.clone()),
@@ -206,7 +210,7 @@ pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
         (None, _) => None,
     };
     let mem_limit = args.mem_limit.unwrap_or(UNLIMITED);
-    let store = Store::new(StoreConfig {
+    let config = StoreConfig {
         mem_limit,
         spill: spill_path.map(|path| SpillConfig {
             path,
@@ -215,24 +219,81 @@ pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
         zstd_level: args.level,
         dedup: args.dedup,
         ..StoreConfig::default()
-    })?;
+    };
 
-    let (put_time, outcomes) = timed_store_puts(&store, &pages, threads)?;
-    let after_put = store.stats();
-    let (get_time, mismatches) = timed_store_gets(&store, &pages, &outcomes, threads)?;
-    let after_get = store.stats();
-    drop(store);
+    // Each round measures the yardstick and the store back to back, so a busy
+    // machine slows both alike; the best round of each phase is reported.
+    let mut best: Option<(RawZstd, StoreRun)> = None;
+    for _ in 0..args.repeat {
+        let raw = raw_zstd(&pages, threads, args.level)?;
+        if let Some(t) = &temp_spill {
+            // Best effort: a fresh file each round; it may not exist yet.
+            let _ = std::fs::remove_file(&t.0);
+        }
+        let run = store_run(config.clone(), &pages, threads)?;
+        best = Some(match best {
+            None => (raw, run),
+            Some((b_raw, b_run)) => (
+                RawZstd {
+                    compress: b_raw.compress.min(raw.compress),
+                    decompress: b_raw.decompress.min(raw.decompress),
+                    compressed_bytes: raw.compressed_bytes,
+                },
+                StoreRun {
+                    put_time: b_run.put_time.min(run.put_time),
+                    get_time: b_run.get_time.min(run.get_time),
+                    ..run
+                },
+            ),
+        });
+    }
     drop(temp_spill);
+    let (raw, run) = best.expect("--repeat is at least 1");
+    Ok(build_report(
+        args,
+        n,
+        mem_limit,
+        run.put_time,
+        run.get_time,
+        &raw,
+        &run.outcomes,
+        &run.memory,
+        &run.after_put,
+        &run.after_get,
+    ))
+}
 
+struct StoreRun {
+    put_time: Duration,
+    get_time: Duration,
+    outcomes: Vec<PutOutcome>,
+    memory: MemoryUse,
+    after_put: StoreStats,
+    after_get: StoreStats,
+}
+
+/// One fresh store: every page put, then every page got back and checked.
+fn store_run(config: StoreConfig, pages: &[&Page], threads: usize) -> Result<StoreRun, BenchError> {
+    let store = Store::new(config)?;
+    let (put_time, outcomes) = timed_store_puts(&store, pages, threads)?;
+    let after_put = store.stats();
+    let memory = store.memory();
+    let (get_time, mismatches) = timed_store_gets(&store, pages, &outcomes, threads)?;
+    let after_get = store.stats();
     if let Some(first) = mismatches.first {
         return Err(BenchError::Mismatch {
             count: mismatches.count,
             first,
         });
     }
-    Ok(build_report(
-        args, n, mem_limit, put_time, get_time, &raw, &outcomes, &after_put, &after_get,
-    ))
+    Ok(StoreRun {
+        put_time,
+        get_time,
+        outcomes,
+        memory,
+        after_put,
+        after_get,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -244,6 +305,7 @@ fn build_report(
     get_time: Duration,
     raw: &RawZstd,
     outcomes: &[PutOutcome],
+    memory: &MemoryUse,
     after_put: &StoreStats,
     after_get: &StoreStats,
 ) -> StoreReport {
@@ -256,6 +318,7 @@ fn build_report(
     StoreReport {
         pages: n,
         threads: args.threads,
+        repeat: args.repeat,
         level: args.level,
         dedup: args.dedup,
         mem_limit,
@@ -263,7 +326,7 @@ fn build_report(
         get_pages_per_sec: get_pps,
         ratio: quotient(orig, t.mem_used_bytes as f64),
         ratio_with_spill: quotient(orig, (t.mem_used_bytes + t.spill_file_bytes) as f64),
-        meta_bytes_per_page: meta_bytes_per_page(after_put),
+        meta_bytes_per_page: quotient(memory.metadata_bytes as f64, memory.stored_pages as f64),
         raw_zstd_compress_pages_per_sec: raw_c,
         raw_zstd_decompress_pages_per_sec: raw_d,
         raw_zstd_ratio: orig / raw.compressed_bytes as f64,
@@ -283,15 +346,6 @@ fn build_report(
         spill_reads: after_get.total.spill_reads,
         writebacks: t.writebacks,
     }
-}
-
-/// Index metadata per stored page. No counter carries it yet, so this is the
-/// host RAM that is not compressed payload, spread over the pages: an upper
-/// bound that also holds allocator slack.
-fn meta_bytes_per_page(stats: &StoreStats) -> Option<f64> {
-    let t = &stats.total;
-    let overhead = t.mem_used_bytes.checked_sub(t.compr_data_bytes)?;
-    quotient(overhead as f64, t.stored_pages as f64)
 }
 
 fn quotient(a: f64, b: f64) -> Option<f64> {
@@ -465,7 +519,7 @@ fn timed_store_gets(
 fn print_table(r: &StoreReport) {
     let opt = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}"));
     println!("pages                      {}", r.pages);
-    println!("threads                    {}", r.threads);
+    println!("threads / rounds           {} / {}", r.threads, r.repeat);
     println!("zstd level / dedup         {} / {:?}", r.level, r.dedup);
     println!(
         "put   pages/s              {:>12.0}   raw zstd compress   {:>12.0}   ({:.2}x)",
@@ -596,6 +650,8 @@ mod tests {
                 "3",
                 "--dedup",
                 "off",
+                "--repeat",
+                "2",
             ],
         ))
         .unwrap();

@@ -1,1 +1,523 @@
-fn main() {}
+//! `tmemctl`: inspect and steer a running `vhost-user-tmem` through its control
+//! socket.
+//!
+//! `stats [--json]`, `watch`, `config`, `set mem-limit SIZE`, `writeback N`,
+//! `drop-pool DEVICE POOL`, `metrics` (Prometheus text exposition).
+
+use std::{
+    fmt::Write as _,
+    io::{self, Write as _},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use vhost_user_tmem::{
+    control::{ClientError, ControlClient, Request, Stats, DEFAULT_CONTROL_PATH},
+    error_chain,
+    stats::OpLatency,
+    store::Counters,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tmemctl",
+    version,
+    about = "Inspect and steer a running vhost-user-tmem daemon"
+)]
+struct Cli {
+    /// The daemon's control socket (its --control).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_PATH)]
+    control: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Store counters, per device and per pool, and request latency.
+    Stats {
+        /// Print the daemon's stats object as one line of JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The stats view, refreshed until interrupted.
+    Watch {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
+    /// The daemon's configuration.
+    Config,
+    /// Change a setting at run time.
+    Set {
+        #[command(subcommand)]
+        what: SetCmd,
+    },
+    /// Write up to N of the coldest RAM pages to the spill file.
+    Writeback { pages: u64 },
+    /// Drop every page of one pool of one device.
+    DropPool { device: u32, pool: u32 },
+    /// Counters in the Prometheus text exposition format.
+    Metrics,
+}
+
+#[derive(Subcommand, Debug)]
+enum SetCmd {
+    /// RAM budget of the store, e.g. 512M or 4G.
+    MemLimit { size: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tmemctl: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), ClientError> {
+    let mut client = ControlClient::connect(&cli.control)?;
+    let mut out = io::stdout().lock();
+    let print =
+        |out: &mut io::StdoutLock, text: &str| out.write_all(text.as_bytes()).map_err(ClientError::Io);
+    match cli.cmd {
+        Cmd::Stats { json: true } => {
+            let reply = client.call(&Request::Stats)?;
+            print(&mut out, &format!("{}\n", reply["stats"]))
+        }
+        Cmd::Stats { json: false } => {
+            let stats = client.stats()?;
+            print(&mut out, &render_stats(&stats))
+        }
+        Cmd::Watch { interval } => {
+            let pause = Duration::try_from_secs_f64(interval.max(0.1)).unwrap_or(Duration::from_secs(1));
+            loop {
+                let stats = client.stats()?;
+                // Clear the screen and home the cursor, then draw.
+                print(&mut out, &format!("\x1b[2J\x1b[H{}", render_stats(&stats)))?;
+                out.flush().map_err(ClientError::Io)?;
+                std::thread::sleep(pause);
+            }
+        }
+        Cmd::Config => {
+            let reply = client.call(&Request::GetConfig)?;
+            print(&mut out, &render_config(&reply["config"]))
+        }
+        Cmd::Set {
+            what: SetCmd::MemLimit { size },
+        } => {
+            let reply = client.call(&Request::SetConfig {
+                mem_limit: Some(Value::String(size)),
+            })?;
+            let bytes = reply["config"]["mem_limit"].as_u64().unwrap_or(0);
+            print(&mut out, &format!("mem-limit set to {}\n", bytes_h(bytes)))
+        }
+        Cmd::Writeback { pages } => {
+            let reply = client.call(&Request::Writeback { pages })?;
+            let written = reply["written"].as_u64().unwrap_or(0);
+            print(&mut out, &format!("wrote back {written} pages\n"))
+        }
+        Cmd::DropPool { device, pool } => {
+            let reply = client.call(&Request::DropPool { device, pool })?;
+            let dropped = reply["dropped"].as_u64().unwrap_or(0);
+            print(
+                &mut out,
+                &format!("dropped {dropped} pages of pool {pool} on device {device}\n"),
+            )
+        }
+        Cmd::Metrics => {
+            let stats = client.stats()?;
+            print(&mut out, &render_metrics(&stats))
+        }
+    }
+}
+
+/// 1536 -> "1.5 KiB".
+fn bytes_h(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+fn ratio(orig: u64, compr: u64) -> String {
+    if compr == 0 {
+        "-".to_owned()
+    } else {
+        format!("{:.2}x", orig as f64 / compr as f64)
+    }
+}
+
+fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        "-".to_owned()
+    } else {
+        format!("{:.1}%", 100.0 * part as f64 / whole as f64)
+    }
+}
+
+fn latency(l: &OpLatency) -> String {
+    if l.count == 0 {
+        "-".to_owned()
+    } else {
+        format!("{:.1}/{:.1}", l.p50_us, l.p99_us)
+    }
+}
+
+fn render_stats(stats: &Stats) -> String {
+    let t = &stats.store.total;
+    let limit = stats.store.mem_limit_bytes;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "store: {} pages, RAM {} of {} ({}), spill file {} ({} pages)",
+        t.stored_pages,
+        bytes_h(t.mem_used_bytes),
+        bytes_h(limit),
+        percent(t.mem_used_bytes, limit),
+        bytes_h(t.spill_file_bytes),
+        t.spilled_pages,
+    );
+    let _ = writeln!(
+        s,
+        "  data {} -> {} compressed (ratio {}), same-filled {} ({}), unique {}, dedup hits {}",
+        bytes_h(t.orig_data_bytes),
+        bytes_h(t.compr_data_bytes),
+        ratio(t.orig_data_bytes, t.compr_data_bytes),
+        t.same_filled_pages,
+        percent(t.same_filled_pages, t.stored_pages),
+        t.unique_pages,
+        t.dedup_hits,
+    );
+    let _ = writeln!(
+        s,
+        "  stores {} ok / {} failed, loads {} / {} failed, invalidates {}, writebacks {}, spill reads {} writes {}",
+        t.succ_stores,
+        t.failed_stores,
+        t.loads,
+        t.failed_loads,
+        t.invalidates,
+        t.writebacks,
+        t.spill_reads,
+        t.spill_writes,
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "{:<4} {:<5} {:>6} {:>16} {:>16} {:>16}  SOCKET",
+        "DEV", "CONN", "QUEUES", "PUT p50/p99 us", "GET p50/p99 us", "INV p50/p99 us"
+    );
+    for d in &stats.devices {
+        let _ = writeln!(
+            s,
+            "{:<4} {:<5} {:>6} {:>16} {:>16} {:>16}  {}",
+            d.id,
+            if d.connected { "yes" } else { "no" },
+            d.queues,
+            latency(&d.latency.put),
+            latency(&d.latency.get),
+            latency(&d.latency.invalidate),
+            d.socket,
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "{:<4} {:>10} {:>9} {:>7} {:>11} {:>11} {:>7} {:>8} {:>9} {:>9}",
+        "DEV", "POOL", "PAGES", "SAME", "ORIG", "COMPR", "RATIO", "SPILLED", "STORES", "LOADS"
+    );
+    for (dev, guest) in &stats.store.guests {
+        let rows = guest
+            .pools
+            .iter()
+            .map(|(pool, c)| (pool.to_string(), c))
+            .chain(std::iter::once(("all".to_owned(), &guest.total)));
+        for (pool, c) in rows {
+            let _ = writeln!(
+                s,
+                "{:<4} {:>10} {:>9} {:>7} {:>11} {:>11} {:>7} {:>8} {:>9} {:>9}",
+                dev,
+                pool,
+                c.stored_pages,
+                percent(c.same_filled_pages, c.stored_pages),
+                bytes_h(c.orig_data_bytes),
+                bytes_h(c.compr_data_bytes),
+                ratio(c.orig_data_bytes, c.compr_data_bytes),
+                c.spilled_pages,
+                c.succ_stores,
+                c.loads,
+            );
+        }
+    }
+    s
+}
+
+fn render_config(config: &Value) -> String {
+    let mut s = String::new();
+    if let Some(obj) = config.as_object() {
+        for (key, value) in obj {
+            let shown = match (key.as_str(), value) {
+                ("mem_limit" | "spill_limit", Value::Number(n)) => bytes_h(n.as_u64().unwrap_or(0)),
+                (_, Value::String(text)) => text.clone(),
+                (_, Value::Array(items)) => items
+                    .iter()
+                    .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                (_, Value::Null) => "-".to_owned(),
+                (_, other) => other.to_string(),
+            };
+            let _ = writeln!(s, "{key:<15} {shown}");
+        }
+    }
+    s
+}
+
+/// Counters that only ever grow (Prometheus `counter`, `_total` suffix); the
+/// other fields are levels (`gauge`).
+const MONOTONIC: [&str; 9] = [
+    "succ_stores",
+    "failed_stores",
+    "loads",
+    "failed_loads",
+    "invalidates",
+    "dedup_hits",
+    "spill_reads",
+    "spill_writes",
+    "writebacks",
+];
+
+fn help(name: &str) -> &'static str {
+    match name {
+        "succ_stores" => "Pages stored (PUT and PUT_FILL answered OK).",
+        "failed_stores" => "Stores that were rejected or failed.",
+        "loads" => "GET requests served.",
+        "failed_loads" => "GET requests that found no page or failed.",
+        "invalidates" => "Pages invalidated.",
+        "stored_pages" => "Pages currently held.",
+        "same_filled_pages" => "Held pages made of one repeated 8-byte value (metadata only).",
+        "dedup_hits" => "Stores that found an identical page already held.",
+        "unique_pages" => "Distinct page contents held.",
+        "orig_data_bytes" => "Uncompressed size of the pages held.",
+        "compr_data_bytes" => "Compressed size of the pages held.",
+        "mem_used_bytes" => "Host RAM used by the store.",
+        "spilled_pages" => "Pages held in the spill file.",
+        "spill_file_bytes" => "Size of the spill file.",
+        "spill_reads" => "Pages read back from the spill file.",
+        "spill_writes" => "Pages written to the spill file.",
+        "writebacks" => "Pages moved from RAM to the spill file.",
+        _ => "Store counter.",
+    }
+}
+
+/// The counter fields of a `Counters`, by name, in a stable order.
+fn fields(c: &Counters) -> Vec<(String, u64)> {
+    match serde_json::to_value(c) {
+        Ok(Value::Object(map)) => map
+            .into_iter()
+            .filter_map(|(k, v)| v.as_u64().map(|v| (k, v)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn render_metrics(stats: &Stats) -> String {
+    let mut s = String::new();
+    let total = fields(&stats.store.total);
+    for (name, value) in &total {
+        let monotonic = MONOTONIC.contains(&name.as_str());
+        let kind = if monotonic { "counter" } else { "gauge" };
+        let suffix = if monotonic { "_total" } else { "" };
+
+        let metric = format!("tmem_store_{name}{suffix}");
+        let _ = writeln!(s, "# HELP {metric} {} All devices.", help(name));
+        let _ = writeln!(s, "# TYPE {metric} {kind}");
+        let _ = writeln!(s, "{metric} {value}");
+
+        let metric = format!("tmem_{name}{suffix}");
+        let _ = writeln!(s, "# HELP {metric} {} Per device and pool.", help(name));
+        let _ = writeln!(s, "# TYPE {metric} {kind}");
+        for (dev, guest) in &stats.store.guests {
+            for (pool, counters) in &guest.pools {
+                if let Some((_, v)) = fields(counters).into_iter().find(|(k, _)| k == name) {
+                    let _ = writeln!(s, "{metric}{{device=\"{dev}\",pool=\"{pool}\"}} {v}");
+                }
+            }
+        }
+    }
+    let _ = writeln!(s, "# HELP tmem_mem_limit_bytes RAM budget of the store.");
+    let _ = writeln!(s, "# TYPE tmem_mem_limit_bytes gauge");
+    let _ = writeln!(s, "tmem_mem_limit_bytes {}", stats.store.mem_limit_bytes);
+    let _ = writeln!(
+        s,
+        "# HELP tmem_device_connected Whether a VMM is attached to the device."
+    );
+    let _ = writeln!(s, "# TYPE tmem_device_connected gauge");
+    for d in &stats.devices {
+        let _ = writeln!(
+            s,
+            "tmem_device_connected{{device=\"{}\",socket=\"{}\"}} {}",
+            d.id,
+            escape_label(&d.socket),
+            u8::from(d.connected)
+        );
+    }
+    let metric = "tmem_request_latency_microseconds";
+    let _ = writeln!(s, "# HELP {metric} Time to serve one request, by op.");
+    let _ = writeln!(s, "# TYPE {metric} summary");
+    for d in &stats.devices {
+        for (op, l) in [
+            ("put", &d.latency.put),
+            ("get", &d.latency.get),
+            ("invalidate", &d.latency.invalidate),
+        ] {
+            let labels = format!("device=\"{}\",op=\"{op}\"", d.id);
+            let _ = writeln!(s, "{metric}{{{labels},quantile=\"0.5\"}} {}", l.p50_us);
+            let _ = writeln!(s, "{metric}{{{labels},quantile=\"0.99\"}} {}", l.p99_us);
+            let _ = writeln!(s, "{metric}_count{{{labels}}} {}", l.count);
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use vhost_user_tmem::{
+        control::DeviceStats,
+        stats::Latency,
+        store::{GuestStats, StoreStats},
+    };
+
+    use super::*;
+
+    fn sample() -> Stats {
+        let pool = Counters {
+            succ_stores: 10,
+            stored_pages: 8,
+            same_filled_pages: 2,
+            orig_data_bytes: 8 * 4096,
+            compr_data_bytes: 8192,
+            ..Counters::default()
+        };
+        let mut pools = BTreeMap::new();
+        pools.insert(4, pool.clone());
+        let mut guests = BTreeMap::new();
+        guests.insert(
+            0,
+            GuestStats {
+                total: pool.clone(),
+                pools,
+            },
+        );
+        Stats {
+            store: StoreStats {
+                total: Counters {
+                    mem_used_bytes: 3 << 20,
+                    ..pool
+                },
+                mem_limit_bytes: 512 << 20,
+                guests,
+            },
+            devices: vec![DeviceStats {
+                id: 0,
+                socket: "/run/vm\"0\".sock".into(),
+                connected: true,
+                queues: 2,
+                latency: Latency {
+                    put: OpLatency {
+                        p50_us: 3.5,
+                        p99_us: 12.0,
+                        count: 10,
+                    },
+                    ..Latency::default()
+                },
+            }],
+        }
+    }
+
+    #[test]
+    fn units() {
+        assert_eq!(bytes_h(0), "0 B");
+        assert_eq!(bytes_h(1023), "1023 B");
+        assert_eq!(bytes_h(1536), "1.5 KiB");
+        assert_eq!(bytes_h(512 << 20), "512.0 MiB");
+        assert_eq!(bytes_h(5 << 30), "5.0 GiB");
+        assert_eq!(ratio(8, 2), "4.00x");
+        assert_eq!(ratio(8, 0), "-");
+        assert_eq!(percent(1, 4), "25.0%");
+        assert_eq!(percent(1, 0), "-");
+    }
+
+    #[test]
+    fn stats_table() {
+        let text = render_stats(&sample());
+        assert!(text.contains("RAM 3.0 MiB of 512.0 MiB (0.6%)"), "{text}");
+        assert!(text.contains("ratio 4.00x"), "{text}");
+        assert!(text.contains("3.5/12.0"), "{text}");
+        assert!(text.contains("25.0%"), "{text}");
+        assert!(text.contains(" all "), "{text}");
+    }
+
+    #[test]
+    fn metrics_exposition() {
+        let text = render_metrics(&sample());
+        assert!(text.contains("# TYPE tmem_succ_stores_total counter"), "{text}");
+        assert!(
+            text.contains("tmem_succ_stores_total{device=\"0\",pool=\"4\"} 10"),
+            "{text}"
+        );
+        assert!(text.contains("tmem_store_stored_pages 8"), "{text}");
+        assert!(text.contains("# TYPE tmem_stored_pages gauge"), "{text}");
+        assert!(text.contains("tmem_mem_limit_bytes 536870912"), "{text}");
+        assert!(text.contains(r#"socket="/run/vm\"0\".sock"} 1"#), "{text}");
+        assert!(
+            text.contains("tmem_request_latency_microseconds{device=\"0\",op=\"put\",quantile=\"0.99\"} 12")
+        );
+        // Every sample line belongs to a family declared before it.
+        let mut declared = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                declared.insert(rest.split(' ').next().unwrap().to_owned());
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                let family = name.strip_suffix("_count").unwrap_or(name);
+                assert!(declared.contains(name) || declared.contains(family), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn cli_parses() {
+        let cli = Cli::parse_from(["tmemctl", "--control", "/tmp/c", "stats", "--json"]);
+        assert_eq!(cli.control, PathBuf::from("/tmp/c"));
+        assert!(matches!(cli.cmd, Cmd::Stats { json: true }));
+        let cli = Cli::parse_from(["tmemctl", "set", "mem-limit", "1G"]);
+        assert!(matches!(cli.cmd, Cmd::Set { what: SetCmd::MemLimit { ref size } } if size == "1G"));
+        assert_eq!(cli.control, PathBuf::from(DEFAULT_CONTROL_PATH));
+        let cli = Cli::parse_from(["tmemctl", "drop-pool", "1", "7"]);
+        assert!(matches!(cli.cmd, Cmd::DropPool { device: 1, pool: 7 }));
+        assert!(Cli::try_parse_from(["tmemctl", "writeback", "-3"]).is_err());
+    }
+}

@@ -249,7 +249,9 @@ impl DeviceLoop {
         backend.close();
         drop(daemon);
         let dropped = self.store.drop_guest(self.shared.guest());
-        info!("device {id}: VMM disconnected, dropped {dropped} pages");
+        if dropped > 0 || !self.stopping.load(Ordering::SeqCst) {
+            info!("device {id}: VMM disconnected, dropped {dropped} pages");
+        }
         result
     }
 }

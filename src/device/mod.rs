@@ -299,11 +299,15 @@ impl TmemBackend {
             return;
         };
         let mut worker = worker.lock();
+        // Rounds in a row that took nothing although the ring said there was
+        // work: a legitimate race costs one, a broken ring keeps them coming.
+        let mut idle_rounds = 0;
         loop {
             let Some(batch) = self.run_batch(queue, vring, &mut worker) else {
                 return;
             };
-            if !self.poll.is_zero() && self.spin(&batch.mark) {
+            idle_rounds = if batch.processed == 0 { idle_rounds + 1 } else { 0 };
+            if !self.poll.is_zero() && idle_rounds < 2 && self.spin(&batch.mark) {
                 continue;
             }
             // Ask for kicks again; if the driver slipped in more work before
@@ -316,9 +320,10 @@ impl TmemBackend {
             }
             match state.get_queue_mut().enable_notification(&*mem) {
                 Ok(false) => return,
-                Ok(true) if batch.processed > 0 => continue,
-                // More work announced but none could be taken: the avail
-                // index is garbage. Wait for the next kick instead of spinning.
+                Ok(true) if idle_rounds < 2 => continue,
+                // Work announced again and again but none could be taken: the
+                // avail index or ring is garbage. Wait for the next kick
+                // instead of spinning on it.
                 Ok(true) => {
                     self.log_error(queue, &BrokenRing(batch.mark.next_avail));
                     return;
@@ -506,7 +511,7 @@ fn ring_live(state: &VringState<GuestMemory>) -> bool {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("avail index runs more than a ring ahead of {0}; waiting for the next kick")]
+#[error("driver announces requests after {0} that cannot be taken off the ring; waiting for the next kick")]
 struct BrokenRing(u16);
 
 impl VhostUserBackend for TmemBackend {

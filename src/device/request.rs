@@ -24,7 +24,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions}
 
 use crate::protocol::{HeaderError, Op, RequestHeader, HEADER_SIZE, PAGE_SIZE};
 
-/// Most descriptors we accept in one chain. A well-formed request is at most
+/// Most non-empty descriptors we accept in one chain. A well-formed request is at most
 /// header + page + status, and a page is contiguous in guest-physical memory,
 /// so a driver needs 3 or 4; 64 leaves room for odd layouts while bounding the
 /// work and stack (1 KiB per direction) a guest can make one request cost.
@@ -32,7 +32,7 @@ pub const MAX_DESCRIPTORS: usize = 64;
 
 #[derive(Debug, Error)]
 pub enum ChainError {
-    #[error("chain has more than {MAX_DESCRIPTORS} descriptors")]
+    #[error("chain has more than {MAX_DESCRIPTORS} non-empty descriptors")]
     TooManyDescriptors,
     #[error("device-readable descriptor follows a device-writable one")]
     ReadableAfterWritable,
@@ -40,6 +40,8 @@ pub enum ChainError {
     OutOfRange { addr: u64, len: u32 },
     #[error("chain carries more bytes than fit in usize")]
     TooLong,
+    #[error("chain breaks off: a next link loops, leaves the table, or points at an unreadable descriptor")]
+    Truncated,
     #[error("chain has no device-writable byte for the status")]
     NoStatus,
     #[error("header needs {HEADER_SIZE} device-readable bytes, chain has {0}")]
@@ -215,8 +217,10 @@ where
 
     // The iterator stops by itself on a loop (its TTL is the table size), on a
     // `next` beyond the table and on unreadable descriptors, so this walk is
-    // bounded even when we stop storing segments.
+    // bounded even past the cap, where segments are no longer stored.
+    let mut last_has_next = false;
     for desc in chain {
+        last_has_next = desc.has_next();
         let (addr, len) = (desc.addr().0, desc.len());
         if len == 0 {
             continue;
@@ -245,6 +249,11 @@ where
         .filter(|&addr| mem.check_range(addr, 1, Permissions::Write));
     let reject = |error| Rejection { error, status };
 
+    // The iterator ends quietly when it runs out of TTL or meets a bad link;
+    // the last descriptor it gave still saying "more follows" is how we tell.
+    if last_has_next {
+        first_error.get_or_insert(ChainError::Truncated);
+    }
     if let Some(error) = first_error {
         return Err(reject(error));
     }
@@ -311,7 +320,7 @@ fn check_range<M: GuestMemory + ?Sized>(
 #[cfg(test)]
 mod tests {
     use assert_matches::assert_matches;
-    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::{
         desc::{split::Descriptor, RawDescriptor},
         mock::MockSplitQueue,
@@ -593,12 +602,58 @@ mod tests {
     #[test]
     fn longest_accepted_chain() {
         let mem = memory();
-        // 24 one-byte header descriptors, 39 empty ones, one status: 64 stored.
+        // PUT: 24 one-byte header descriptors, the page in 39 pieces and the
+        // status: 64, with empty descriptors between them (they do not count).
         let mut descs: Vec<_> = (0..24).map(|i| r(BUF + i, 1)).collect();
-        descs.extend((0..39).map(|_| r(BUF, 0)));
-        descs.push(w(BUF + 0x100, 1));
-        let req = parse_with(&mem, &header(4, 0), &descs).unwrap();
-        assert_eq!(req.header.op, Op::InvalidatePool);
+        descs.extend((0..20).map(|_| r(BUF, 0)));
+        descs.extend((0..38).map(|i| r(BUF + 24 + i * 100, 100)));
+        descs.push(r(BUF + 24 + 3800, 296));
+        descs.push(w(BUF + 0x2000, 1));
+        let req = parse_with(&mem, &put_bytes(), &descs).unwrap();
+        let mut page = [0u8; PAGE_SIZE];
+        req.read_page(&mem, &mut page).unwrap();
+        assert_eq!(&page[..], &put_bytes()[24..]);
+        // GET: the header, then page and status in 63 writable pieces.
+        let mut descs = vec![r(BUF, 24)];
+        descs.extend((0..62).map(|i| w(BUF + 0x2000 + i * 64, 64)));
+        descs.push(w(BUF + 0x2000 + 62 * 64, 129));
+        let req = parse_with(&mem, &header(2, 0), &descs).unwrap();
+        assert_eq!(req.status, GuestAddress(BUF + 0x2000 + 4096));
+    }
+
+    #[test]
+    fn looping_chain_is_truncated() {
+        let mem = memory();
+        mem.write_slice(&header(3, 0), GuestAddress(BUF)).unwrap();
+        let queue = MockSplitQueue::new(&mem, 16);
+        let next = VRING_DESC_F_NEXT as u16;
+        let write = VRING_DESC_F_WRITE as u16;
+        // 0 -> 1 -> 0 -> ...: header, status, header, ...
+        let descs = [
+            RawDescriptor::from(Descriptor::new(BUF, 24, next, 1)),
+            RawDescriptor::from(Descriptor::new(BUF + 0x100, 1, next | write, 0)),
+        ];
+        let chain = queue.build_multiple_desc_chains(&descs).unwrap();
+        let rej = parse(chain, &mem).err().unwrap();
+        // The walk meets the header again after the status first.
+        assert_matches!(rej.error, ChainError::ReadableAfterWritable);
+        // A chain whose only loop is on the status: cut off by the TTL.
+        let descs = [
+            RawDescriptor::from(Descriptor::new(BUF, 24, next, 1)),
+            RawDescriptor::from(Descriptor::new(BUF + 0x100, 1, next | write, 1)),
+        ];
+        let chain = queue.build_multiple_desc_chains(&descs).unwrap();
+        let rej = parse(chain, &mem).err().unwrap();
+        assert_matches!(rej.error, ChainError::Truncated);
+        assert_eq!(rej.status, Some(GuestAddress(BUF + 0x100)));
+        // A next index beyond the table.
+        let descs = [
+            RawDescriptor::from(Descriptor::new(BUF, 24, next, 1)),
+            RawDescriptor::from(Descriptor::new(BUF + 0x100, 1, next | write, 999)),
+        ];
+        let chain = queue.build_multiple_desc_chains(&descs).unwrap();
+        let rej = parse(chain, &mem).err().unwrap();
+        assert_matches!(rej.error, ChainError::Truncated);
     }
 
     #[test]

@@ -175,7 +175,12 @@ pub struct MemoryUse {
     pub payload_chunk_bytes: u64,
     /// The rest: index and dedup tables, object records, free lists, shard arrays.
     pub metadata_bytes: u64,
+    /// Part of the metadata: the index tables ((guest, pool, index) -> handle).
+    pub index_bytes: u64,
+    /// Part of the metadata: object records, dedup tables, allocator tables, object counters.
+    pub object_bytes: u64,
     pub stored_pages: u64,
+    pub objects: u64,
 }
 
 /// Keeps each shard's lock on its own cache lines (two, for adjacent-line prefetch).
@@ -604,20 +609,28 @@ impl Store {
 
     /// Where the RAM goes: payload chunks versus everything else.
     pub fn memory(&self) -> MemoryUse {
-        let payload_chunk_bytes: u64 = self.objects.iter().map(|s| s.0.lock().chunk_bytes()).sum();
-        let total_bytes = self.budget.used();
-        let mut stored_pages = 0;
-        for shard in self.index.iter() {
-            shard
-                .0
-                .lock()
-                .add_stats(|_, _, c, _| stored_pages += c.stored_pages);
+        let (mut payload_chunk_bytes, mut object_bytes, mut objects) = (0, 0, 0);
+        for shard in self.objects.iter() {
+            let shard = shard.0.lock();
+            payload_chunk_bytes += shard.chunk_bytes();
+            object_bytes += shard.heap_bytes() - shard.chunk_bytes();
+            objects += u64::from(shard.live_objects());
         }
+        let (mut index_bytes, mut stored_pages) = (0, 0);
+        for shard in self.index.iter() {
+            let shard = shard.0.lock();
+            index_bytes += shard.heap_bytes();
+            shard.add_stats(|_, _, c, _| stored_pages += c.stored_pages);
+        }
+        let total_bytes = self.budget.used();
         MemoryUse {
             total_bytes,
             payload_chunk_bytes,
             metadata_bytes: total_bytes.saturating_sub(payload_chunk_bytes),
+            index_bytes,
+            object_bytes,
             stored_pages,
+            objects,
         }
     }
 

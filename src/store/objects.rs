@@ -103,7 +103,6 @@ impl ObjShard {
             + (self.dedup.allocation_size() + self.owners.capacity() * std::mem::size_of::<Counters>()) as u64
     }
 
-    #[cfg(test)]
     pub fn live_objects(&self) -> u32 {
         self.slab.live()
     }

@@ -103,7 +103,6 @@ impl Slab {
             + self.blocks.capacity() * std::mem::size_of::<Box<[Obj]>>()) as u64
     }
 
-    #[cfg(test)]
     pub fn live(&self) -> u32 {
         self.live
     }

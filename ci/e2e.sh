@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# End-to-end test: Debian guest kernels (6.12 and 6.1) swap through the
+# patched QEMU into the daemon; the guest verifies every page and the host
+# checks the daemon's counters during and after the run.
+#   E2E_KERNELS="6.12 6.1"  which guest kernels to run
+#   E2E_TIMEOUT=1200        seconds per guest run
+#   E2E_FAULT=1             also kill the daemon under a swapping 6.12 guest
+# Artifacts: target/e2e/console-<kernel>.log, daemon-<kernel>.log, stats-*.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GUEST_MEM=${GUEST_MEM:-192M}
+# shellcheck source=ci/lib-guest.sh
+source ci/lib-guest.sh
+
+E2E_KERNELS=${E2E_KERNELS:-6.12 6.1}
+E2E_TIMEOUT=${E2E_TIMEOUT:-1200}
+ART=$TMEM_ROOT/target/e2e
+mkdir -p "$ART"
+
+cleanup() { stop_guest; stop_daemon || true; }
+trap cleanup EXIT
+
+t() { local s=$SECONDS; "$@"; log "$* took $((SECONDS - s))s"; }
+
+FAILED=0
+check() { # check NAME CONDITION_RESULT(true/false) DETAIL
+    if [ "$2" = true ]; then
+        log "ok   $1 ($3)"
+    else
+        log "FAIL $1 ($3)"
+        FAILED=1
+    fi
+}
+
+# jq over a file of JSON lines: the maximum of a counter across samples.
+max_of() { jq -s "map(.store.total.$2) | max // 0" "$1"; }
+
+run_guest() {
+    local label=$1
+    local run=$GUEST_OUT/run-$label console=$ART/console-$label.log s
+    rm -rf "$run" && mkdir -p "$run"
+    : >"$run/samples.jsonl"
+    start_daemon "$run" --mem-limit 8M --spill-file "$run/spill.bin" --spill-limit 2G \
+        --queues "$GUEST_CPUS" --capacity 1G
+    local t0=$SECONDS
+    start_guest "$QEMU" "$KERNEL_DIR" "$INITRD" "$run/tmem.sock" "$console" \
+        tmemfactor="${E2E_FACTOR:-3}" tmemhold=10
+    log "guest $label started (console: $console)"
+
+    # During the run: sample the daemon's stats until the guest swapped off.
+    local end=$((SECONDS + E2E_TIMEOUT)) swapped_off=false
+    while [ $SECONDS -lt $end ]; do
+        stats_json "$run" >>"$run/samples.jsonl" 2>>"$run/tmemctl.err" || true
+        if grep -q 'TMEM-E2E: SWAPOFF' "$console"; then swapped_off=true; break; fi
+        kill -0 "$QEMU_PID" 2>/dev/null || break
+        grep -q 'TMEM-E2E-DONE' "$console" && break
+        sleep 2
+    done
+    grep -E 'swaptest:|SWAPTEST' "$console" | tail -4 || true
+    check "$label: guest reached swapoff" "$swapped_off" "after $((SECONDS - t0))s"
+
+    # After swapoff the guest holds for tmemhold seconds: every page of the
+    # device must be gone from the host by then (pending invalidations drain).
+    local stored=-1
+    if [ "$swapped_off" = true ]; then
+        for s in $(seq 16); do
+            stats_json "$run" >"$ART/stats-after-swapoff-$label.json" 2>>"$run/tmemctl.err" || true
+            stored=$(jq '.store.total.stored_pages' "$ART/stats-after-swapoff-$label.json" 2>/dev/null || echo -1)
+            [ "$stored" = 0 ] && break
+            sleep 0.5
+        done
+    fi
+    check "$label: stored_pages == 0 after swapoff" "$([ "$stored" = 0 ] && echo true || echo false)" "stored_pages=$stored"
+
+    wait_console "$console" 'TMEM-E2E-DONE' 60 || true
+    local i
+    for i in $(seq 60); do kill -0 "$QEMU_PID" 2>/dev/null || break; sleep 0.5; done
+    stop_guest
+    log "guest $label ran $((SECONDS - t0))s"
+
+    stats_json "$run" >"$ART/stats-final-$label.json" 2>>"$run/tmemctl.err" || true
+    cat "$run/samples.jsonl" "$ART/stats-final-$label.json" >"$ART/stats-samples-$label.jsonl"
+    local all=$ART/stats-samples-$label.jsonl v
+    for c in succ_stores loads dedup_hits same_filled_pages spilled_pages; do
+        v=$(max_of "$all" "$c")
+        check "$label: $c > 0" "$([ "$v" -gt 0 ] && echo true || echo false)" "max $c=$v"
+    done
+    v=$(max_of "$all" failed_loads)
+    check "$label: failed_loads == 0" "$([ "$v" = 0 ] && echo true || echo false)" "failed_loads=$v"
+    check "$label: guest printed SWAPTEST PASS" \
+        "$(grep -q '^SWAPTEST PASS' "$console" && echo true || echo false)" "$(grep -a -m1 '^SWAPTEST' "$console" || echo none)"
+    check "$label: guest finished cleanly" \
+        "$(grep -q 'TMEM-E2E-DONE rc=0' "$console" && echo true || echo false)" "$(grep -a -m1 'TMEM-E2E-DONE' "$console" || echo 'no DONE marker')"
+    if grep -a -q -E 'Oops|BUG:|WARNING:|Call Trace|Kernel panic' "$console"; then
+        check "$label: no kernel warnings" false "see $console"
+    fi
+
+    local rc=0
+    stop_daemon || rc=$?
+    check "$label: daemon exits 0 on SIGTERM" "$([ $rc = 0 ] && echo true || echo false)" "rc=$rc"
+    cp "$run/daemon.log" "$ART/daemon-$label.log"
+    if [ $FAILED != 0 ]; then
+        echo "---- console ($console), last 40 lines ----" >&2
+        tail -40 "$console" >&2
+        echo "---- daemon log, last 20 lines ----" >&2
+        tail -20 "$run/daemon.log" >&2
+    fi
+}
+
+# Surprise loss of the device: the daemon is killed while the guest swaps.
+# The driver must turn the stalled requests into I/O errors (io_timeout_ms)
+# instead of hanging the guest: the guest must still reach its DONE marker
+# and no kernel oops/BUG may appear.
+run_fault() {
+    local label=$1
+    local run=$GUEST_OUT/run-fault-$label console=$ART/console-fault-$label.log
+    rm -rf "$run" && mkdir -p "$run"
+    start_daemon "$run" --mem-limit 8M --spill-file "$run/spill.bin" --spill-limit 2G \
+        --queues "$GUEST_CPUS" --capacity 1G
+    local t0=$SECONDS
+    start_guest "$QEMU" "$KERNEL_DIR" "$INITRD" "$run/tmem.sock" "$console" \
+        tmemfactor=2 tmemhold=1 tmemcg=48M tmemargs=io_timeout_ms=3000
+    log "fault run $label: guest started (console: $console)"
+    if wait_console "$console" 'swaptest: filled [4-9][0-9]%' "$E2E_TIMEOUT"; then
+        kill -KILL "$DAEMON_PID" 2>/dev/null || true
+        wait "$DAEMON_PID" 2>/dev/null || true
+        DAEMON_PID=""
+        log "fault run $label: daemon killed after $((SECONDS - t0))s"
+    fi
+    local done=false
+    wait_console "$console" 'TMEM-E2E-DONE' 300 && done=true
+    check "$label fault: guest survives losing the device" "$done" \
+        "$(grep -a -m1 'TMEM-E2E-DONE' "$console" || echo 'no DONE marker: guest hung')"
+    check "$label fault: driver reported the device unusable" \
+        "$(grep -a -q 'device unusable' "$console" && echo true || echo false)" \
+        "$(grep -a -m1 'device unusable' "$console" | tr -d '\r' || echo none)"
+    check "$label fault: no kernel oops or BUG" \
+        "$(grep -a -q -E 'Oops|BUG:|Kernel panic|hung_task|blocked for more than' "$console" && echo false || echo true)" "see $console"
+    stop_guest
+    log "fault run $label took $((SECONDS - t0))s"
+}
+
+T_START=$SECONDS
+t bash ci/deps.sh guest
+s=$SECONDS; QEMU=$(build_qemu); log "QEMU ready after $((SECONDS - s))s: $QEMU"
+t build_daemon
+
+for want in $E2E_KERNELS; do
+    suite=""
+    for spec in "${GUEST_KERNEL_SUITES[@]}"; do
+        read -r label sfx <<<"$spec"
+        [ "$label" = "$want" ] && suite=$sfx
+    done
+    [ -n "$suite" ] || die "unknown guest kernel $want (known: ${GUEST_KERNEL_SUITES[*]})"
+    s=$SECONDS
+    prepare_guest "$suite"
+    log "kernel $want fetched and module built in $((SECONDS - s))s"
+    run_guest "$want"
+    if [ "$want" = "${E2E_FAULT_KERNEL:-6.12}" ] && [ "${E2E_FAULT:-1}" = 1 ]; then
+        run_fault "$want"
+    fi
+done
+
+log "end-to-end total $((SECONDS - T_START))s"
+if [ $FAILED != 0 ]; then
+    echo "END-TO-END FAILED (artifacts in $ART)" >&2
+    exit 1
+fi
+echo "end-to-end passed (artifacts in $ART)"

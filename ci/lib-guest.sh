@@ -1,0 +1,370 @@
+#!/usr/bin/env bash
+# Shared shell functions for the guest side: extra apt suites, the patched QEMU
+# build, Debian guest kernels, the virtio_tmem module, the initramfs and one
+# guest boot. Sourced by ci/e2e.sh and ci/demo.sh; nothing runs on sourcing.
+# shellcheck disable=SC2034
+
+TMEM_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TMEM_CACHE=${TMEM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-tmem}
+QEMU_SUITE=trixie
+# Debian guest kernels: "<label> <suite>" (newest linux-image-amd64 of the suite)
+GUEST_KERNEL_SUITES=(
+    "6.12 bookworm-backports"
+    "6.1 bookworm"
+)
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# The machine's own Debian mirror (first non-security URI of its apt sources),
+# so that no registry host name is ever written into this repository.
+debian_mirror_uri() {
+    local f uri=""
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -r "$f" ] || continue
+        uri=$(awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' "$f")
+        [ -n "$uri" ] && break
+    done
+    if [ -z "$uri" ] && [ -r /etc/apt/sources.list ]; then
+        uri=$(awk '$1 == "deb" && $0 !~ /security/ { for (i = 2; i <= NF; i++) if ($i ~ /:\/\//) { print $i; exit } }' /etc/apt/sources.list)
+    fi
+    [ -n "$uri" ] || die "cannot find a Debian mirror in the apt sources of this machine"
+    printf '%s\n' "$uri"
+}
+
+# Adds the suites the guest side needs (trixie sources for QEMU, bookworm-
+# backports binaries for the 6.12 guest kernel) in a separate sources file.
+# Backports are NotAutomatic, so nothing installed on the host changes.
+ensure_apt_suites() {
+    local file=/etc/apt/sources.list.d/vhost-user-tmem.sources uri want
+    uri=$(debian_mirror_uri)
+    want=$(cat <<SRC
+# Written by vhost-user-tmem ci/lib-guest.sh (derived from this machine's apt sources).
+Types: deb-src
+URIs: $uri
+Suites: $QEMU_SUITE
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: $uri
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+)
+    if [ ! -f "$file" ] || [ "$(cat "$file")" != "$want" ]; then
+        log "adding apt suites ($QEMU_SUITE sources, bookworm-backports) from $uri"
+        printf '%s\n' "$want" | as_root tee "$file" >/dev/null
+        as_root apt-get update -qq
+    elif [ -z "$(find /var/lib/apt/lists -maxdepth 1 -name "*${QEMU_SUITE}_main_source_Sources*" -print -quit)" ]; then
+        as_root apt-get update -qq
+    fi
+}
+
+# ---------------------------------------------------------------------------
+# QEMU: Debian's qemu source package for $QEMU_SUITE plus ci/qemu/*.patch,
+# built once and cached by version and patch hash.
+
+QEMU_PATCH=$TMEM_ROOT/ci/qemu/vhost-user-tmem.patch
+QEMU_FIRMWARE_ARGS=(-L /usr/share/seabios -L /usr/share/qemu)
+
+qemu_cache_dir() {
+    local ver hash
+    # showsrc lists every suite; pick the newest version known for QEMU_SUITE.
+    ver=$(apt-cache showsrc qemu | awk '/^Version:/ { print $2 }' | sort -V | tail -1)
+    [ -n "$ver" ] || die "apt knows no qemu source package (is the $QEMU_SUITE deb-src line there?)"
+    hash=$(sha256sum "$QEMU_PATCH" | cut -c1-12)
+    printf '%s/qemu-%s-%s\n' "$TMEM_CACHE" "${ver//[:~+]/_}" "$hash"
+}
+
+# Prints the path of the patched qemu-system-x86_64, building it if needed.
+build_qemu() {
+    ensure_apt_suites
+    local out src work venv
+    out=$(qemu_cache_dir)
+    if [ -x "$out/bin/qemu-system-x86_64" ]; then
+        printf '%s\n' "$out/bin/qemu-system-x86_64"
+        return 0
+    fi
+    mkdir -p "$TMEM_CACHE"
+    work=$(mktemp -d "$TMEM_CACHE/qemu-build.XXXXXX")
+    log "building QEMU into $out (work dir $work; takes several minutes)"
+    (
+        set -euo pipefail
+        cd "$work"
+        apt-get source --download-only -qq "qemu/$QEMU_SUITE" >/dev/null 2>&1 ||
+            apt-get source --download-only "qemu/$QEMU_SUITE"
+        tar xf qemu_*.orig.tar.*
+        src=$(find . -maxdepth 1 -type d -name 'qemu-*' | head -1)
+        cd "$src"
+        patch -p1 --forward <"$QEMU_PATCH"
+        grep -q '\[63\] = "virtio-tmem"' hw/virtio/virtio.c
+        venv=$TMEM_CACHE/qemu-venv
+        if [ ! -x "$venv/bin/meson" ]; then
+            /usr/bin/python3 -m venv "$venv"
+            "$venv/bin/pip" install -q 'meson>=1.5,<2' pycotap
+        fi
+        mkdir build
+        cd build
+        ../configure --python="$venv/bin/python3" \
+            --target-list=x86_64-softmmu --without-default-features \
+            --enable-vhost-user --enable-tcg --enable-kvm --enable-fdt=system \
+            --disable-docs --disable-install-blobs >configure.log 2>&1 ||
+            { tail -40 configure.log >&2; exit 1; }
+        ninja -j"$(nproc)" qemu-system-x86_64 >ninja.log 2>&1 ||
+            { tail -60 ninja.log >&2; exit 1; }
+        mkdir -p "$out.tmp/bin"
+        cp qemu-system-x86_64 "$out.tmp/bin/"
+        cp "$QEMU_PATCH" "$out.tmp/"
+        rm -rf "$out"
+        mv "$out.tmp" "$out"
+    ) >&2 || { rm -rf "$work"; die "QEMU build failed"; }
+    rm -rf "$work"
+    log "QEMU built: $out/bin/qemu-system-x86_64"
+    printf '%s\n' "$out/bin/qemu-system-x86_64"
+}
+
+# ---------------------------------------------------------------------------
+# Debian guest kernels: the image (vmlinuz + the virtio modules it needs) is
+# downloaded and unpacked into the cache; the matching headers are installed
+# with apt, so that Debian's kbuild symlinks resolve.
+
+GUEST_MODULES=(virtio_pci)
+
+# Prints "<abi> <version>" of the newest linux-image-amd64 in a suite.
+guest_kernel_abi() {
+    local suite=$1 ver pkg
+    ver=$(apt-cache madison linux-image-amd64 |
+        awk -F' *[|] *' -v s="$suite" '$3 ~ (" " s "(-security|-updates)?/") { print $2 }' |
+        sort -V | tail -1)
+    [ -n "$ver" ] || die "no linux-image-amd64 in suite $suite"
+    pkg=$(apt-cache show "linux-image-amd64=$ver" |
+        sed -n 's/^Depends: *\(linux-image-[^ ,]*\).*/\1/p' | head -1)
+    [ -n "$pkg" ] || die "cannot resolve linux-image-amd64=$ver"
+    printf '%s %s\n' "${pkg#linux-image-}" "$ver"
+}
+
+# fetch_guest_kernel SUITE: prints the cache dir holding vmlinuz, modules/
+# (the virtio .ko files, decompressed, with modules.order listing them in load
+# order) and kdir (the path of the installed headers).
+fetch_guest_kernel() {
+    local suite=$1 abi ver dir tmp kdir
+    ensure_apt_suites
+    read -r abi ver < <(guest_kernel_abi "$suite")
+    dir=$TMEM_CACHE/kernels/$abi
+    kdir=/usr/src/linux-headers-$abi
+    if [ ! -f "$kdir/Makefile" ]; then
+        log "installing headers linux-headers-$abi ($ver)"
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
+            "linux-headers-$abi=$ver" >/dev/null ||
+            die "apt-get install linux-headers-$abi=$ver failed"
+    fi
+    if [ -f "$dir/modules/modules.order" ] && [ -f "$dir/vmlinuz" ]; then
+        printf '%s\n' "$dir"
+        return 0
+    fi
+    log "fetching guest kernel linux-image-$abi ($ver)"
+    rm -rf "$dir" && mkdir -p "$dir/modules"
+    tmp=$(mktemp -d "$TMEM_CACHE/kernel.XXXXXX")
+    (cd "$tmp" && apt-get download -qq "linux-image-$abi=$ver" >/dev/null) ||
+        die "apt-get download linux-image-$abi=$ver failed"
+    dpkg -x "$tmp"/linux-image-*.deb "$tmp/root"
+    cp "$tmp/root/boot/vmlinuz-$abi" "$dir/vmlinuz"
+    local moddir=$tmp/root/lib/modules/$abi
+    [ -d "$moddir" ] || moddir=$tmp/root/usr/lib/modules/$abi
+    # The package ships no modules.dep (the postinst makes it); make one here.
+    depmod -b "${moddir%/lib/modules/*}" "$abi" ||
+        die "depmod failed for $abi"
+    # Walk modules.dep depth-first so that dependencies come first.
+    local -A seen=()
+    local order=()
+    add_module() {
+        local name=$1 path deps d
+        path=$(awk -F: -v n="$name" '{ f = $1; sub(/.*\//, "", f); sub(/\.ko(\.[a-z]+)?$/, "", f); gsub(/-/, "_", f) } f == n { print $1; exit }' "$moddir/modules.dep")
+        if [ -z "$path" ]; then
+            grep -q "/$name.ko" "$moddir/modules.builtin" || die "module $name neither loadable nor built in"
+            return 0
+        fi
+        [ -n "${seen[$path]:-}" ] && return 0
+        seen[$path]=1
+        deps=$(awk -F: -v p="$path" '$1 == p { print $2; exit }' "$moddir/modules.dep")
+        for d in $deps; do
+            d=${d##*/}; d=${d%%.ko*}; add_module "${d//-/_}"
+        done
+        order+=("$path")
+    }
+    local m p base
+    for m in "${GUEST_MODULES[@]}"; do add_module "$m"; done
+    : >"$dir/modules/modules.order"
+    for p in "${order[@]}"; do
+        base=${p##*/}
+        case $base in
+        *.ko.xz) xz -dc "$moddir/$p" >"$dir/modules/${base%.xz}" ;;
+        *.ko.zst) zstd -qdc "$moddir/$p" >"$dir/modules/${base%.zst}" ;;
+        *.ko.gz) gzip -dc "$moddir/$p" >"$dir/modules/${base%.gz}" ;;
+        *) cp "$moddir/$p" "$dir/modules/" ;;
+        esac
+        printf '%s\n' "${base%.ko*}.ko" >>"$dir/modules/modules.order"
+    done
+    printf '%s\n' "$kdir" >"$dir/kdir"
+    printf '%s\n' "$ver" >"$dir/version"
+    rm -rf "$tmp"
+    log "guest kernel $abi: modules $(tr '\n' ' ' <"$dir/modules/modules.order")"
+    printf '%s\n' "$dir"
+}
+
+# ---------------------------------------------------------------------------
+# Builds: the module (W=1, warnings are errors), the test program, the daemon.
+
+GUEST_OUT=${GUEST_OUT:-$TMEM_ROOT/target/guest}
+
+# build_module KDIR OUTDIR: prints the path of virtio_tmem.ko.
+build_module() {
+    local kdir=$1 out=$2 logf
+    rm -rf "$out" && mkdir -p "$out"
+    cp "$TMEM_ROOT"/guest-driver/{Kbuild,virtio_tmem.c} "$out/"
+    logf=$out/build.log
+    if ! make -s -C "$kdir" M="$out" W=1 modules >"$logf" 2>&1; then
+        cat "$logf" >&2
+        die "module build against $kdir failed"
+    fi
+    if grep -E 'warning:|error:' "$logf" >&2; then
+        die "module build against $kdir has warnings (W=1)"
+    fi
+    printf '%s\n' "$out/virtio_tmem.ko"
+}
+
+build_swaptest() {
+    local out=$GUEST_OUT/swaptest
+    mkdir -p "$GUEST_OUT"
+    if [ ! -x "$out" ] || [ "$TMEM_ROOT/guest-driver/test/swaptest.c" -nt "$out" ]; then
+        gcc -O2 -Wall -Wextra -Werror -static -o "$out" "$TMEM_ROOT/guest-driver/test/swaptest.c" ||
+            die "building swaptest failed"
+    fi
+    printf '%s\n' "$out"
+}
+
+build_daemon() {
+    log "building the daemon and tmemctl (cargo build --release)"
+    (cd "$TMEM_ROOT" && cargo build --release --locked --bins -q) >&2 || die "cargo build failed"
+    [ -x "$TMEM_ROOT/target/release/vhost-user-tmem" ] || die "no vhost-user-tmem binary"
+    [ -x "$TMEM_ROOT/target/release/tmemctl" ] || die "no tmemctl binary"
+}
+
+# build_initramfs KERNEL_CACHE_DIR MODULE_KO SWAPTEST OUT: a busybox initramfs
+# whose /init loads the virtio modules and virtio_tmem, swaps onto /dev/tmem0,
+# runs swaptest, swaps off and powers off.
+build_initramfs() {
+    local kdir=$1 ko=$2 swaptest=$3 out=$4 root m
+    root=$(mktemp -d)
+    mkdir -p "$root"/{bin,dev,proc,sys,lib/modules,tmp}
+    cp /bin/busybox "$root/bin/busybox"
+    cp "$swaptest" "$root/bin/swaptest"
+    while read -r m; do
+        [ -n "$m" ] && cp "$kdir/modules/$m" "$root/lib/modules/"
+    done <"$kdir/modules/modules.order"
+    cp "$kdir/modules/modules.order" "$root/lib/modules/order"
+    cp "$ko" "$root/lib/modules/virtio_tmem.ko"
+    cp "$TMEM_ROOT/ci/guest/init" "$root/init"
+    chmod 755 "$root/init" "$root/bin/busybox" "$root/bin/swaptest"
+    (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) >"$out"
+    rm -rf "$root"
+}
+
+# ---------------------------------------------------------------------------
+# Running: the daemon and one guest.
+
+DAEMON_PID=""
+QEMU_PID=""
+
+tmemctl() { "${TMEMCTL:-$TMEM_ROOT/target/release/tmemctl}" "$@"; }
+
+# start_daemon RUNDIR [extra daemon args...]: socket RUNDIR/tmem.sock,
+# control RUNDIR/control.sock, log RUNDIR/daemon.log.
+start_daemon() {
+    local run=$1 i
+    shift
+    rm -f "$run/tmem.sock" "$run/control.sock"
+    RUST_LOG=${RUST_LOG:-info} "$TMEM_ROOT/target/release/vhost-user-tmem" \
+        --socket "$run/tmem.sock" --control "$run/control.sock" "$@" \
+        >"$run/daemon.log" 2>&1 &
+    DAEMON_PID=$!
+    for i in $(seq 100); do
+        [ -S "$run/tmem.sock" ] && [ -S "$run/control.sock" ] && return 0
+        kill -0 "$DAEMON_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    cat "$run/daemon.log" >&2
+    die "daemon did not come up (log: $run/daemon.log)"
+}
+
+stop_daemon() {
+    [ -n "$DAEMON_PID" ] || return 0
+    kill -TERM "$DAEMON_PID" 2>/dev/null || true
+    local rc=0
+    wait "$DAEMON_PID" || rc=$?
+    DAEMON_PID=""
+    return $rc
+}
+
+GUEST_MEM=${GUEST_MEM:-256M}
+GUEST_CPUS=${GUEST_CPUS:-2}
+
+# start_guest QEMU KERNEL_CACHE_DIR INITRD SOCKET CONSOLE_LOG [init env...]
+start_guest() {
+    local qemu=$1 kdir=$2 initrd=$3 sock=$4 console=$5
+    shift 5
+    "$qemu" "${QEMU_FIRMWARE_ARGS[@]}" \
+        -machine q35,accel=tcg,memory-backend=mem \
+        -cpu max -smp "$GUEST_CPUS" -m "$GUEST_MEM" \
+        -object "memory-backend-memfd,id=mem,size=$GUEST_MEM,share=on" \
+        -chardev "socket,id=c0,path=$sock" \
+        -device "vhost-user-device-pci,chardev=c0,virtio-id=63,num_vqs=$GUEST_CPUS,config_size=32" \
+        -nographic -nic none -vga none -no-reboot \
+        -kernel "$kdir/vmlinuz" -initrd "$initrd" \
+        -append "console=ttyS0 loglevel=4 panic=-1 oops=panic $*" \
+        </dev/null >"$console" 2>&1 &
+    QEMU_PID=$!
+}
+
+stop_guest() {
+    [ -n "$QEMU_PID" ] || return 0
+    kill -TERM "$QEMU_PID" 2>/dev/null || true
+    wait "$QEMU_PID" 2>/dev/null || true
+    QEMU_PID=""
+}
+
+# wait_console LOG PATTERN TIMEOUT_S: 0 once PATTERN shows up, 1 on timeout
+# or when QEMU has exited without it.
+wait_console() {
+    local logf=$1 pat=$2 t=$3 end=$((SECONDS + $3))
+    while [ $SECONDS -lt $end ]; do
+        grep -q -- "$pat" "$logf" 2>/dev/null && return 0
+        if [ -n "$QEMU_PID" ] && ! kill -0 "$QEMU_PID" 2>/dev/null; then
+            grep -q -- "$pat" "$logf" 2>/dev/null && return 0
+            return 1
+        fi
+        sleep 0.5
+    done
+    return 1
+}
+
+# Everything the guest side needs for one kernel suite; sets KERNEL_DIR,
+# MODULE_KO and INITRD.
+prepare_guest() {
+    local suite=$1 abi
+    KERNEL_DIR=$(fetch_guest_kernel "$suite")
+    abi=$(basename "$KERNEL_DIR")
+    MODULE_KO=$(build_module "$(cat "$KERNEL_DIR/kdir")" "$GUEST_OUT/$abi/module")
+    INITRD=$GUEST_OUT/$abi/initramfs.cpio.gz
+    build_initramfs "$KERNEL_DIR" "$MODULE_KO" "$(build_swaptest)" "$INITRD"
+    log "guest $abi ready: $INITRD"
+}
+
+# stats_json RUNDIR: one line, the `stats` object of the control socket.
+stats_json() { tmemctl --control "$1/control.sock" stats --json; }
