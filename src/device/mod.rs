@@ -64,6 +64,9 @@ pub type Vring = VringRwLock<GuestMemory>;
 /// so deeper rings only add latency under load.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 
+/// Busy-poll rounds (a few microseconds' worth) between yields of the CPU.
+const YIELD_EVERY: u32 = 64;
+
 /// What outlives one VMM connection: identity, counters and the error log.
 pub struct DeviceShared {
     pub id: u32,
@@ -385,9 +388,16 @@ impl TmemBackend {
         };
         let mem = self.mem.memory();
         let deadline = Instant::now() + self.poll;
+        let mut round: u32 = 0;
         loop {
             if self.closing.load(Ordering::Relaxed) {
                 return false;
+            }
+            round = round.wrapping_add(1);
+            // On an oversubscribed host a poller that never yields can delay
+            // the very vCPU (or driver thread) it is waiting for.
+            if round % YIELD_EVERY == 0 {
+                std::thread::yield_now();
             }
             match mem.load::<u16>(idx_addr, Ordering::Acquire) {
                 Ok(idx) => {
@@ -443,6 +453,21 @@ impl TmemBackend {
         used
     }
 
+    fn put_status(
+        &self,
+        queue: usize,
+        outcome: Result<PutOutcome, crate::store::StoreError>,
+    ) -> (Status, bool) {
+        match outcome {
+            Ok(PutOutcome::Stored) => (Status::Ok, false),
+            Ok(PutOutcome::Rejected) => (Status::Rejected, false),
+            Err(e) => {
+                self.log_error(queue, &e);
+                (Status::IoError, false)
+            }
+        }
+    }
+
     /// Acts on a validated request; returns its status and whether the GET
     /// page was written.
     fn execute(
@@ -460,9 +485,9 @@ impl TmemBackend {
                     self.log_error(queue, &e);
                     return (Status::Invalid, false);
                 }
-                put_status(self.store.put(guest, h.pool, h.index, &worker.page))
+                self.put_status(queue, self.store.put(guest, h.pool, h.index, &worker.page))
             }
-            Op::PutFill => put_status(self.store.put_fill(guest, h.pool, h.index, h.arg)),
+            Op::PutFill => self.put_status(queue, self.store.put_fill(guest, h.pool, h.index, h.arg)),
             Op::Get => {
                 match self
                     .store
@@ -490,18 +515,6 @@ impl TmemBackend {
                 self.store.invalidate_pool(guest, h.pool);
                 (Status::Ok, false)
             }
-        }
-    }
-}
-
-fn put_status(outcome: Result<PutOutcome, crate::store::StoreError>) -> (Status, bool) {
-    match outcome {
-        Ok(PutOutcome::Stored) => (Status::Ok, false),
-        Ok(PutOutcome::Rejected) => (Status::Rejected, false),
-        Err(e) => {
-            // Store errors are host-side; not rate-limited per guest, but rare.
-            warn!("store error on put: {}", error_chain(&e));
-            (Status::IoError, false)
         }
     }
 }
