@@ -144,14 +144,14 @@ fn bad_requests_get_json_errors() {
     let mut d = Daemon::start();
     let mut s = connect_socket_for_test(&d.control);
     let bad = [
-        ("not json at all", ""),
+        ("not json at all", "json"),
         (r#"{"cmd":"no-such-command"}"#, "no-such-command"),
         (r#"{"nocmd":1}"#, "cmd"),
         (r#"[1,2,3]"#, ""),
         (r#"{"cmd":"set-config","mem_limit":"12Q"}"#, "12Q"),
         (r#"{"cmd":"set-config","mem_limit":-5}"#, ""),
         (r#"{"cmd":"writeback"}"#, "pages"),
-        (r#"{"cmd":"writeback","pages":"many"}"#, "many"),
+        (r#"{"cmd":"writeback","pages":"many"}"#, "pages"),
         (r#"{"cmd":"drop-pool","device":0}"#, "pool"),
         (r#"{"cmd":"drop-pool","device":99,"pool":1}"#, "99"),
     ];
