@@ -60,7 +60,7 @@ while kill -0 "$QEMU_PID" 2>/dev/null; do
 done
 wait "$QEMU_PID" 2>/dev/null || true
 QEMU_PID=""
-grep -a -E 'TMEM-E2E|SWAPTEST|^tmem0 ' "$CONSOLE" | sed 's/^/  guest| /'
+grep -a -E '^SWAPTEST|TMEM-E2E-DONE' "$CONSOLE" | sed 's/^/  guest| /'
 echo "---- tmemctl stats after the guest powered off ----"
 tmemctl --control "$RUN/control.sock" stats || true
 stop_daemon

@@ -5,6 +5,8 @@
 #   E2E_KERNELS="6.12 6.1"  which guest kernels to run
 #   E2E_TIMEOUT=1200        seconds per guest run
 #   E2E_FAULT=1             also kill the daemon under a swapping 6.12 guest
+#   E2E_BACKING=1           also run a 6.1 guest whose puts the daemon rejects,
+#                           with backing_dev= on a virtio disk
 # Artifacts: target/e2e/console-<kernel>.log, daemon-<kernel>.log, stats-*.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -140,6 +142,41 @@ run_fault() {
     log "fault run $label took $((SECONDS - t0))s"
 }
 
+# Rejected puts with backing_dev=: the daemon gets a RAM and spill budget far
+# below the workload, so it rejects puts; the driver must write those pages
+# to the guest's virtio disk and read them back from there.
+run_backing() {
+    local label=$1
+    local run=$GUEST_OUT/run-backing-$label console=$ART/console-backing-$label.log
+    rm -rf "$run" && mkdir -p "$run"
+    truncate -s 1G "$run/backing.img"
+    start_daemon "$run" --mem-limit 4M --spill-file "$run/spill.bin" --spill-limit 16M \
+        --queues "$GUEST_CPUS" --capacity 1G
+    local t0=$SECONDS
+    QEMU_EXTRA_ARGS=(-drive "file=$run/backing.img,format=raw,if=none,id=bk,cache=unsafe"
+        -device virtio-blk-pci,drive=bk)
+    start_guest "$QEMU" "$KERNEL_DIR" "$INITRD" "$run/tmem.sock" "$console" \
+        tmemfactor=1.5 tmemhold=1 tmemargs=backing_dev=/dev/vda
+    QEMU_EXTRA_ARGS=()
+    log "backing run $label: guest started (console: $console)"
+    wait_console "$console" 'TMEM-E2E-DONE' "$E2E_TIMEOUT" || true
+    stats_json "$run" >"$ART/stats-backing-$label.json" 2>>"$run/tmemctl.err" || true
+    local bw br rej
+    bw=$(awk '$1 == "tmem0" && $2 == "backing_writes" { v = $3 } END { print v + 0 }' "$console")
+    br=$(awk '$1 == "tmem0" && $2 == "backing_reads" { v = $3 } END { print v + 0 }' "$console")
+    rej=$(jq '.store.total.failed_stores' "$ART/stats-backing-$label.json" 2>/dev/null || echo 0)
+    check "$label backing: daemon rejected puts" "$([ "$rej" -gt 0 ] && echo true || echo false)" "failed_stores=$rej"
+    check "$label backing: rejected pages written to and read from backing_dev" \
+        "$([ "$bw" -gt 0 ] && [ "$br" -gt 0 ] && echo true || echo false)" "backing_writes=$bw backing_reads=$br"
+    check "$label backing: guest printed SWAPTEST PASS" \
+        "$(grep -q '^SWAPTEST PASS' "$console" && echo true || echo false)" "$(grep -a -m1 '^SWAPTEST' "$console" || echo none)"
+    check "$label backing: no kernel oops or BUG" \
+        "$(grep -a -q -E 'Oops|BUG:|Kernel panic|WARNING:' "$console" && echo false || echo true)" "see $console"
+    stop_guest
+    stop_daemon || true
+    log "backing run $label took $((SECONDS - t0))s"
+}
+
 T_START=$SECONDS
 t bash ci/deps.sh guest
 s=$SECONDS; QEMU=$(build_qemu); log "QEMU ready after $((SECONDS - s))s: $QEMU"
@@ -158,6 +195,9 @@ for want in $E2E_KERNELS; do
     run_guest "$want"
     if [ "$want" = "${E2E_FAULT_KERNEL:-6.12}" ] && [ "${E2E_FAULT:-1}" = 1 ]; then
         run_fault "$want"
+    fi
+    if [ "$want" = "${E2E_BACKING_KERNEL:-6.1}" ] && [ "${E2E_BACKING:-1}" = 1 ]; then
+        run_backing "$want"
     fi
 done
 

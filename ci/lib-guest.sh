@@ -134,7 +134,7 @@ build_qemu() {
 # downloaded and unpacked into the cache; the matching headers are installed
 # with apt, so that Debian's kbuild symlinks resolve.
 
-GUEST_MODULES=(virtio_pci)
+GUEST_MODULES=(virtio_pci virtio_blk)
 
 # Prints "<abi> <version>" of the newest linux-image-amd64 in a suite.
 guest_kernel_abi() {
@@ -164,15 +164,18 @@ fetch_guest_kernel() {
             "linux-headers-$abi=$ver" >/dev/null ||
             die "apt-get install linux-headers-$abi=$ver failed"
     fi
-    if [ -f "$dir/modules/modules.order" ] && [ -f "$dir/vmlinuz" ]; then
+    if [ -f "$dir/modules/modules.order" ] && [ -f "$dir/vmlinuz" ] &&
+        [ "$(cat "$dir/modules/wanted" 2>/dev/null)" = "${GUEST_MODULES[*]}" ]; then
         printf '%s\n' "$dir"
         return 0
     fi
     log "fetching guest kernel linux-image-$abi ($ver)"
     rm -rf "$dir" && mkdir -p "$dir/modules"
     tmp=$(mktemp -d "$TMEM_CACHE/kernel.XXXXXX")
-    (cd "$tmp" && apt-get download -qq "linux-image-$abi=$ver" >/dev/null) ||
-        die "apt-get download linux-image-$abi=$ver failed"
+    # stderr only on failure: as root apt warns that its sandbox user cannot
+    # write into the cache directory, which is harmless.
+    (cd "$tmp" && apt-get download -qq "linux-image-$abi=$ver" >/dev/null 2>"$tmp/apt.err") ||
+        { cat "$tmp/apt.err" >&2; die "apt-get download linux-image-$abi=$ver failed"; }
     dpkg -x "$tmp"/linux-image-*.deb "$tmp/root"
     cp "$tmp/root/boot/vmlinuz-$abi" "$dir/vmlinuz"
     local moddir=$tmp/root/lib/modules/$abi
@@ -211,6 +214,7 @@ fetch_guest_kernel() {
         esac
         printf '%s\n' "${base%.ko*}.ko" >>"$dir/modules/modules.order"
     done
+    printf '%s\n' "${GUEST_MODULES[*]}" >"$dir/modules/wanted"
     printf '%s\n' "$kdir" >"$dir/kdir"
     printf '%s\n' "$ver" >"$dir/version"
     rm -rf "$tmp"
@@ -314,6 +318,7 @@ stop_daemon() {
 
 GUEST_MEM=${GUEST_MEM:-256M}
 GUEST_CPUS=${GUEST_CPUS:-2}
+QEMU_EXTRA_ARGS=()
 
 # start_guest QEMU KERNEL_CACHE_DIR INITRD SOCKET CONSOLE_LOG [init env...]
 start_guest() {
@@ -325,7 +330,7 @@ start_guest() {
         -object "memory-backend-memfd,id=mem,size=$GUEST_MEM,share=on" \
         -chardev "socket,id=c0,path=$sock" \
         -device "vhost-user-device-pci,chardev=c0,virtio-id=63,num_vqs=$GUEST_CPUS,config_size=32" \
-        -nographic -nic none -vga none -no-reboot \
+        -nographic -nic none -vga none -no-reboot "${QEMU_EXTRA_ARGS[@]}" \
         -kernel "$kdir/vmlinuz" -initrd "$initrd" \
         -append "console=ttyS0 loglevel=4 panic=-1 oops=panic $*" \
         </dev/null >"$console" 2>&1 &
