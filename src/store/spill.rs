@@ -209,7 +209,13 @@ impl Space {
             Ok(()) if link[..4] == FREE_MARK.to_le_bytes() => {
                 let mut n = [0u8; 8];
                 n.copy_from_slice(&link[8..]);
-                u64::from_le_bytes(n)
+                let n = u64::from_le_bytes(n);
+                // A damaged link must not hand out space past the end or off the grid.
+                if n == NONE || (n < self.end && n % UNIT == 0) {
+                    n
+                } else {
+                    NONE
+                }
             }
             _ => NONE,
         };
@@ -276,6 +282,30 @@ mod tests {
         let mut out = [0u8; PAGE_SIZE];
         g.read(s2, 100, 7, &mut out).unwrap();
         assert_eq!(&out[..100], &payload(100, 7)[..]);
+    }
+
+    #[test]
+    fn free_lists_live_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spill");
+        let f = SpillFile::open(&path, 1 << 20).unwrap();
+        let offs: Vec<u64> = (0..4)
+            .map(|i| f.write(&payload(300, i), 1).unwrap().unwrap())
+            .collect();
+        f.free(offs[1], 300);
+        f.free(offs[2], 300);
+        let mut out = [0u8; PAGE_SIZE];
+        // A freed slot no longer reads as an object.
+        assert_matches!(f.read(offs[1], 300, 1, &mut out), Err(StoreError::Corrupt { .. }));
+        // A damaged link (here: pointing past the end) is dropped, not followed.
+        let raw = OpenOptions::new().write(true).open(&path).unwrap();
+        raw.write_all_at(&(1u64 << 40).to_le_bytes(), offs[2] + 8)
+            .unwrap();
+        let end = f.file_bytes();
+        assert_eq!(f.write(&payload(300, 9), 1).unwrap(), Some(offs[2]));
+        let next = f.write(&payload(300, 9), 1).unwrap().unwrap();
+        assert!(next < (1 << 20) && next != offs[2]);
+        assert!(f.file_bytes() <= end + 4 * UNIT);
     }
 
     #[test]
