@@ -352,18 +352,12 @@ impl Store {
         let fill = matches!(content, Content::Fill { .. });
         // Object first, with no index lock held: the object shard lock is never
         // held while taking an index lock.
-        let (id, hit) = loop {
-            let got = self.objects[shard].0.lock().obtain(content, owner, &self.budget);
-            match got {
-                Obtained::Ref { id, hit } => break (id, hit),
-                Obtained::NeedRoom => match self.make_room() {
-                    Ok(Room::Made) => continue,
-                    Ok(Room::Full) => return Ok(self.reject(guest, pool, index)),
-                    Err(e) => {
-                        self.reject(guest, pool, index);
-                        return Err(e);
-                    }
-                },
+        let (id, hit) = match self.obtain(shard, content, owner) {
+            Ok(Some(got)) => got,
+            Ok(None) => return Ok(self.reject(guest, pool, index)),
+            Err(e) => {
+                self.reject(guest, pool, index);
+                return Err(e);
             }
         };
         let handle = ((shard as u32) << (32 - self.obj_bits)) | id;
@@ -398,6 +392,41 @@ impl Store {
                     }
                 }
             }
+        }
+    }
+
+    /// Gets a reference on an object holding `content`, making room as needed.
+    /// `None`: both tiers are full.
+    fn obtain(
+        &self,
+        shard: usize,
+        content: &Content<'_>,
+        owner: u16,
+    ) -> Result<Option<(u32, bool)>, StoreError> {
+        let spill = self.spill.as_ref();
+        loop {
+            let got = self.objects[shard]
+                .0
+                .lock()
+                .obtain(content, owner, &self.budget, spill);
+            if let Obtained::Ref { id, hit } = got {
+                return Ok(Some((id, hit)));
+            }
+            if let Room::Made = self.make_room()? {
+                continue;
+            }
+            // Nothing in RAM can move: the new page itself goes to the file.
+            let Some(spill) = spill else {
+                return Ok(None);
+            };
+            let got = self.objects[shard]
+                .0
+                .lock()
+                .obtain_spilled(content, owner, &self.budget, spill)?;
+            return Ok(match got {
+                Obtained::Ref { id, hit } => Some((id, hit)),
+                Obtained::NeedRoom => None,
+            });
         }
     }
 
@@ -975,6 +1004,28 @@ mod tests {
             s.stats().total.spill_file_bytes <= file + (256 << 10),
             "file space is reused"
         );
+    }
+
+    #[test]
+    fn with_almost_no_ram_new_pages_go_straight_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = spill_store(&dir, 1 << 40, 64 << 20);
+        let base = s.mem_used();
+        s.set_mem_limit(base + (16 << 10)).unwrap();
+        for i in 0..50 {
+            assert_eq!(put(&s, 0, 0, i, &noise_page(i)), PutOutcome::Stored, "page {i}");
+            assert!(s.mem_used() <= base + (16 << 10));
+        }
+        // Dedup still finds the copy in the file.
+        assert_eq!(put(&s, 0, 1, 0, &noise_page(0)), PutOutcome::Stored);
+        let t = s.stats().total;
+        assert_eq!((t.spilled_pages, t.unique_pages, t.dedup_hits), (51, 50, 1));
+        for i in 0..50 {
+            assert_eq!(get(&s, 0, 0, i), Some(noise_page(i)));
+        }
+        s.drop_guest(GuestId(0));
+        assert_eq!(s.mem_used(), base);
+        assert_eq!(s.stats().total.spill_file_bytes, 0);
     }
 
     #[test]
