@@ -45,10 +45,10 @@ fn text_page(seed: u64) -> Box<Page> {
     p
 }
 
-/// A store with almost no RAM for payload, so pages spill. Its tables are
-/// grown first (pages put at every index used later, then dropped), so that
-/// the tight limit is spent on pages rather than on the first allocation of
-/// each index and dedup table.
+/// A store with little RAM for payload, so pages spill. Pages are put at every
+/// index used later and dropped first, so a store that keeps its grown tables
+/// spends the tight limit on pages, and one that shrinks them is exercised
+/// growing them again under the limit.
 fn spilling_store(spill: PathBuf, spill_limit: u64, ram_extra: u64) -> Store {
     let store = Store::new(StoreConfig {
         mem_limit: 1 << 40,
