@@ -124,6 +124,12 @@ pub struct StoreReport {
     /// Host RAM that is not payload chunks (index, dedup table, object records,
     /// free lists), per stored page, as the store reports it.
     pub meta_bytes_per_page: Option<f64>,
+    /// The index part of that: (guest, pool, index) -> object handle.
+    pub index_bytes_per_page: Option<f64>,
+    /// Object records, dedup and allocator tables, per stored object.
+    pub object_meta_bytes_per_object: Option<f64>,
+    /// RAM payload chunks: compressed bytes plus slot and chunk-tail slack.
+    pub payload_chunk_bytes: u64,
     pub raw_zstd_compress_pages_per_sec: f64,
     pub raw_zstd_decompress_pages_per_sec: f64,
     pub raw_zstd_ratio: f64,
@@ -327,6 +333,9 @@ fn build_report(
         ratio: quotient(orig, t.mem_used_bytes as f64),
         ratio_with_spill: quotient(orig, (t.mem_used_bytes + t.spill_file_bytes) as f64),
         meta_bytes_per_page: quotient(memory.metadata_bytes as f64, memory.stored_pages as f64),
+        index_bytes_per_page: quotient(memory.index_bytes as f64, memory.stored_pages as f64),
+        object_meta_bytes_per_object: quotient(memory.object_bytes as f64, memory.objects as f64),
+        payload_chunk_bytes: memory.payload_chunk_bytes,
         raw_zstd_compress_pages_per_sec: raw_c,
         raw_zstd_decompress_pages_per_sec: raw_d,
         raw_zstd_ratio: orig / raw.compressed_bytes as f64,
@@ -535,7 +544,12 @@ fn print_table(r: &StoreReport) {
         r.raw_zstd_ratio
     );
     println!("ratio incl. spill file     {:>12}", opt(r.ratio_with_spill));
-    println!("meta bytes per page        {:>12}", opt(r.meta_bytes_per_page));
+    println!(
+        "meta bytes per page        {:>12}   (index {} per page, {} per object)",
+        opt(r.meta_bytes_per_page),
+        opt(r.index_bytes_per_page),
+        opt(r.object_meta_bytes_per_object)
+    );
     println!(
         "stored / rejected          {:>12} / {}",
         r.stored_pages, r.rejected_pages
@@ -545,8 +559,8 @@ fn print_table(r: &StoreReport) {
         r.same_filled_pages, r.unique_pages, r.dedup_hits
     );
     println!(
-        "mem used / compr data      {} / {} bytes (limit {})",
-        r.mem_used_bytes, r.compr_data_bytes, r.mem_limit
+        "mem used / payload chunks / compr data  {} / {} / {} bytes (limit {})",
+        r.mem_used_bytes, r.payload_chunk_bytes, r.compr_data_bytes, r.mem_limit
     );
     println!(
         "spilled pages / file bytes {} / {}  (writes {}, reads {}, writebacks {})",
