@@ -26,7 +26,7 @@ use thiserror::Error;
 
 use crate::{
     bench::store::{load_corpus, BenchError as CorpusError},
-    frontend::{self, header, FrontendError, Op, Request, Virtqueue, Vmm, VmmConfig, WaitMode},
+    frontend::{self, header, FrontendError, Op, Virtqueue, Vmm, VmmConfig, WaitMode},
     protocol::{Status, PAGE_SIZE},
     size::parse_size,
     store::{DedupDomain, GetOutcome, GuestId, Page, PutOutcome, Store, StoreConfig, StoreError},
@@ -447,7 +447,11 @@ impl Session {
             reset_device: true,
         };
         let mut vmm = Vmm::connect(&daemon.socket, cfg)?;
-        let queues = vmm.start()?;
+        let mut queues = vmm.start()?;
+        for q in &mut queues {
+            // Every GET is verified against the corpus; no need to pre-fill.
+            q.set_poison(false);
+        }
         Ok(Session {
             vmm,
             queues,
@@ -614,17 +618,14 @@ fn pipelined(
     let mut first_bad = None;
     while done < range.end {
         while next < range.end && q.in_flight() < depth {
-            let req = match op {
-                Op::Put => Request::new(header(Op::Put, 0, POOL, next as u64, 0), Some(&pages[next][..])),
-                _ => Request::new(header(Op::Get, 0, POOL, next as u64, 0), None),
+            let token = match op {
+                Op::Put => q.submit_op(
+                    &header(Op::Put, 0, POOL, next as u64, 0),
+                    Some(&pages[next][..]),
+                    indirect,
+                )?,
+                _ => q.submit_op(&header(Op::Get, 0, POOL, next as u64, 0), None, indirect)?,
             };
-            let req = if indirect {
-                let layout = req.layout.clone().with_indirect(true);
-                req.with_layout(layout)
-            } else {
-                req
-            };
-            let token = q.submit(&req)?;
             first_token.get_or_insert(token - (next - range.start) as u64);
             next += 1;
         }
