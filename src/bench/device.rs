@@ -26,7 +26,7 @@ use thiserror::Error;
 
 use crate::{
     bench::store::{load_corpus, BenchError as CorpusError},
-    frontend::{self, header, FrontendError, Op, Request, Virtqueue, Vmm, VmmConfig, WaitMode},
+    frontend::{self, header, FrontendError, Op, Virtqueue, Vmm, VmmConfig, WaitMode},
     protocol::{Status, PAGE_SIZE},
     size::parse_size,
     store::{DedupDomain, GetOutcome, GuestId, Page, PutOutcome, Store, StoreConfig, StoreError},
@@ -447,7 +447,11 @@ impl Session {
             reset_device: true,
         };
         let mut vmm = Vmm::connect(&daemon.socket, cfg)?;
-        let queues = vmm.start()?;
+        let mut queues = vmm.start()?;
+        for q in &mut queues {
+            // Every GET is verified against the corpus; no need to pre-fill.
+            q.set_poison(false);
+        }
         Ok(Session {
             vmm,
             queues,
@@ -474,21 +478,30 @@ impl Session {
         check(&r, "invalidate pool", 0, Status::Ok, 1)
     }
 
-    /// Round trip of each PUT (overwriting) and GET of the sample, at depth 1.
+    /// Round trip of each PUT and GET of the sample, at depth 1.
     fn latency(&mut self, pages: &[&Page], sample: &[usize]) -> Result<(Latency, Latency), DeviceBenchError> {
+        // Start from an empty device, as the store-only latency pass starts from an
+        // empty store: a PUT then stores, rather than replaces, a page.
+        self.clear()?;
+        let indirect = self.indirect;
         let q = &mut self.queues[0];
         let mut put_ns = Vec::with_capacity(sample.len());
         let mut get_ns = Vec::with_capacity(sample.len());
         for &i in sample {
+            let h = header(Op::Put, 0, POOL, i as u64, 0);
             let t = Instant::now();
-            let r = q.put(POOL, i as u64, &pages[i][..])?;
+            q.submit_op(&h, Some(&pages[i][..]), indirect)?;
+            let c = q.complete()?;
             put_ns.push(t.elapsed().as_nanos() as u64);
-            check(&r, "put", i as u64, Status::Ok, 1)?;
+            check(&frontend::Reply::from(c), "put", i as u64, Status::Ok, 1)?;
         }
         for &i in sample {
+            let h = header(Op::Get, 0, POOL, i as u64, 0);
             let t = Instant::now();
-            let r = q.get(POOL, i as u64, false)?;
+            q.submit_op(&h, None, indirect)?;
+            let c = q.complete()?;
             get_ns.push(t.elapsed().as_nanos() as u64);
+            let r = frontend::Reply::from(c);
             check(&r, "get", i as u64, Status::Ok, 4097)?;
             if r.page[..] != pages[i][..] {
                 return Err(DeviceBenchError::Mismatch {
@@ -614,17 +627,14 @@ fn pipelined(
     let mut first_bad = None;
     while done < range.end {
         while next < range.end && q.in_flight() < depth {
-            let req = match op {
-                Op::Put => Request::new(header(Op::Put, 0, POOL, next as u64, 0), Some(&pages[next][..])),
-                _ => Request::new(header(Op::Get, 0, POOL, next as u64, 0), None),
+            let token = match op {
+                Op::Put => q.submit_op(
+                    &header(Op::Put, 0, POOL, next as u64, 0),
+                    Some(&pages[next][..]),
+                    indirect,
+                )?,
+                _ => q.submit_op(&header(Op::Get, 0, POOL, next as u64, 0), None, indirect)?,
             };
-            let req = if indirect {
-                let layout = req.layout.clone().with_indirect(true);
-                req.with_layout(layout)
-            } else {
-                req
-            };
-            let token = q.submit(&req)?;
             first_token.get_or_insert(token - (next - range.start) as u64);
             next += 1;
         }
