@@ -155,8 +155,9 @@ run_backing() {
     local t0=$SECONDS
     QEMU_EXTRA_ARGS=(-drive "file=$run/backing.img,format=raw,if=none,id=bk,cache=unsafe"
         -device virtio-blk-pci,drive=bk)
-    start_guest "$QEMU" "$KERNEL_DIR" "$INITRD" "$run/tmem.sock" "$console" \
-        tmemfactor=1.5 tmemhold=1 tmemargs=backing_dev=/dev/vda
+    # This run also covers MSI-X per queue (the other runs use INTx).
+    QEMU_VECTORS=$((GUEST_CPUS + 1)) start_guest "$QEMU" "$KERNEL_DIR" "$INITRD" \
+        "$run/tmem.sock" "$console" tmemfactor=1.5 tmemhold=1 tmemargs=backing_dev=/dev/vda
     QEMU_EXTRA_ARGS=()
     log "backing run $label: guest started (console: $console)"
     wait_console "$console" 'TMEM-E2E-DONE' "$E2E_TIMEOUT" || true
@@ -170,6 +171,9 @@ run_backing() {
         "$([ "$bw" -gt 0 ] && [ "$br" -gt 0 ] && echo true || echo false)" "backing_writes=$bw backing_reads=$br"
     check "$label backing: guest printed SWAPTEST PASS" \
         "$(grep -q '^SWAPTEST PASS' "$console" && echo true || echo false)" "$(grep -a -m1 '^SWAPTEST' "$console" || echo none)"
+    check "$label backing: MSI-X vector per queue" \
+        "$(grep -a -q 'PCI-MSIX.*virtio[0-9]*-req.0' "$console" && echo true || echo false)" \
+        "$(grep -a -m1 'virtio[0-9]*-req.0' "$console" | tr -s ' ' || echo 'no req.0 interrupt')"
     check "$label backing: no kernel oops or BUG" \
         "$(grep -a -q -E 'Oops|BUG:|Kernel panic|WARNING:' "$console" && echo false || echo true)" "see $console"
     stop_guest

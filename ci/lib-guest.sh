@@ -318,6 +318,9 @@ stop_daemon() {
 
 GUEST_MEM=${GUEST_MEM:-256M}
 GUEST_CPUS=${GUEST_CPUS:-2}
+# Unset: the device's single MSI-X vector, so the guest uses INTx.
+# QEMU_VECTORS=3 (queues + 1): MSI-X per queue (our QEMU patch).
+QEMU_VECTORS=${QEMU_VECTORS:-}
 QEMU_EXTRA_ARGS=()
 
 # start_guest QEMU KERNEL_CACHE_DIR INITRD SOCKET CONSOLE_LOG [init env...]
@@ -329,7 +332,7 @@ start_guest() {
         -cpu max -smp "$GUEST_CPUS" -m "$GUEST_MEM" \
         -object "memory-backend-memfd,id=mem,size=$GUEST_MEM,share=on" \
         -chardev "socket,id=c0,path=$sock" \
-        -device "vhost-user-device-pci,chardev=c0,virtio-id=63,num_vqs=$GUEST_CPUS,config_size=32" \
+        -device "vhost-user-device-pci,chardev=c0,virtio-id=63,num_vqs=$GUEST_CPUS,config_size=32${QEMU_VECTORS:+,vectors=$QEMU_VECTORS}" \
         -nographic -nic none -vga none -no-reboot "${QEMU_EXTRA_ARGS[@]}" \
         -kernel "$kdir/vmlinuz" -initrd "$initrd" \
         -append "console=ttyS0 loglevel=4 panic=-1 oops=panic $*" \
