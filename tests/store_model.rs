@@ -75,7 +75,7 @@ impl SplitMix {
 fn fill_page(fill: u64) -> Box<Page> {
     let mut p = Box::new([0u8; PAGE_SIZE]);
     for w in p.chunks_exact_mut(8) {
-        w.copy_from_slice(&fill.to_ne_bytes());
+        w.copy_from_slice(&fill.to_le_bytes());
     }
     p
 }
