@@ -5,14 +5,15 @@
 //! safe to call concurrently.
 //!
 //! Layout (see docs/design.md for the reasons):
-//! - [`codec`]: same-filled detection, zstd with per-thread contexts, raw fallback;
-//! - [`index`]: index shards, (guest, pool, index) -> 32-bit object handle, page counters;
-//! - [`objects`]: object shards, stored contents with dedup, refcounts, tiers;
-//! - [`slab`]: the object records of a shard and the CLOCK hand over them;
-//! - [`alloc`]: the size-class allocator over chunks that holds RAM payloads;
-//! - [`spill`]: the spill file, its slots, checksums and free space;
-//! - [`budget`]: the RAM budget counter;
-//! - [`stats`]: summing the shards' counters.
+//! - `codec`: same-filled detection, zstd with per-thread contexts, raw fallback;
+//! - `index`: index shards, (guest, pool, index) -> 32-bit object handle, page counters;
+//! - `objects`: object shards, stored contents with dedup, refcounts, tiers;
+//! - `slab`: the object records of a shard and the CLOCK hand over them;
+//! - `alloc`: the byte-packed chunk allocator (with compaction) that holds RAM payloads;
+//! - `spill`: the spill file, its slots, checksums and free space;
+//! - `budget`: the RAM budget counter;
+//! - `owners`: dense ids for (guest, pool) pairs;
+//! - `stats`: summing the shards' counters.
 //!
 //! Lock order: an index shard, then an object shard, then the spill space
 //! lock; never backwards. No lock is global: each put or get takes one index
