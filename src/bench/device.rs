@@ -26,6 +26,7 @@ use thiserror::Error;
 
 use crate::{
     bench::store::{load_corpus, BenchError as CorpusError},
+    config::DedupArg,
     frontend::{self, header, FrontendError, Op, Virtqueue, Vmm, VmmConfig, WaitMode},
     protocol::{Status, PAGE_SIZE},
     size::parse_size,
@@ -65,8 +66,8 @@ pub struct DeviceArgs {
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub level: i32,
     /// Dedup domain: off, guest or global.
-    #[arg(long, default_value = "guest")]
-    pub dedup: String,
+    #[arg(long, value_enum, default_value_t = DedupArg::Guest)]
+    pub dedup: DedupArg,
     /// The daemon binary; default: `vhost-user-tmem` beside this program.
     #[arg(long)]
     pub daemon: Option<PathBuf>,
@@ -83,8 +84,6 @@ pub struct DeviceArgs {
 pub enum DeviceBenchError {
     #[error("loading the corpus")]
     Corpus(#[source] CorpusError),
-    #[error("unknown dedup domain {0:?} (off, guest or global)")]
-    Dedup(String),
     #[error(
         "cannot find the daemon binary at {0} (build it, e.g. `cargo build --release`, or pass --daemon)"
     )]
@@ -187,17 +186,8 @@ pub fn run(args: &DeviceArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn parse_dedup(s: &str) -> Result<DedupDomain, DeviceBenchError> {
-    match s {
-        "off" => Ok(DedupDomain::Off),
-        "guest" => Ok(DedupDomain::Guest),
-        "global" => Ok(DedupDomain::Global),
-        _ => Err(DeviceBenchError::Dedup(s.to_owned())),
-    }
-}
-
 pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
-    let dedup = parse_dedup(&args.dedup)?;
+    let dedup = DedupDomain::from(args.dedup);
     let data = load_corpus(&args.corpus).map_err(DeviceBenchError::Corpus)?;
     let pages: Vec<&Page> = data
         .chunks_exact(PAGE_SIZE)
@@ -263,7 +253,7 @@ pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
         poll_us: args.poll_us,
         spin_us,
         level: args.level,
-        dedup: args.dedup.clone(),
+        dedup: args.dedup.as_str().to_owned(),
         device_put_pages_per_sec: device_put,
         device_get_pages_per_sec: device_get,
         put_latency: put_lat,
@@ -344,7 +334,7 @@ impl DaemonProcess {
             .arg("--compression")
             .arg(format!("zstd:{}", args.level))
             .arg("--dedup")
-            .arg(&args.dedup)
+            .arg(args.dedup.as_str())
             .stdin(Stdio::null());
         // The daemon's log would interleave with the figures; keep it aside and
         // show it only if the daemon dies.
@@ -882,7 +872,7 @@ mod tests {
             spin_us: None,
             mem_limit: None,
             level: 1,
-            dedup: "guest".into(),
+            dedup: DedupArg::Guest,
             daemon: Some(dir.path().join("nope")),
             repeat: 1,
             json: true,

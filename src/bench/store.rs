@@ -17,6 +17,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::{
+    config::DedupArg,
     size::parse_size,
     store::{
         DedupDomain, GetOutcome, GuestId, MemoryUse, Page, PutOutcome, SpillConfig, Store, StoreConfig,
@@ -52,23 +53,14 @@ pub struct StoreArgs {
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub level: i32,
     /// Which pages may share one stored copy: off, guest or global.
-    #[arg(long, default_value = "guest", value_parser = parse_dedup)]
-    pub dedup: DedupDomain,
+    #[arg(long, value_enum, default_value_t = DedupArg::Guest)]
+    pub dedup: DedupArg,
     /// Print only one JSON line.
     #[arg(long)]
     pub json: bool,
     /// Run every phase this many times and report the best round of each.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub repeat: u32,
-}
-
-fn parse_dedup(s: &str) -> Result<DedupDomain, String> {
-    match s {
-        "off" => Ok(DedupDomain::Off),
-        "guest" => Ok(DedupDomain::Guest),
-        "global" => Ok(DedupDomain::Global),
-        _ => Err(format!("unknown dedup domain {s:?} (off, guest or global)")),
-    }
 }
 
 #[derive(Debug, Error)]
@@ -223,7 +215,7 @@ pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
             limit: args.spill_limit.unwrap_or(UNLIMITED),
         }),
         zstd_level: args.level,
-        dedup: args.dedup,
+        dedup: args.dedup.into(),
         ..StoreConfig::default()
     };
 
@@ -326,7 +318,7 @@ fn build_report(
         threads: args.threads,
         repeat: args.repeat,
         level: args.level,
-        dedup: args.dedup,
+        dedup: args.dedup.into(),
         mem_limit,
         put_pages_per_sec: put_pps,
         get_pages_per_sec: get_pps,
