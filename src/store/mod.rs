@@ -451,9 +451,7 @@ impl Store {
         let c = ix.counters(guest.0, pool);
         c.failed_stores += 1;
         if let Some(was_fill) = old_fill {
-            c.stored_pages -= 1;
-            c.orig_data_bytes -= PAGE_SIZE as u64;
-            c.same_filled_pages -= u64::from(was_fill);
+            c.forget_page(was_fill);
         }
         PutOutcome::Rejected
     }
@@ -541,9 +539,7 @@ impl Store {
             c.failed_loads += 1;
         }
         if let Some(was_fill) = was_fill {
-            c.stored_pages -= 1;
-            c.orig_data_bytes -= PAGE_SIZE as u64;
-            c.same_filled_pages -= u64::from(was_fill);
+            c.forget_page(was_fill);
         }
         drop(ix);
         // Decompression runs with no lock held.
@@ -563,9 +559,7 @@ impl Store {
         let c = ix.counters(guest.0, pool);
         c.invalidates += 1;
         if let Some(was_fill) = old_fill {
-            c.stored_pages -= 1;
-            c.orig_data_bytes -= PAGE_SIZE as u64;
-            c.same_filled_pages -= u64::from(was_fill);
+            c.forget_page(was_fill);
         }
         old.is_some()
     }
@@ -579,10 +573,7 @@ impl Store {
             dropped += taken.len() as u64;
             for (guest, pool, handle) in taken {
                 let was_fill = self.release(handle);
-                let c = ix.counters(guest, pool);
-                c.stored_pages -= 1;
-                c.orig_data_bytes -= PAGE_SIZE as u64;
-                c.same_filled_pages -= u64::from(was_fill);
+                ix.counters(guest, pool).forget_page(was_fill);
             }
         }
         dropped
