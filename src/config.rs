@@ -68,6 +68,17 @@ pub enum DedupArg {
     Global,
 }
 
+impl DedupArg {
+    /// The spelling on the command line, for passing the choice on to a daemon.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DedupArg::Off => "off",
+            DedupArg::Guest => "guest",
+            DedupArg::Global => "global",
+        }
+    }
+}
+
 impl From<DedupArg> for DedupDomain {
     fn from(arg: DedupArg) -> Self {
         match arg {

@@ -835,6 +835,7 @@ pub struct Virtqueue {
     /// Avail idx when the device was last told about new buffers (for event idx).
     kicked_avail: u16,
     pending: VecDeque<Completion>,
+    poison: bool,
     kicks: u64,
     interrupts: u64,
 }
@@ -872,6 +873,7 @@ impl Virtqueue {
             next_token: 0,
             kicked_avail: 0,
             pending: VecDeque::new(),
+            poison: true,
             kicks: 0,
             interrupts: 0,
         })
@@ -935,15 +937,62 @@ impl Virtqueue {
 
     /// Publishes a chain built descriptor by descriptor.
     pub fn submit_raw(&mut self, chain: &RawChain) -> Result<u64> {
+        let init: Vec<(u32, &[u8])> = chain.init.iter().map(|(o, b)| (*o, &b[..])).collect();
+        self.submit_parts(chain, &chain.descs, &init)
+    }
+
+    /// A well-formed request in the Linux driver's layout (header, page, status in
+    /// separate descriptors, or one indirect descriptor), written straight from
+    /// `page` into guest memory: the fast path for benchmarks.
+    pub fn submit_op(&mut self, header: &RequestHeader, page: Option<&[u8]>, indirect: bool) -> Result<u64> {
+        const PAGE_AT: u32 = 64;
+        let raw = header.to_bytes();
+        let page_len = PAGE_SIZE as u32;
+        let mut descs = [DescSpec {
+            addr: DescAddr::Slot(0),
+            len: HEADER_SIZE as u32,
+            writable: false,
+        }; 3];
+        let mut n = 1;
+        if header.op.readable_payload() > 0 || header.op.writable_payload() > 0 {
+            descs[1] = DescSpec {
+                addr: DescAddr::Slot(PAGE_AT),
+                len: page_len,
+                writable: header.op.writable_payload() > 0,
+            };
+            n = 2;
+        }
+        descs[n] = DescSpec {
+            addr: DescAddr::Slot(PAGE_AT + page_len + 64),
+            len: 1,
+            writable: true,
+        };
+        let descs = &descs[..n + 1];
+        let chain = RawChain {
+            indirect,
+            ..RawChain::default()
+        };
+        match page {
+            Some(p) => self.submit_parts(&chain, descs, &[(0, &raw[..]), (PAGE_AT, p)]),
+            None => self.submit_parts(&chain, descs, &[(0, &raw[..])]),
+        }
+    }
+
+    fn submit_parts(
+        &mut self,
+        chain: &RawChain,
+        descs_in: &[DescSpec],
+        init: &[(u32, &[u8])],
+    ) -> Result<u64> {
         let queue = self.index;
-        if chain.descs.is_empty() {
+        if descs_in.is_empty() {
             return Err(FrontendError::Layout("a chain needs a descriptor".into()));
         }
-        let direct = if chain.indirect { 1 } else { chain.descs.len() };
-        if chain.indirect && chain.descs.len() > MAX_INDIRECT {
+        let direct = if chain.indirect { 1 } else { descs_in.len() };
+        if chain.indirect && descs_in.len() > MAX_INDIRECT {
             return Err(FrontendError::Layout(format!(
                 "{} descriptors exceed the {MAX_INDIRECT}-entry indirect table",
-                chain.descs.len()
+                descs_in.len()
             )));
         }
         if self.free_descs.len() < direct || self.free_slots.is_empty() {
@@ -959,20 +1008,20 @@ impl Virtqueue {
             DescAddr::Slot(off) => base + u64::from(off),
             DescAddr::Gpa(g) => g,
         };
-        for (off, bytes) in &chain.init {
+        for (off, bytes) in init {
             self.m()
                 .write_slice(bytes, GuestAddress(base + u64::from(*off)))
                 .map_err(FrontendError::Memory)?;
         }
         let mut writable = Vec::new();
-        for d in chain.descs.iter().filter(|d| d.writable) {
+        for d in descs_in.iter().filter(|d| d.writable) {
             if let DescAddr::Slot(off) = d.addr {
                 let end = u64::from(off) + u64::from(d.len);
                 if end <= u64::from(SLOT_DATA) {
                     let g = base + u64::from(off);
-                    self.m()
-                        .write_slice(&vec![POISON; d.len as usize], GuestAddress(g))
-                        .map_err(FrontendError::Memory)?;
+                    if self.poison {
+                        self.poison_at(g, d.len)?;
+                    }
                     writable.push((g, d.len));
                 }
             }
@@ -985,8 +1034,8 @@ impl Virtqueue {
         }
         if chain.indirect {
             let table = base + u64::from(SLOT_DATA);
-            let n = chain.descs.len();
-            for (i, d) in chain.descs.iter().enumerate() {
+            let n = descs_in.len();
+            for (i, d) in descs_in.iter().enumerate() {
                 let last = i + 1 == n && !chain.cycle;
                 let mut flags = flags_of(d) | if last { 0 } else { VRING_DESC_F_NEXT };
                 let mut next = if last { 0 } else { ((i + 1) % n) as u16 };
@@ -1001,7 +1050,7 @@ impl Virtqueue {
             self.write_desc(self.layout.desc, descs[0], taddr, tlen, VRING_DESC_F_INDIRECT, 0)?;
         } else {
             let n = descs.len();
-            for (i, d) in chain.descs.iter().enumerate() {
+            for (i, d) in descs_in.iter().enumerate() {
                 let last = i + 1 == n && !chain.cycle;
                 let mut flags = flags_of(d) | if last { 0 } else { VRING_DESC_F_NEXT };
                 let mut next = if last { 0 } else { descs[(i + 1) % n] };
@@ -1024,6 +1073,25 @@ impl Virtqueue {
         self.in_flight_count += 1;
         self.publish(head)?;
         Ok(token)
+    }
+
+    fn poison_at(&self, gpa: u64, len: u32) -> Result<()> {
+        const CHUNK: [u8; 512] = [POISON; 512];
+        let mut done = 0u32;
+        while done < len {
+            let n = (len - done).min(CHUNK.len() as u32);
+            self.m()
+                .write_slice(&CHUNK[..n as usize], GuestAddress(gpa + u64::from(done)))
+                .map_err(FrontendError::Memory)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Whether writable buffers are filled with [`POISON`] before submission (on
+    /// by default; tests rely on it to see what the device did not write).
+    pub fn set_poison(&mut self, poison: bool) {
+        self.poison = poison;
     }
 
     fn publish(&mut self, head: u16) -> Result<()> {
@@ -1608,6 +1676,25 @@ mod tests {
         assert_eq!(c.used_len, 4097);
         assert_eq!(c.status(), Some(Status::Ok));
         assert_eq!(c.payload(), &page[..]);
+    }
+
+    #[test]
+    fn submit_op_fast_path() {
+        let (_dir, _vmm, mut qs) = mini_vmm(true, 1);
+        let q = &mut qs[0];
+        q.set_poison(false);
+        let page = vec![0x33u8; PAGE_SIZE];
+        for indirect in [false, true] {
+            let t = q
+                .submit_op(&header(Op::Put, 0, 9, 1, 0), Some(&page), indirect)
+                .unwrap();
+            let c = q.complete().unwrap();
+            assert_eq!((c.token, c.used_len, c.status()), (t, 1, Some(Status::Ok)));
+            q.submit_op(&header(Op::Get, 0, 9, 1, 0), None, indirect).unwrap();
+            let c = q.complete().unwrap();
+            assert_eq!((c.used_len, c.status()), (4097, Some(Status::Ok)));
+            assert_eq!(c.payload(), &page[..]);
+        }
     }
 
     #[test]

@@ -27,8 +27,9 @@ fn args(corpus: std::path::PathBuf, queues: u16, depth: u16, poll_us: Option<u64
         spin_us: None,
         mem_limit: None,
         level: 1,
-        dedup: "guest".into(),
+        dedup: vhost_user_tmem::config::DedupArg::Guest,
         daemon: Some(env!("CARGO_BIN_EXE_vhost-user-tmem").into()),
+        repeat: 2,
         json: true,
     }
 }

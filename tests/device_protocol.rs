@@ -444,3 +444,39 @@ fn header_only_ops_in_split_layouts() {
     });
     assert_eq!(q.roundtrip(&req).unwrap().status(), OK);
 }
+
+/// "A REJECTED put also invalidates the old copy": with a tiny RAM budget and no
+/// spill file, PUTs of incompressible pages are eventually REJECTED; whatever a
+/// PUT answers, a GET of that index must agree with it (the new page after OK,
+/// nothing after REJECTED, never the old page).
+#[test]
+fn rejected_put_invalidates_the_old_copy() {
+    let d = Daemon::with(1, &["--mem-limit", "1M"]);
+    let (_vmm, mut q) = d.connect1();
+    let mut rejected = 0;
+    for i in 0..600u64 {
+        let r = q.put(1, i, &page(i)).unwrap();
+        assert_eq!(r.used_len, 1);
+        match r.status {
+            OK => {}
+            Some(Status::Rejected) => rejected += 1,
+            other => panic!("PUT {i}: {other:?}"),
+        }
+    }
+    assert!(rejected > 0, "a 1 MiB budget took 600 random pages");
+    // Overwrite every index with a different page and check each answer.
+    for i in 0..600u64 {
+        let new = page(10_000 + i);
+        let put = q.put(1, i, &new).unwrap();
+        let get = q.get(1, i, false).unwrap();
+        match put.status {
+            OK => assert_eq!(get.page, new, "index {i}: OK put, GET differs"),
+            Some(Status::Rejected) => assert_eq!(
+                (get.status, get.used_len),
+                (NOT_FOUND, 1),
+                "index {i}: REJECTED put left a copy"
+            ),
+            other => panic!("PUT {i}: {other:?}"),
+        }
+    }
+}

@@ -45,10 +45,10 @@ fn text_page(seed: u64) -> Box<Page> {
     p
 }
 
-/// A store with almost no RAM for payload, so pages spill. Its tables are
-/// grown first (pages put at every index used later, then dropped), so that
-/// the tight limit is spent on pages rather than on the first allocation of
-/// each index and dedup table.
+/// A store with little RAM for payload, so pages spill. Pages are put at every
+/// index used later and dropped first, so a store that keeps its grown tables
+/// spends the tight limit on pages, and one that shrinks them is exercised
+/// growing them again under the limit.
 fn spilling_store(spill: PathBuf, spill_limit: u64, ram_extra: u64) -> Store {
     let store = Store::new(StoreConfig {
         mem_limit: 1 << 40,
@@ -193,7 +193,7 @@ fn full_spill_filesystem_rejects_only_when_full_and_loses_nothing() {
         "256k",
         |dir| {
             // The file's own limit is far above the filesystem: ENOSPC comes first.
-            let store = spilling_store(dir.join("spill"), 64 << 20, 64 << 10);
+            let store = spilling_store(dir.join("spill"), 64 << 20, 256 << 10);
             let mut model: HashMap<u64, Box<Page>> = HashMap::new();
             let mut rejected_at = None;
             for i in 0..2000u64 {
@@ -270,12 +270,12 @@ fn full_spill_filesystem_rejects_only_when_full_and_loses_nothing() {
 // ---------------------------------------------------------------------------
 // Corruption
 
-const PAGES: u64 = 96;
+const PAGES: u64 = 192;
 
 /// Fills a fresh store so that most pages live in the spill file.
 fn filled_spilling_store(dir: &Path) -> (Store, HashMap<u64, Box<Page>>, PathBuf) {
     let path = dir.join("spill");
-    let store = spilling_store(path.clone(), 64 << 20, 64 << 10);
+    let store = spilling_store(path.clone(), 64 << 20, 256 << 10);
     let mut model = HashMap::new();
     for i in 0..PAGES {
         let page = if i % 3 == 0 {
@@ -386,4 +386,32 @@ fn scattered_flipped_bytes_fail_only_the_pages_they_hit() {
         "{} pages failed from {runs} corrupted 16-byte runs",
         failed.len()
     );
+}
+
+// ---------------------------------------------------------------------------
+// Rejection only when both tiers are full
+
+#[test]
+fn puts_are_not_rejected_while_the_spill_file_has_room() {
+    let dir = tempfile::tempdir().unwrap();
+    // 64 KiB of RAM beyond the warmed-up tables: room for the metadata of a few
+    // hundred pages and a couple of payload chunks; everything else must spill.
+    let store = spilling_store(dir.path().join("spill"), 64 << 20, 64 << 10);
+    let mut model = HashMap::new();
+    for i in 0..200u64 {
+        let page = random_page(7_000 + i);
+        let r = store.put(G, POOL, i, &page);
+        let s = store.stats().total;
+        assert_eq!(
+            r.expect("put"),
+            PutOutcome::Stored,
+            "put {i} rejected with a spill file far from full (mem_used {} of limit {}, {} pages spilled, {} file bytes)",
+            s.mem_used_bytes,
+            store.mem_limit(),
+            s.spilled_pages,
+            s.spill_file_bytes
+        );
+        model.insert(i, page);
+    }
+    assert_reads_back(&store, &model, "after spilling");
 }

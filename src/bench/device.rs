@@ -26,7 +26,8 @@ use thiserror::Error;
 
 use crate::{
     bench::store::{load_corpus, BenchError as CorpusError},
-    frontend::{self, header, FrontendError, Op, Request, Virtqueue, Vmm, VmmConfig, WaitMode},
+    config::DedupArg,
+    frontend::{self, header, FrontendError, Op, Virtqueue, Vmm, VmmConfig, WaitMode},
     protocol::{Status, PAGE_SIZE},
     size::parse_size,
     store::{DedupDomain, GetOutcome, GuestId, Page, PutOutcome, Store, StoreConfig, StoreError},
@@ -54,7 +55,8 @@ pub struct DeviceArgs {
     #[arg(long)]
     pub poll_us: Option<u64>,
     /// How long the frontend busy-polls the used ring before sleeping on the call
-    /// eventfd. Default: 200 at depth 1 (a synchronous driver spins), else 0.
+    /// eventfd. 0 (the default) sleeps at once: on a host with fewer free cores
+    /// than spinning threads, a spinning frontend only takes CPU from the daemon.
     #[arg(long)]
     pub spin_us: Option<u64>,
     /// RAM budget for the daemon's store and the store-only run (e.g. 4G).
@@ -64,11 +66,15 @@ pub struct DeviceArgs {
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub level: i32,
     /// Dedup domain: off, guest or global.
-    #[arg(long, default_value = "guest")]
-    pub dedup: String,
+    #[arg(long, value_enum, default_value_t = DedupArg::Guest)]
+    pub dedup: DedupArg,
     /// The daemon binary; default: `vhost-user-tmem` beside this program.
     #[arg(long)]
     pub daemon: Option<PathBuf>,
+    /// Rounds of (device put+get, store-only put+get), alternating so both see the
+    /// same machine load; the best round of each is reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    pub repeat: u16,
     /// Print only one JSON line.
     #[arg(long)]
     pub json: bool,
@@ -78,8 +84,6 @@ pub struct DeviceArgs {
 pub enum DeviceBenchError {
     #[error("loading the corpus")]
     Corpus(#[source] CorpusError),
-    #[error("unknown dedup domain {0:?} (off, guest or global)")]
-    Dedup(String),
     #[error(
         "cannot find the daemon binary at {0} (build it, e.g. `cargo build --release`, or pass --daemon)"
     )]
@@ -151,9 +155,14 @@ pub struct DeviceReport {
     pub dedup: String,
     pub device_put_pages_per_sec: f64,
     pub device_get_pages_per_sec: f64,
+    /// Best of this many rounds.
+    pub repeat: u16,
     /// Round trips at depth 1 on one queue.
     pub put_latency: Latency,
     pub get_latency: Latency,
+    /// The same pages, one store call at a time, in-process.
+    pub store_put_latency: Latency,
+    pub store_get_latency: Latency,
     pub store_put_pages_per_sec: f64,
     pub store_get_pages_per_sec: f64,
     /// Time one store call takes, in microseconds (phase time x threads / pages).
@@ -177,17 +186,8 @@ pub fn run(args: &DeviceArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn parse_dedup(s: &str) -> Result<DedupDomain, DeviceBenchError> {
-    match s {
-        "off" => Ok(DedupDomain::Off),
-        "guest" => Ok(DedupDomain::Guest),
-        "global" => Ok(DedupDomain::Global),
-        _ => Err(DeviceBenchError::Dedup(s.to_owned())),
-    }
-}
-
 pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
-    let dedup = parse_dedup(&args.dedup)?;
+    let dedup = DedupDomain::from(args.dedup);
     let data = load_corpus(&args.corpus).map_err(DeviceBenchError::Corpus)?;
     let pages: Vec<&Page> = data
         .chunks_exact(PAGE_SIZE)
@@ -195,25 +195,41 @@ pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
         .collect();
     let n = pages.len() as u64;
     let mem_limit = args.mem_limit.unwrap_or(UNLIMITED);
-    let spin_us = args.spin_us.unwrap_or(if args.depth == 1 { 200 } else { 0 });
+    let spin_us = args.spin_us.unwrap_or(0);
 
-    let (put_time, get_time, put_lat, get_lat) = {
-        let daemon = DaemonProcess::start(args, mem_limit)?;
-        let measured = device_phases(args, &daemon, &pages, spin_us);
-        daemon.stop();
-        measured?
-    };
-
-    let store = Store::new(StoreConfig {
+    let store_config = StoreConfig {
         mem_limit,
         spill: None,
         zstd_level: args.level,
         dedup,
         ..StoreConfig::default()
-    })?;
+    };
     let threads = usize::from(args.queues);
-    let store_put = store_puts(&store, &pages, threads)?;
-    let store_get = store_gets(&store, &pages, threads)?;
+    let daemon = DaemonProcess::start(args, mem_limit)?;
+    let mut session = Session::open(args, &daemon, spin_us)?;
+    let mut put_time = Duration::MAX;
+    let mut get_time = Duration::MAX;
+    let mut store_put = Duration::MAX;
+    let mut store_get = Duration::MAX;
+    for round in 0..args.repeat {
+        if round > 0 {
+            // Each round starts from an empty device, like the store-only run.
+            session.clear()?;
+        }
+        let (p, g) = session.throughput(&pages)?;
+        put_time = put_time.min(p);
+        get_time = get_time.min(g);
+        let store = Store::new(store_config.clone())?;
+        store_put = store_put.min(store_puts(&store, &pages, threads)?);
+        store_get = store_get.min(store_gets(&store, &pages, threads)?);
+    }
+    let sample = latency_sample(pages.len());
+    let (put_lat, get_lat) = session.latency(&pages, &sample)?;
+    session.close();
+    daemon.stop();
+    // The same sample, one call at a time, straight into a store.
+    let store = Store::new(store_config)?;
+    let (store_put_lat, store_get_lat) = store_latency(&store, &pages, &sample)?;
     drop(store);
 
     let rate = |d: Duration| n as f64 / d.as_secs_f64().max(1e-9);
@@ -237,11 +253,14 @@ pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
         poll_us: args.poll_us,
         spin_us,
         level: args.level,
-        dedup: args.dedup.clone(),
+        dedup: args.dedup.as_str().to_owned(),
         device_put_pages_per_sec: device_put,
         device_get_pages_per_sec: device_get,
         put_latency: put_lat,
         get_latency: get_lat,
+        store_put_latency: store_put_lat,
+        store_get_latency: store_get_lat,
+        repeat: args.repeat,
         store_put_pages_per_sec: store_put_rate,
         store_get_pages_per_sec: store_get_rate,
         store_put_us_per_page: store_put_us,
@@ -315,7 +334,7 @@ impl DaemonProcess {
             .arg("--compression")
             .arg(format!("zstd:{}", args.level))
             .arg("--dedup")
-            .arg(&args.dedup)
+            .arg(args.dedup.as_str())
             .stdin(Stdio::null());
         // The daemon's log would interleave with the figures; keep it aside and
         // show it only if the daemon dies.
@@ -384,75 +403,145 @@ impl Drop for DaemonProcess {
     }
 }
 
-type Measured = (Duration, Duration, Latency, Latency);
+/// The frontend's connection to the daemon, with one queue per thread.
+struct Session {
+    vmm: Vmm,
+    queues: Vec<Virtqueue>,
+    depth: usize,
+    indirect: bool,
+}
 
-fn device_phases(
-    args: &DeviceArgs,
-    daemon: &DaemonProcess,
-    pages: &[&Page],
-    spin_us: u64,
-) -> Result<Measured, DeviceBenchError> {
-    let depth = usize::from(args.depth);
-    // Each request is header, page and status in three descriptors, as a Linux
-    // driver lays it out; the ring must hold `depth` of them, else they go
-    // indirect (one ring descriptor each).
-    let direct = depth * 3 <= 1024;
-    let queue_size = if direct { depth * 3 } else { depth }
-        .next_power_of_two()
-        .clamp(64, 1024) as u16;
-    let wait = if spin_us > 0 {
-        WaitMode::Spin(Duration::from_micros(spin_us))
-    } else {
-        WaitMode::Interrupt
-    };
-    let cfg = VmmConfig {
-        queues: usize::from(args.queues),
-        queue_size,
-        event_idx: true,
-        indirect: true,
-        wait,
-        honour_no_notify: true,
-        timeout: Duration::from_secs(30),
-        reset_device: true,
-    };
-    let mut vmm = Vmm::connect(&daemon.socket, cfg)?;
-    let mut queues = vmm.start()?;
-    let threads = queues.len();
-    let ranges = split(pages.len(), threads);
-
-    let put_time = parallel(&mut queues, &ranges, |q, range| {
-        pipelined(q, pages, range, depth, !direct, Op::Put)
-    })?;
-    let get_time = parallel(&mut queues, &ranges, |q, range| {
-        pipelined(q, pages, range, depth, !direct, Op::Get)
-    })?;
-
-    let q = &mut queues[0];
-    let sample = pages.len().min(LATENCY_SAMPLE);
-    let mut put_ns = Vec::with_capacity(sample);
-    let mut get_ns = Vec::with_capacity(sample);
-    for (i, page) in pages.iter().take(sample).enumerate() {
-        let t = Instant::now();
-        let r = q.put(POOL, i as u64, &page[..])?;
-        put_ns.push(t.elapsed().as_nanos() as u64);
-        check(&r, "put", i as u64, Status::Ok, 1)?;
+impl Session {
+    fn open(args: &DeviceArgs, daemon: &DaemonProcess, spin_us: u64) -> Result<Self, DeviceBenchError> {
+        let depth = usize::from(args.depth);
+        // Each request is header, page and status in three descriptors, as a Linux
+        // driver lays it out; the ring must hold `depth` of them, else they go
+        // indirect (one ring descriptor each).
+        let direct = depth * 3 <= 1024;
+        let queue_size = if direct { depth * 3 } else { depth }
+            .next_power_of_two()
+            .clamp(64, 1024) as u16;
+        let wait = if spin_us > 0 {
+            WaitMode::Spin(Duration::from_micros(spin_us))
+        } else {
+            WaitMode::Interrupt
+        };
+        let cfg = VmmConfig {
+            queues: usize::from(args.queues),
+            queue_size,
+            event_idx: true,
+            indirect: true,
+            wait,
+            honour_no_notify: true,
+            timeout: Duration::from_secs(30),
+            reset_device: true,
+        };
+        let mut vmm = Vmm::connect(&daemon.socket, cfg)?;
+        let mut queues = vmm.start()?;
+        for q in &mut queues {
+            // Every GET is verified against the corpus; no need to pre-fill.
+            q.set_poison(false);
+        }
+        Ok(Session {
+            vmm,
+            queues,
+            depth,
+            indirect: !direct,
+        })
     }
-    for (i, page) in pages.iter().take(sample).enumerate() {
+
+    /// Wall time to PUT every page, then to GET and verify every page.
+    fn throughput(&mut self, pages: &[&Page]) -> Result<(Duration, Duration), DeviceBenchError> {
+        let ranges = split(pages.len(), self.queues.len());
+        let (depth, indirect) = (self.depth, self.indirect);
+        let put = parallel(&mut self.queues, &ranges, |q, range| {
+            pipelined(q, pages, range, depth, indirect, Op::Put)
+        })?;
+        let get = parallel(&mut self.queues, &ranges, |q, range| {
+            pipelined(q, pages, range, depth, indirect, Op::Get)
+        })?;
+        Ok((put, get))
+    }
+
+    fn clear(&mut self) -> Result<(), DeviceBenchError> {
+        let r = self.queues[0].invalidate_pool(POOL)?;
+        check(&r, "invalidate pool", 0, Status::Ok, 1)
+    }
+
+    /// Round trip of each PUT and GET of the sample, at depth 1.
+    fn latency(&mut self, pages: &[&Page], sample: &[usize]) -> Result<(Latency, Latency), DeviceBenchError> {
+        // Start from an empty device, as the store-only latency pass starts from an
+        // empty store: a PUT then stores, rather than replaces, a page.
+        self.clear()?;
+        let indirect = self.indirect;
+        let q = &mut self.queues[0];
+        let mut put_ns = Vec::with_capacity(sample.len());
+        let mut get_ns = Vec::with_capacity(sample.len());
+        for &i in sample {
+            let h = header(Op::Put, 0, POOL, i as u64, 0);
+            let t = Instant::now();
+            q.submit_op(&h, Some(&pages[i][..]), indirect)?;
+            let c = q.complete()?;
+            put_ns.push(t.elapsed().as_nanos() as u64);
+            check(&frontend::Reply::from(c), "put", i as u64, Status::Ok, 1)?;
+        }
+        for &i in sample {
+            let h = header(Op::Get, 0, POOL, i as u64, 0);
+            let t = Instant::now();
+            q.submit_op(&h, None, indirect)?;
+            let c = q.complete()?;
+            get_ns.push(t.elapsed().as_nanos() as u64);
+            let r = frontend::Reply::from(c);
+            check(&r, "get", i as u64, Status::Ok, 4097)?;
+            if r.page[..] != pages[i][..] {
+                return Err(DeviceBenchError::Mismatch {
+                    path: "device (latency pass)",
+                    count: 1,
+                    first: i as u64,
+                });
+            }
+        }
+        Ok((latency(put_ns), latency(get_ns)))
+    }
+
+    fn close(self) {
+        drop(self.queues);
+        self.vmm.disconnect();
+    }
+}
+
+/// Up to LATENCY_SAMPLE page numbers spread evenly over the corpus.
+fn latency_sample(n: usize) -> Vec<usize> {
+    let k = n.min(LATENCY_SAMPLE);
+    (0..k).map(|j| j * n / k.max(1)).collect()
+}
+
+fn store_latency(
+    store: &Store,
+    pages: &[&Page],
+    sample: &[usize],
+) -> Result<(Latency, Latency), DeviceBenchError> {
+    let mut put_ns = Vec::with_capacity(sample.len());
+    let mut get_ns = Vec::with_capacity(sample.len());
+    for &i in sample {
         let t = Instant::now();
-        let r = q.get(POOL, i as u64, false)?;
+        store.put(GuestId(0), POOL, i as u64, pages[i])?;
+        put_ns.push(t.elapsed().as_nanos() as u64);
+    }
+    let mut out = [0u8; PAGE_SIZE];
+    for &i in sample {
+        let t = Instant::now();
+        let found = store.get(GuestId(0), POOL, i as u64, &mut out, false)?;
         get_ns.push(t.elapsed().as_nanos() as u64);
-        check(&r, "get", i as u64, Status::Ok, 4097)?;
-        if r.page[..] != page[..] {
+        if found != GetOutcome::Found || out[..] != pages[i][..] {
             return Err(DeviceBenchError::Mismatch {
-                path: "device (latency pass)",
+                path: "store (latency pass)",
                 count: 1,
                 first: i as u64,
             });
         }
     }
-    drop(queues);
-    vmm.disconnect();
-    Ok((put_time, get_time, latency(put_ns), latency(get_ns)))
+    Ok((latency(put_ns), latency(get_ns)))
 }
 
 fn check(
@@ -528,17 +617,14 @@ fn pipelined(
     let mut first_bad = None;
     while done < range.end {
         while next < range.end && q.in_flight() < depth {
-            let req = match op {
-                Op::Put => Request::new(header(Op::Put, 0, POOL, next as u64, 0), Some(&pages[next][..])),
-                _ => Request::new(header(Op::Get, 0, POOL, next as u64, 0), None),
+            let token = match op {
+                Op::Put => q.submit_op(
+                    &header(Op::Put, 0, POOL, next as u64, 0),
+                    Some(&pages[next][..]),
+                    indirect,
+                )?,
+                _ => q.submit_op(&header(Op::Get, 0, POOL, next as u64, 0), None, indirect)?,
             };
-            let req = if indirect {
-                let layout = req.layout.clone().with_indirect(true);
-                req.with_layout(layout)
-            } else {
-                req
-            };
-            let token = q.submit(&req)?;
             first_token.get_or_insert(token - (next - range.start) as u64);
             next += 1;
         }
@@ -691,14 +777,15 @@ fn print_table(r: &DeviceReport) {
         None => "n/a at this depth/polling",
     };
     println!(
-        "corpus: {} pages, {} queue(s), depth {}, daemon --poll-us {}, frontend spin {} us, zstd {}, dedup {}",
+        "corpus: {} pages, {} queue(s), depth {}, daemon --poll-us {}, frontend spin {} us, zstd {}, dedup {}, best of {}",
         r.pages,
         r.queues,
         r.depth,
         r.poll_us.map_or("default".into(), |u| u.to_string()),
         r.spin_us,
         r.level,
-        r.dedup
+        r.dedup,
+        r.repeat
     );
     println!("{:<22} {:>14} {:>14}", "", "put pages/s", "get pages/s");
     println!(
@@ -717,9 +804,14 @@ fn print_table(r: &DeviceReport) {
         "store per-page time:   put {:.2} us, get {:.2} us",
         r.store_put_us_per_page, r.store_get_us_per_page
     );
-    for (name, l) in [("put", &r.put_latency), ("get", &r.get_latency)] {
+    for (name, l) in [
+        ("put", &r.put_latency),
+        ("get", &r.get_latency),
+        ("store-only put", &r.store_put_latency),
+        ("store-only get", &r.store_get_latency),
+    ] {
         println!(
-            "depth-1 {name} round trip: p50 {:.2} us, p99 {:.2} us, p999 {:.2} us, mean {:.2} us ({} samples)",
+            "depth-1 {name}: p50 {:.2} us, p99 {:.2} us, p999 {:.2} us, mean {:.2} us ({} samples)",
             l.p50_us, l.p99_us, l.p999_us, l.mean_us, l.samples
         );
     }
@@ -780,8 +872,9 @@ mod tests {
             spin_us: None,
             mem_limit: None,
             level: 1,
-            dedup: "guest".into(),
+            dedup: DedupArg::Guest,
             daemon: Some(dir.path().join("nope")),
+            repeat: 1,
             json: true,
         };
         assert!(matches!(run_bench(&args), Err(DeviceBenchError::NoDaemon(_))));

@@ -17,6 +17,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::{
+    config::DedupArg,
     size::parse_size,
     store::{
         DedupDomain, GetOutcome, GuestId, MemoryUse, Page, PutOutcome, SpillConfig, Store, StoreConfig,
@@ -52,23 +53,14 @@ pub struct StoreArgs {
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub level: i32,
     /// Which pages may share one stored copy: off, guest or global.
-    #[arg(long, default_value = "guest", value_parser = parse_dedup)]
-    pub dedup: DedupDomain,
+    #[arg(long, value_enum, default_value_t = DedupArg::Guest)]
+    pub dedup: DedupArg,
     /// Print only one JSON line.
     #[arg(long)]
     pub json: bool,
     /// Run every phase this many times and report the best round of each.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub repeat: u32,
-}
-
-fn parse_dedup(s: &str) -> Result<DedupDomain, String> {
-    match s {
-        "off" => Ok(DedupDomain::Off),
-        "guest" => Ok(DedupDomain::Guest),
-        "global" => Ok(DedupDomain::Global),
-        _ => Err(format!("unknown dedup domain {s:?} (off, guest or global)")),
-    }
 }
 
 #[derive(Debug, Error)]
@@ -124,6 +116,12 @@ pub struct StoreReport {
     /// Host RAM that is not payload chunks (index, dedup table, object records,
     /// free lists), per stored page, as the store reports it.
     pub meta_bytes_per_page: Option<f64>,
+    /// The index part of that: (guest, pool, index) -> object handle.
+    pub index_bytes_per_page: Option<f64>,
+    /// Object records, dedup and allocator tables, per stored object.
+    pub object_meta_bytes_per_object: Option<f64>,
+    /// RAM payload chunks: compressed bytes plus slot and chunk-tail slack.
+    pub payload_chunk_bytes: u64,
     pub raw_zstd_compress_pages_per_sec: f64,
     pub raw_zstd_decompress_pages_per_sec: f64,
     pub raw_zstd_ratio: f64,
@@ -217,7 +215,7 @@ pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
             limit: args.spill_limit.unwrap_or(UNLIMITED),
         }),
         zstd_level: args.level,
-        dedup: args.dedup,
+        dedup: args.dedup.into(),
         ..StoreConfig::default()
     };
 
@@ -320,13 +318,16 @@ fn build_report(
         threads: args.threads,
         repeat: args.repeat,
         level: args.level,
-        dedup: args.dedup,
+        dedup: args.dedup.into(),
         mem_limit,
         put_pages_per_sec: put_pps,
         get_pages_per_sec: get_pps,
         ratio: quotient(orig, t.mem_used_bytes as f64),
         ratio_with_spill: quotient(orig, (t.mem_used_bytes + t.spill_file_bytes) as f64),
         meta_bytes_per_page: quotient(memory.metadata_bytes as f64, memory.stored_pages as f64),
+        index_bytes_per_page: quotient(memory.index_bytes as f64, memory.stored_pages as f64),
+        object_meta_bytes_per_object: quotient(memory.object_bytes as f64, memory.objects as f64),
+        payload_chunk_bytes: memory.payload_chunk_bytes,
         raw_zstd_compress_pages_per_sec: raw_c,
         raw_zstd_decompress_pages_per_sec: raw_d,
         raw_zstd_ratio: orig / raw.compressed_bytes as f64,
@@ -535,7 +536,12 @@ fn print_table(r: &StoreReport) {
         r.raw_zstd_ratio
     );
     println!("ratio incl. spill file     {:>12}", opt(r.ratio_with_spill));
-    println!("meta bytes per page        {:>12}", opt(r.meta_bytes_per_page));
+    println!(
+        "meta bytes per page        {:>12}   (index {} per page, {} per object)",
+        opt(r.meta_bytes_per_page),
+        opt(r.index_bytes_per_page),
+        opt(r.object_meta_bytes_per_object)
+    );
     println!(
         "stored / rejected          {:>12} / {}",
         r.stored_pages, r.rejected_pages
@@ -545,8 +551,8 @@ fn print_table(r: &StoreReport) {
         r.same_filled_pages, r.unique_pages, r.dedup_hits
     );
     println!(
-        "mem used / compr data      {} / {} bytes (limit {})",
-        r.mem_used_bytes, r.compr_data_bytes, r.mem_limit
+        "mem used / payload chunks / compr data  {} / {} / {} bytes (limit {})",
+        r.mem_used_bytes, r.payload_chunk_bytes, r.compr_data_bytes, r.mem_limit
     );
     println!(
         "spilled pages / file bytes {} / {}  (writes {}, reads {}, writebacks {})",

@@ -241,7 +241,13 @@ impl DeviceLoop {
             self.shared.connected.store(true, Ordering::SeqCst);
             info!("device {id}: VMM connected");
         }
-        let result = daemon.wait().map_err(BackendError);
+        let result = match daemon.wait() {
+            // The VMM closing its end, even mid-message, is how a session ends.
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => Ok(()),
+            other => other.map_err(BackendError),
+        };
         *self.conn.lock() = None;
         self.shared.connected.store(false, Ordering::SeqCst);
         // Dropping the daemon joins the queue workers (they leave on their

@@ -453,6 +453,21 @@ impl TmemBackend {
         used
     }
 
+    fn put_status(
+        &self,
+        queue: usize,
+        outcome: Result<PutOutcome, crate::store::StoreError>,
+    ) -> (Status, bool) {
+        match outcome {
+            Ok(PutOutcome::Stored) => (Status::Ok, false),
+            Ok(PutOutcome::Rejected) => (Status::Rejected, false),
+            Err(e) => {
+                self.log_error(queue, &e);
+                (Status::IoError, false)
+            }
+        }
+    }
+
     /// Acts on a validated request; returns its status and whether the GET
     /// page was written.
     fn execute(
@@ -470,9 +485,9 @@ impl TmemBackend {
                     self.log_error(queue, &e);
                     return (Status::Invalid, false);
                 }
-                put_status(self.store.put(guest, h.pool, h.index, &worker.page))
+                self.put_status(queue, self.store.put(guest, h.pool, h.index, &worker.page))
             }
-            Op::PutFill => put_status(self.store.put_fill(guest, h.pool, h.index, h.arg)),
+            Op::PutFill => self.put_status(queue, self.store.put_fill(guest, h.pool, h.index, h.arg)),
             Op::Get => {
                 match self
                     .store
@@ -500,18 +515,6 @@ impl TmemBackend {
                 self.store.invalidate_pool(guest, h.pool);
                 (Status::Ok, false)
             }
-        }
-    }
-}
-
-fn put_status(outcome: Result<PutOutcome, crate::store::StoreError>) -> (Status, bool) {
-    match outcome {
-        Ok(PutOutcome::Stored) => (Status::Ok, false),
-        Ok(PutOutcome::Rejected) => (Status::Rejected, false),
-        Err(e) => {
-            // Store errors are host-side; not rate-limited per guest, but rare.
-            warn!("store error on put: {}", error_chain(&e));
-            (Status::IoError, false)
         }
     }
 }

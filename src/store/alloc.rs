@@ -113,6 +113,8 @@ impl ChunkAlloc {
     pub fn growth_for(&self, len: usize) -> usize {
         if self.open_fit(len).is_some() {
             0
+        } else if self.spare_ids.is_empty() && self.chunks.len() == self.chunks.capacity() {
+            CHUNK + self.chunks.capacity().max(4) * std::mem::size_of::<Chunk>()
         } else {
             CHUNK
         }

@@ -39,12 +39,12 @@ pub fn fill_value(page: &Page) -> Option<u64> {
 fn word(bytes: &[u8]) -> u64 {
     let mut w = [0u8; 8];
     w.copy_from_slice(bytes);
-    u64::from_ne_bytes(w)
+    u64::from_le_bytes(w)
 }
 
-/// Writes the page made of `fill` repeated.
+/// Writes the page made of `fill` repeated, little-endian as on the wire (PUT_FILL).
 pub fn write_fill(out: &mut Page, fill: u64) {
-    let bytes = fill.to_ne_bytes();
+    let bytes = fill.to_le_bytes();
     for w in out.chunks_exact_mut(8) {
         w.copy_from_slice(&bytes);
     }

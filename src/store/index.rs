@@ -82,9 +82,12 @@ impl IndexShard {
         }
     }
 
+    /// Bytes the index holds for pages. The per-pool counters are left out:
+    /// they are statistics that outlive the pages (one entry per pool ever
+    /// used), so an emptied store returns exactly to its starting footprint.
     pub fn heap_bytes(&self) -> u64 {
         let tables: usize = self.groups.values().map(|g| g.entries.allocation_size()).sum();
-        (tables + self.groups.allocation_size() + self.counters.allocation_size()) as u64
+        (tables + self.groups.allocation_size()) as u64
     }
 
     fn settle(&mut self, budget: &Budget) {
@@ -130,6 +133,14 @@ impl IndexShard {
             // hashbrown doubles its buckets: the growth is about the current size.
             let growth = g.entries.allocation_size().max(256) as u64;
             if !budget.try_reserve(growth) {
+                // Give back what a new group reserved above, if anything.
+                if g.entries.is_empty() {
+                    self.groups.remove(&group);
+                    if self.groups.is_empty() {
+                        self.groups.shrink_to_fit();
+                    }
+                }
+                self.settle(budget);
                 return Err(NoRoom);
             }
             self.counted += growth;
@@ -154,7 +165,13 @@ impl IndexShard {
         };
         let ((_, handle), _) = entry.remove();
         let (len, cap) = (g.entries.len(), g.entries.capacity());
-        if cap > 64 && len * 4 < cap {
+        if len == 0 {
+            self.groups.remove(&group);
+            if self.groups.is_empty() {
+                self.groups.shrink_to_fit();
+            }
+            self.settle(budget);
+        } else if cap > 64 && len * 4 < cap {
             let seed = self.seed;
             g.entries.shrink_to(len * 2, |e| lo_hash(seed, e.0));
             self.settle(budget);

@@ -5,14 +5,15 @@
 //! safe to call concurrently.
 //!
 //! Layout (see docs/design.md for the reasons):
-//! - [`codec`]: same-filled detection, zstd with per-thread contexts, raw fallback;
-//! - [`index`]: index shards, (guest, pool, index) -> 32-bit object handle, page counters;
-//! - [`objects`]: object shards, stored contents with dedup, refcounts, tiers;
-//! - [`slab`]: the object records of a shard and the CLOCK hand over them;
-//! - [`alloc`]: the size-class allocator over chunks that holds RAM payloads;
-//! - [`spill`]: the spill file, its slots, checksums and free space;
-//! - [`budget`]: the RAM budget counter;
-//! - [`stats`]: summing the shards' counters.
+//! - `codec`: same-filled detection, zstd with per-thread contexts, raw fallback;
+//! - `index`: index shards, (guest, pool, index) -> 32-bit object handle, page counters;
+//! - `objects`: object shards, stored contents with dedup, refcounts, tiers;
+//! - `slab`: the object records of a shard and the CLOCK hand over them;
+//! - `alloc`: the byte-packed chunk allocator (with compaction) that holds RAM payloads;
+//! - `spill`: the spill file, its slots, checksums and free space;
+//! - `budget`: the RAM budget counter;
+//! - `owners`: dense ids for (guest, pool) pairs;
+//! - `stats`: summing the shards' counters.
 //!
 //! Lock order: an index shard, then an object shard, then the spill space
 //! lock; never backwards. No lock is global: each put or get takes one index
@@ -301,15 +302,18 @@ impl Store {
             let domain = self.domain(guest);
             let content = match encoded {
                 codec::Encoded::Fill(word) => Content::Fill { word, domain },
-                codec::Encoded::Zstd(len) => self.data(page, &frame[..len], domain),
-                codec::Encoded::Raw => self.data(page, &page[..], domain),
+                codec::Encoded::Zstd(len) => self.data(&frame[..len], domain),
+                codec::Encoded::Raw => self.data(&page[..], domain),
             };
             self.put_content(guest, pool, index, &content)
         })
     }
 
-    fn data<'a>(&self, page: &Page, payload: &'a [u8], domain: u32) -> Content<'a> {
-        let h = xxhash_rust::xxh3::xxh3_128_with_seed(page, u64::from(domain));
+    /// The content hash covers the stored payload (the frame, or the raw
+    /// page): compression is deterministic at a fixed level, so equal pages
+    /// give equal frames, and hashing ~1 KB instead of 4 KB is cheaper.
+    fn data<'a>(&self, payload: &'a [u8], domain: u32) -> Content<'a> {
+        let h = xxhash_rust::xxh3::xxh3_128_with_seed(payload, u64::from(domain));
         Content::Data {
             hash: [h as u64, (h >> 64) as u64],
             payload,
@@ -352,18 +356,12 @@ impl Store {
         let fill = matches!(content, Content::Fill { .. });
         // Object first, with no index lock held: the object shard lock is never
         // held while taking an index lock.
-        let (id, hit) = loop {
-            let got = self.objects[shard].0.lock().obtain(content, owner, &self.budget);
-            match got {
-                Obtained::Ref { id, hit } => break (id, hit),
-                Obtained::NeedRoom => match self.make_room() {
-                    Ok(Room::Made) => continue,
-                    Ok(Room::Full) => return Ok(self.reject(guest, pool, index)),
-                    Err(e) => {
-                        self.reject(guest, pool, index);
-                        return Err(e);
-                    }
-                },
+        let (id, hit) = match self.obtain(shard, content, owner) {
+            Ok(Some(got)) => got,
+            Ok(None) => return Ok(self.reject(guest, pool, index)),
+            Err(e) => {
+                self.reject(guest, pool, index);
+                return Err(e);
             }
         };
         let handle = ((shard as u32) << (32 - self.obj_bits)) | id;
@@ -401,6 +399,41 @@ impl Store {
         }
     }
 
+    /// Gets a reference on an object holding `content`, making room as needed.
+    /// `None`: both tiers are full.
+    fn obtain(
+        &self,
+        shard: usize,
+        content: &Content<'_>,
+        owner: u16,
+    ) -> Result<Option<(u32, bool)>, StoreError> {
+        let spill = self.spill.as_ref();
+        loop {
+            let got = self.objects[shard]
+                .0
+                .lock()
+                .obtain(content, owner, &self.budget, spill);
+            if let Obtained::Ref { id, hit } = got {
+                return Ok(Some((id, hit)));
+            }
+            if let Room::Made = self.make_room()? {
+                continue;
+            }
+            // Nothing in RAM can move: the new page itself goes to the file.
+            let Some(spill) = spill else {
+                return Ok(None);
+            };
+            let got = self.objects[shard]
+                .0
+                .lock()
+                .obtain_spilled(content, owner, &self.budget, spill)?;
+            return Ok(match got {
+                Obtained::Ref { id, hit } => Some((id, hit)),
+                Obtained::NeedRoom => None,
+            });
+        }
+    }
+
     /// Drops one reference; returns whether the object was a fill.
     fn release(&self, handle: u32) -> bool {
         let (shard, id) = self.split_handle(handle);
@@ -418,9 +451,7 @@ impl Store {
         let c = ix.counters(guest.0, pool);
         c.failed_stores += 1;
         if let Some(was_fill) = old_fill {
-            c.stored_pages -= 1;
-            c.orig_data_bytes -= PAGE_SIZE as u64;
-            c.same_filled_pages -= u64::from(was_fill);
+            c.forget_page(was_fill);
         }
         PutOutcome::Rejected
     }
@@ -508,9 +539,7 @@ impl Store {
             c.failed_loads += 1;
         }
         if let Some(was_fill) = was_fill {
-            c.stored_pages -= 1;
-            c.orig_data_bytes -= PAGE_SIZE as u64;
-            c.same_filled_pages -= u64::from(was_fill);
+            c.forget_page(was_fill);
         }
         drop(ix);
         // Decompression runs with no lock held.
@@ -530,9 +559,7 @@ impl Store {
         let c = ix.counters(guest.0, pool);
         c.invalidates += 1;
         if let Some(was_fill) = old_fill {
-            c.stored_pages -= 1;
-            c.orig_data_bytes -= PAGE_SIZE as u64;
-            c.same_filled_pages -= u64::from(was_fill);
+            c.forget_page(was_fill);
         }
         old.is_some()
     }
@@ -546,10 +573,7 @@ impl Store {
             dropped += taken.len() as u64;
             for (guest, pool, handle) in taken {
                 let was_fill = self.release(handle);
-                let c = ix.counters(guest, pool);
-                c.stored_pages -= 1;
-                c.orig_data_bytes -= PAGE_SIZE as u64;
-                c.same_filled_pages -= u64::from(was_fill);
+                ix.counters(guest, pool).forget_page(was_fill);
             }
         }
         dropped
@@ -975,6 +999,28 @@ mod tests {
             s.stats().total.spill_file_bytes <= file + (256 << 10),
             "file space is reused"
         );
+    }
+
+    #[test]
+    fn with_almost_no_ram_new_pages_go_straight_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = spill_store(&dir, 1 << 40, 64 << 20);
+        let base = s.mem_used();
+        s.set_mem_limit(base + (16 << 10)).unwrap();
+        for i in 0..50 {
+            assert_eq!(put(&s, 0, 0, i, &noise_page(i)), PutOutcome::Stored, "page {i}");
+            assert!(s.mem_used() <= base + (16 << 10));
+        }
+        // Dedup still finds the copy in the file.
+        assert_eq!(put(&s, 0, 1, 0, &noise_page(0)), PutOutcome::Stored);
+        let t = s.stats().total;
+        assert_eq!((t.spilled_pages, t.unique_pages, t.dedup_hits), (51, 50, 1));
+        for i in 0..50 {
+            assert_eq!(get(&s, 0, 0, i), Some(noise_page(i)));
+        }
+        s.drop_guest(GuestId(0));
+        assert_eq!(s.mem_used(), base);
+        assert_eq!(s.stats().total.spill_file_bytes, 0);
     }
 
     #[test]

@@ -98,9 +98,7 @@ impl ObjShard {
     }
 
     pub fn heap_bytes(&self) -> u64 {
-        self.slab.heap_bytes()
-            + self.alloc.heap_bytes()
-            + (self.dedup.allocation_size() + self.owners.capacity() * std::mem::size_of::<Counters>()) as u64
+        self.slab.heap_bytes() + self.alloc.heap_bytes() + self.dedup.allocation_size() as u64
     }
 
     pub fn live_objects(&self) -> u32 {
@@ -121,31 +119,25 @@ impl ObjShard {
     }
 
     /// Finds an equal object in the dedup table or stores a new one, taking a reference.
-    pub fn obtain(&mut self, content: &Content<'_>, owner: u16, budget: &Budget) -> Obtained {
+    ///
+    /// A spilled object is a candidate too: its payload is read back from the
+    /// file (under this shard's lock) for the byte comparison, so a page is
+    /// stored once whichever tier its twin is in. A failed read means "not
+    /// equal": the new page gets its own copy.
+    pub fn obtain(
+        &mut self,
+        content: &Content<'_>,
+        owner: u16,
+        budget: &Budget,
+        spill: Option<&SpillFile>,
+    ) -> Obtained {
         let (hash, dedup) = match *content {
             Content::Fill { word, domain } => ([word, u64::from(domain)], true),
             Content::Data { hash, dedup, .. } => (hash, dedup),
         };
         let th = table_hash(hash);
-        if dedup {
-            let found = self.dedup.find(th, |&id| {
-                let o = self.slab.get(id);
-                o.hash == hash
-                    && match *content {
-                        Content::Fill { .. } => o.tier == Tier::Fill,
-                        Content::Data { payload, .. } => {
-                            o.tier == Tier::Ram
-                                && usize::from(o.len) == payload.len()
-                                && self.alloc.bytes(Loc::unpack(o.loc()), payload.len()) == payload
-                        }
-                    }
-            });
-            if let Some(&id) = found {
-                let o = self.slab.get_mut(id);
-                o.refs += 1;
-                o.set(REFERENCED, true);
-                return Obtained::Ref { id, hit: true };
-            }
+        if let Some(hit) = self.lookup(content, hash, dedup, spill) {
+            return hit;
         }
         let payload_len = match *content {
             Content::Fill { .. } => 0,
@@ -204,6 +196,110 @@ impl ObjShard {
         Obtained::Ref { id, hit: false }
     }
 
+    /// Finds an object equal to `content` and takes a reference on it.
+    fn lookup(
+        &mut self,
+        content: &Content<'_>,
+        hash: [u64; 2],
+        dedup: bool,
+        spill: Option<&SpillFile>,
+    ) -> Option<Obtained> {
+        if !dedup {
+            return None;
+        }
+        let th = table_hash(hash);
+        {
+            let found = self.dedup.find(th, |&id| {
+                let o = self.slab.get(id);
+                o.hash == hash
+                    && match *content {
+                        Content::Fill { .. } => o.tier == Tier::Fill,
+                        Content::Data { payload, .. } if usize::from(o.len) == payload.len() => {
+                            match o.tier {
+                                Tier::Ram => self.alloc.bytes(Loc::unpack(o.loc()), payload.len()) == payload,
+                                Tier::Spilled => spill.is_some_and(|sp| {
+                                    let mut buf = [0u8; PAGE_SIZE];
+                                    sp.read(o.loc() * UNIT, payload.len(), o.hash[0], &mut buf)
+                                        .is_ok()
+                                        && &buf[..payload.len()] == payload
+                                }),
+                                Tier::Fill | Tier::Free => false,
+                            }
+                        }
+                        Content::Data { .. } => false,
+                    }
+            });
+            if let Some(&id) = found {
+                let o = self.slab.get_mut(id);
+                o.refs += 1;
+                o.set(REFERENCED, true);
+                let (tier, obj_owner) = (o.tier, o.owner);
+                if tier == Tier::Spilled {
+                    self.owner(obj_owner).spilled_pages += 1;
+                }
+                return Some(Obtained::Ref { id, hit: true });
+            }
+        }
+        None
+    }
+
+    /// Stores a new page straight into the spill file, for when RAM has no
+    /// room and nothing in it can be moved out: the record still takes RAM,
+    /// the payload does not. `NeedRoom` means the file is full too.
+    pub fn obtain_spilled(
+        &mut self,
+        content: &Content<'_>,
+        owner: u16,
+        budget: &Budget,
+        spill: &SpillFile,
+    ) -> Result<Obtained, StoreError> {
+        let Content::Data { hash, payload, dedup } = *content else {
+            return Ok(self.obtain(content, owner, budget, Some(spill)));
+        };
+        if let Some(hit) = self.lookup(content, hash, dedup, Some(spill)) {
+            return Ok(hit);
+        }
+        let table_growth = if dedup && self.dedup.len() == self.dedup.capacity() {
+            self.dedup.allocation_size().max(128)
+        } else {
+            0
+        };
+        let growth = (table_growth + self.slab.growth()) as u64;
+        if !self.slab.has_room(self.max_ids) || !budget.try_reserve(growth) {
+            return Ok(Obtained::NeedRoom);
+        }
+        self.counted += growth;
+        let Some(offset) = spill.write(payload, hash[0])? else {
+            self.settle(budget);
+            return Ok(Obtained::NeedRoom);
+        };
+        let mut obj = Obj {
+            hash,
+            refs: 1,
+            owner,
+            len: payload.len() as u16,
+            tier: Tier::Spilled,
+            flags: REFERENCED | if dedup { INDEXED } else { 0 },
+            ..Obj::default()
+        };
+        obj.set_loc(offset / UNIT);
+        let id = self.slab.insert(obj);
+        if dedup {
+            let slab = &self.slab;
+            self.dedup
+                .insert_unique(table_hash(hash), id, |&i| slab.get(i).table_hash());
+        }
+        let c = self.owner(owner);
+        c.mem_used_bytes += obj_ram_bytes(Tier::Spilled, payload.len());
+        c.unique_pages += 1;
+        c.compr_data_bytes += payload.len() as u64;
+        c.spilled_pages += 1;
+        c.spill_file_bytes += units_for(payload.len()) as u64 * UNIT;
+        c.spill_writes += 1;
+        self.settle(budget);
+        Ok(Obtained::Ref { id, hit: false })
+    }
+
     /// Drops one reference; the last one frees the payload in whichever tier it is.
     /// Returns whether the object was a fill.
     pub fn release(&mut self, id: u32, spill: Option<&SpillFile>, budget: &Budget) -> bool {
@@ -230,7 +326,7 @@ impl ObjShard {
             }
             Tier::Spilled => {
                 if let Some(spill) = spill {
-                    spill.free(obj.loc() * UNIT, len, budget);
+                    spill.free(obj.loc() * UNIT, len);
                 }
             }
             Tier::Fill | Tier::Free => {}
@@ -245,7 +341,20 @@ impl ObjShard {
             c.spill_file_bytes -= units_for(len) as u64 * UNIT;
         }
         self.slab.remove(id);
-        self.tidy(budget);
+        if self.slab.live() == 0 {
+            // Empty: give every table back, so the store returns to its start.
+            self.slab = Slab::new();
+            self.dedup = HashTable::new();
+            self.alloc = ChunkAlloc::new();
+            self.compact_floor = 0;
+        } else {
+            let (len, cap) = (self.dedup.len(), self.dedup.capacity());
+            if cap > 64 && len * 4 < cap {
+                let slab = &self.slab;
+                self.dedup.shrink_to(len * 2, |&i| slab.get(i).table_hash());
+            }
+            self.tidy(budget);
+        }
         self.settle(budget);
         fill
     }
@@ -341,21 +450,15 @@ impl ObjShard {
         let obj = *self.slab.get(id);
         let len = usize::from(obj.len);
         let loc = Loc::unpack(obj.loc());
-        let Some(offset) = spill.write(self.alloc.bytes(loc, len), obj.hash[0], budget)? else {
+        let Some(offset) = spill.write(self.alloc.bytes(loc, len), obj.hash[0])? else {
             return Ok(Evicted::TierFull);
         };
         self.alloc.free(loc, len);
-        if obj.has(INDEXED) {
-            // Only RAM objects are dedup candidates: a match must be compared in memory.
-            if let Ok(entry) = self.dedup.find_entry(obj.table_hash(), |&i| i == id) {
-                entry.remove();
-            }
-        }
+        // It stays in the dedup table: equal pages still find it, in the file.
         let o = self.slab.get_mut(id);
         o.tier = Tier::Spilled;
         self.in_ram -= 1;
         o.set_loc(offset / UNIT);
-        o.set(INDEXED, false);
         let c = self.owner(obj.owner);
         c.mem_used_bytes -= obj_ram_bytes(Tier::Ram, len) - obj_ram_bytes(Tier::Spilled, len);
         c.spilled_pages += u64::from(obj.refs);
@@ -404,9 +507,9 @@ mod tests {
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
         let p = vec![7u8; 1000];
-        let (a, hit) = id_of(s.obtain(&data(1, &p, true), 0, &budget));
+        let (a, hit) = id_of(s.obtain(&data(1, &p, true), 0, &budget, None));
         assert!(!hit);
-        let (b, hit) = id_of(s.obtain(&data(1, &p, true), 1, &budget));
+        let (b, hit) = id_of(s.obtain(&data(1, &p, true), 1, &budget, None));
         assert!(hit);
         assert_eq!(a, b);
         assert_eq!(s.slab.get(a).refs, 2);
@@ -427,8 +530,8 @@ mod tests {
     fn equal_hash_but_different_bytes_is_not_a_hit() {
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
-        let (a, _) = id_of(s.obtain(&data(5, &[1u8; 100], true), 0, &budget));
-        let (b, hit) = id_of(s.obtain(&data(5, &[2u8; 100], true), 0, &budget));
+        let (a, _) = id_of(s.obtain(&data(5, &[1u8; 100], true), 0, &budget, None));
+        let (b, hit) = id_of(s.obtain(&data(5, &[2u8; 100], true), 0, &budget, None));
         assert!(!hit);
         assert_ne!(a, b);
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
@@ -441,15 +544,15 @@ mod tests {
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
         let p = [3u8; 64];
-        let (a, _) = id_of(s.obtain(&data(9, &p, false), 0, &budget));
-        let (b, hit) = id_of(s.obtain(&data(9, &p, false), 0, &budget));
+        let (a, _) = id_of(s.obtain(&data(9, &p, false), 0, &budget, None));
+        let (b, hit) = id_of(s.obtain(&data(9, &p, false), 0, &budget, None));
         assert!(!hit && a != b);
         let fill = Content::Fill { word: 0, domain: 4 };
-        let (f1, _) = id_of(s.obtain(&fill, 4, &budget));
-        let (f2, hit) = id_of(s.obtain(&fill, 4, &budget));
+        let (f1, _) = id_of(s.obtain(&fill, 4, &budget, None));
+        let (f2, hit) = id_of(s.obtain(&fill, 4, &budget, None));
         assert!(hit && f1 == f2);
         let other_domain = Content::Fill { word: 0, domain: 5 };
-        assert_ne!(id_of(s.obtain(&other_domain, 5, &budget)).0, f1);
+        assert_ne!(id_of(s.obtain(&other_domain, 5, &budget, None)).0, f1);
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
         assert_eq!(s.load(f1, &mut page, &mut buf, None).unwrap(), Loaded::Fill(0));
         assert!(s.release(f1, None, &budget));
@@ -460,12 +563,12 @@ mod tests {
         let budget = Budget::new(0);
         let mut s = ObjShard::new(1 << 20);
         assert_eq!(
-            s.obtain(&data(1, &[1u8; 500], true), 0, &budget),
+            s.obtain(&data(1, &[1u8; 500], true), 0, &budget, None),
             Obtained::NeedRoom
         );
         assert_eq!(budget.used(), 0);
         budget.set_limit(1 << 20);
-        let (_, _) = id_of(s.obtain(&data(1, &[1u8; 500], true), 0, &budget));
+        let (_, _) = id_of(s.obtain(&data(1, &[1u8; 500], true), 0, &budget, None));
         assert_eq!(
             budget.used(),
             s.heap_bytes(),
@@ -480,8 +583,8 @@ mod tests {
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
         let p: Vec<u8> = (0..700u32).map(|i| i as u8).collect();
-        let (a, _) = id_of(s.obtain(&data(11, &p, true), 1, &budget));
-        s.obtain(&data(11, &p, true), 1, &budget);
+        let (a, _) = id_of(s.obtain(&data(11, &p, true), 1, &budget, None));
+        s.obtain(&data(11, &p, true), 1, &budget, None);
         // Referenced once on insert: CLOCK spares it on the first pass.
         assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::One);
         assert_eq!(s.chunk_bytes(), 0, "the payload left RAM");
@@ -491,20 +594,25 @@ mod tests {
             Loaded::Frame(700)
         );
         assert_eq!(&buf[..700], &p[..]);
-        // A spilled object is not a dedup candidate: an equal put makes a RAM copy.
-        let (c, hit) = id_of(s.obtain(&data(11, &p, true), 1, &budget));
-        assert!(!hit && c != a);
+        // A spilled object is still a dedup candidate, compared from the file.
+        let (c, hit) = id_of(s.obtain(&data(11, &p, true), 1, &budget, Some(&spill)));
+        assert!(hit && c == a);
+        // Without the file to compare against, equal hashes are not enough.
+        let (d, hit) = id_of(s.obtain(&data(11, &p, true), 1, &budget, None));
+        assert!(!hit && d != a);
         let mut total = Counters::default();
         s.add_stats(|_, c| {
             total.spilled_pages += c.spilled_pages;
             total.spill_reads += c.spill_reads;
         });
-        assert_eq!((total.spilled_pages, total.spill_reads), (2, 1));
-        s.release(a, Some(&spill), &budget);
-        assert!(spill.live_bytes() > 0);
+        assert_eq!((total.spilled_pages, total.spill_reads), (3, 1));
+        for _ in 0..2 {
+            s.release(a, Some(&spill), &budget);
+            assert!(spill.live_bytes() > 0);
+        }
         s.release(a, Some(&spill), &budget);
         assert_eq!(spill.live_bytes(), 0);
-        s.release(c, Some(&spill), &budget);
+        s.release(d, Some(&spill), &budget);
         assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::NoVictim);
         assert_eq!(s.chunk_bytes(), 0);
     }
@@ -515,7 +623,7 @@ mod tests {
         let mut s = ObjShard::new(1 << 20);
         let payload = |i: u64| -> Vec<u8> { (0..900).map(|k| (i as u8).wrapping_add(k as u8)).collect() };
         let ids: Vec<u32> = (0..400u64)
-            .map(|i| id_of(s.obtain(&data(i + 1, &payload(i), true), 0, &budget)).0)
+            .map(|i| id_of(s.obtain(&data(i + 1, &payload(i), true), 0, &budget, None)).0)
             .collect();
         let full = s.chunk_bytes();
         // Free three in four: release() tidies up once holes pass an eighth.
@@ -536,7 +644,7 @@ mod tests {
             assert_eq!(&frame[..900], &payload(i as u64)[..]);
         }
         // Moved payloads are still found by dedup.
-        let (again, hit) = id_of(s.obtain(&data(1, &payload(0), true), 0, &budget));
+        let (again, hit) = id_of(s.obtain(&data(1, &payload(0), true), 0, &budget, None));
         assert!(hit && again == ids[0]);
     }
 
@@ -546,7 +654,7 @@ mod tests {
         let spill = SpillFile::open(&dir.path().join("s"), 0).unwrap();
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
-        let (a, _) = id_of(s.obtain(&data(1, &[5u8; 300], true), 0, &budget));
+        let (a, _) = id_of(s.obtain(&data(1, &[5u8; 300], true), 0, &budget, None));
         assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::TierFull);
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
         assert_eq!(

@@ -6,7 +6,7 @@
 
 use super::PAGE_SIZE;
 
-pub const BLOCK: usize = 256;
+pub const BLOCK: usize = 64;
 const NONE: u32 = u32::MAX;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -110,7 +110,12 @@ impl Slab {
     /// Host bytes the next insert adds (a new block when all are in use).
     pub fn growth(&self) -> usize {
         if self.free_head == NONE && self.len as usize == self.blocks.len() * BLOCK {
-            BLOCK * std::mem::size_of::<Obj>() + 64
+            let table = if self.blocks.len() == self.blocks.capacity() {
+                self.blocks.capacity().max(4) * std::mem::size_of::<Box<[Obj]>>()
+            } else {
+                0
+            };
+            BLOCK * std::mem::size_of::<Obj>() + table
         } else {
             0
         }

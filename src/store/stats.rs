@@ -10,6 +10,14 @@ use std::collections::BTreeMap;
 use super::{Counters, GuestStats, StoreStats};
 
 impl Counters {
+    /// A page of this pool is gone from the index (invalidated, read
+    /// exclusively, overwritten by a rejected put, or dropped with its pool).
+    pub(super) fn forget_page(&mut self, was_fill: bool) {
+        self.stored_pages -= 1;
+        self.orig_data_bytes -= super::PAGE_SIZE as u64;
+        self.same_filled_pages -= u64::from(was_fill);
+    }
+
     /// Adds every field of `other` into `self`.
     pub fn add(&mut self, other: &Counters) {
         let Counters {
