@@ -635,6 +635,27 @@ static int tmem_read_page(struct tmem_dev *dev, struct page *page, u64 index)
 	}
 }
 
+/*
+ * Forget whatever an earlier boot left in our pool before the first request
+ * of this one (docs/protocol.md section 6): the host cannot always tell a
+ * reboot from a pause, so the driver says so.
+ */
+static int tmem_invalidate_pool(struct tmem_dev *dev)
+{
+	struct tmem_queue *q = &dev->queues[0];
+	u8 status;
+	int err;
+
+	err = tmem_claim(q);
+	if (err)
+		return err;
+	err = tmem_issue(q, TMEM_OP_INVALIDATE_POOL, 0, 0, NULL, false, &status);
+	tmem_release(q);
+	if (!err && status != TMEM_S_OK)
+		err = -EIO;
+	return err;
+}
+
 /* Sleeping invalidation of one slot (discard, write-zeroes, missed notifies). */
 static int tmem_invalidate_page(struct tmem_dev *dev, u64 index)
 {
@@ -1179,6 +1200,12 @@ static int tmem_probe(struct virtio_device *vdev)
 
 	/* The VMM starts the backend on DRIVER_OK: before the first request. */
 	virtio_device_ready(vdev);
+
+	err = tmem_invalidate_pool(dev);
+	if (err) {
+		dev_err(&vdev->dev, "cannot clear pool %u: %d\n", pool, err);
+		goto err_reset;
+	}
 
 	err = tmem_alloc_disk(dev);
 	if (err)
