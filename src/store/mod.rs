@@ -443,16 +443,23 @@ impl Store {
             .release(id, self.spill.as_ref(), &self.budget)
     }
 
-    /// A put failed: the old copy must not survive it.
-    fn reject(&self, guest: GuestId, pool: u32, index: u64) -> PutOutcome {
+    /// Removes whatever is stored at (guest, pool, index), counts the removal
+    /// with `count`, and returns whether a page was there.
+    fn remove_page(&self, guest: GuestId, pool: u32, index: u64, count: fn(&mut Counters)) -> bool {
         let mut ix = self.index_shard(guest, pool, index);
         let old = ix.remove(guest.0, pool, index, &self.budget);
         let old_fill = old.map(|h| self.release(h));
         let c = ix.counters(guest.0, pool);
-        c.failed_stores += 1;
+        count(c);
         if let Some(was_fill) = old_fill {
             c.forget_page(was_fill);
         }
+        old.is_some()
+    }
+
+    /// A put failed: the old copy must not survive it.
+    fn reject(&self, guest: GuestId, pool: u32, index: u64) -> PutOutcome {
+        self.remove_page(guest, pool, index, |c| c.failed_stores += 1);
         PutOutcome::Rejected
     }
 
@@ -553,15 +560,7 @@ impl Store {
 
     /// Returns whether a page was there.
     pub fn invalidate_page(&self, guest: GuestId, pool: u32, index: u64) -> bool {
-        let mut ix = self.index_shard(guest, pool, index);
-        let old = ix.remove(guest.0, pool, index, &self.budget);
-        let old_fill = old.map(|h| self.release(h));
-        let c = ix.counters(guest.0, pool);
-        c.invalidates += 1;
-        if let Some(was_fill) = old_fill {
-            c.forget_page(was_fill);
-        }
-        old.is_some()
+        self.remove_page(guest, pool, index, |c| c.invalidates += 1)
     }
 
     /// Drops every page of the pools `which` selects; returns how many.
