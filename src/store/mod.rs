@@ -1110,18 +1110,21 @@ mod tests {
     fn threads_share_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let s = Arc::new(spill_store(&dir, 2 << 20, 256 << 20));
+        // Every fourth page is shared by all threads, to exercise dedup under contention.
+        let page_for = |t: u32, i: u64| {
+            if i % 4 == 0 {
+                text_page(i)
+            } else {
+                text_page(u64::from(t) << 32 | i)
+            }
+        };
         let threads: Vec<_> = (0..4u32)
             .map(|t| {
                 let s = Arc::clone(&s);
                 std::thread::spawn(move || {
                     for round in 0..3u64 {
                         for i in 0..400u64 {
-                            // Pages shared by all threads exercise dedup under contention.
-                            let p = if i % 4 == 0 {
-                                text_page(i)
-                            } else {
-                                text_page(u64::from(t) << 32 | i)
-                            };
+                            let p = page_for(t, i);
                             assert_eq!(s.put(GuestId(0), t, i, &p).unwrap(), PutOutcome::Stored);
                             let mut out = [0u8; PAGE_SIZE];
                             if round % 2 == 1 {
@@ -1139,12 +1142,7 @@ mod tests {
         assert!(s.mem_used() <= 2 << 20);
         for t in 0..4u32 {
             for i in 0..400u64 {
-                let p = if i % 4 == 0 {
-                    text_page(i)
-                } else {
-                    text_page(u64::from(t) << 32 | i)
-                };
-                assert_eq!(get(&s, 0, t, i), Some(p));
+                assert_eq!(get(&s, 0, t, i), Some(page_for(t, i)));
             }
         }
     }
