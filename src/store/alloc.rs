@@ -21,6 +21,9 @@ pub const HDR: usize = 4;
 /// Open chunks take new payloads; several, so short payloads fill tails.
 const OPEN: usize = 4;
 const FREE_BIT: u32 = 1 << 31;
+/// Chunk ids a shard may use: with the 16-bit offset they fill the 40-bit
+/// location of an object record (550 GB of chunks per shard).
+pub const MAX_CHUNKS: usize = 1 << 24;
 const NIL: u32 = u32::MAX;
 
 /// Where a payload lives in RAM.
@@ -107,6 +110,11 @@ impl ChunkAlloc {
             .iter()
             .copied()
             .find(|&id| id != NIL && self.room(id) >= HDR + len)
+    }
+
+    /// Whether a new chunk still gets an id that packs into a record's location.
+    pub fn can_grow(&self) -> bool {
+        !self.spare_ids.is_empty() || self.chunks.len() < MAX_CHUNKS
     }
 
     /// Bytes a new payload of `len` would take from the host (0 if an open chunk has room).

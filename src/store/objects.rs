@@ -10,12 +10,12 @@
 //! object happens under that lock: it is the slow path, and it keeps the
 //! object from being freed (and its file slot reused) during the read.
 
-use hashbrown::HashTable;
+use hashbrown::{HashMap, HashTable};
 
 use super::{
     alloc::{ChunkAlloc, Loc, CHUNK, HDR},
     budget::Budget,
-    slab::{table_hash, Obj, Slab, Tier, INDEXED, REFERENCED},
+    slab::{fill_hash, key_hash, Obj, Slab, Tier, INDEXED, MAX_REFS, REFERENCED},
     spill::{units_for, SpillFile, UNIT},
     Counters, StoreError, PAGE_SIZE,
 };
@@ -27,8 +27,12 @@ pub enum Content<'a> {
         domain: u32,
     },
     /// `payload` is a zstd frame, or the page itself when `PAGE_SIZE` long.
+    /// `key` is the low 32 bits of its 128-bit content hash, the only part
+    /// the record keeps: bytes are compared before any hit.
     Data {
-        hash: [u64; 2],
+        key: u32,
+        /// The high half of the hash, which chose the shard.
+        shard_hash: u64,
         payload: &'a [u8],
         dedup: bool,
     },
@@ -64,6 +68,9 @@ pub enum Evicted {
 pub struct ObjShard {
     slab: Slab,
     dedup: HashTable<u32>,
+    /// Word and dedup domain of each fill object, by id: they do not fit a
+    /// record, and distinct fills are few (zero pages are almost all of them).
+    fills: HashMap<u32, (u64, u32)>,
     alloc: ChunkAlloc,
     /// Object counters by owner id.
     owners: Vec<Counters>,
@@ -83,6 +90,7 @@ impl ObjShard {
         ObjShard {
             slab: Slab::new(),
             dedup: HashTable::new(),
+            fills: HashMap::new(),
             alloc: ChunkAlloc::new(),
             owners: Vec::new(),
             counted: 0,
@@ -98,11 +106,22 @@ impl ObjShard {
     }
 
     pub fn heap_bytes(&self) -> u64 {
-        self.slab.heap_bytes() + self.alloc.heap_bytes() + self.dedup.allocation_size() as u64
+        (self.dedup.allocation_size() + self.fills.allocation_size()) as u64
+            + self.slab.heap_bytes()
+            + self.alloc.heap_bytes()
     }
 
     pub fn live_objects(&self) -> u32 {
         self.slab.live()
+    }
+
+    /// Bytes the dedup table grows by on the next insert.
+    fn dedup_growth(&self, dedup: bool) -> usize {
+        if dedup && self.dedup.len() == self.dedup.capacity() {
+            self.dedup.allocation_size().max(128)
+        } else {
+            0
+        }
     }
 
     fn settle(&mut self, budget: &Budget) {
@@ -131,12 +150,8 @@ impl ObjShard {
         budget: &Budget,
         spill: Option<&SpillFile>,
     ) -> Obtained {
-        let (hash, dedup) = match *content {
-            Content::Fill { word, domain } => ([word, u64::from(domain)], true),
-            Content::Data { hash, dedup, .. } => (hash, dedup),
-        };
-        let th = table_hash(hash);
-        if let Some(hit) = self.lookup(content, hash, dedup, spill) {
+        let (key, dedup) = content_key(content);
+        if let Some(hit) = self.lookup(content, spill) {
             return hit;
         }
         let payload_len = match *content {
@@ -148,15 +163,19 @@ impl ObjShard {
         } else {
             0
         };
-        let table_growth = if dedup && self.dedup.len() == self.dedup.capacity() {
-            self.dedup.allocation_size().max(128)
-        } else {
-            0
+        let fill_growth = match content {
+            Content::Fill { .. } if self.fills.len() == self.fills.capacity() => {
+                self.fills.allocation_size().max(256)
+            }
+            _ => 0,
         };
-        let growth = (alloc_growth + table_growth + self.slab.growth()) as u64;
+        let growth = (alloc_growth + self.dedup_growth(dedup) + fill_growth + self.slab.growth()) as u64;
         // New chunks for puts leave one chunk of headroom, for compaction to move into.
         let keep = if alloc_growth > 0 { CHUNK as u64 } else { 0 };
-        if !self.slab.has_room(self.max_ids) || !budget.try_reserve_leaving(growth, keep) {
+        if !self.slab.has_room(self.max_ids)
+            || (alloc_growth > 0 && !self.alloc.can_grow())
+            || !budget.try_reserve_leaving(growth, keep)
+        {
             return Obtained::NeedRoom;
         }
         self.counted += growth;
@@ -165,23 +184,22 @@ impl ObjShard {
             Content::Fill { .. } => Tier::Fill,
             Content::Data { .. } => Tier::Ram,
         };
-        let id = self.slab.insert(Obj {
-            hash,
-            refs: 1,
-            owner,
-            len: payload_len as u16,
-            tier,
-            flags: REFERENCED | if dedup { INDEXED } else { 0 },
-            ..Obj::default()
-        });
-        if let Content::Data { payload, .. } = *content {
-            let loc = self.alloc.alloc(payload.len(), id);
-            self.alloc.bytes_mut(loc, payload.len()).copy_from_slice(payload);
-            self.slab.get_mut(id).set_loc(loc.pack());
+        let flags = REFERENCED | if dedup { INDEXED } else { 0 };
+        let id = self.slab.insert(Obj::new(key, tier, payload_len, owner, flags));
+        match *content {
+            Content::Data { payload, .. } => {
+                let loc = self.alloc.alloc(payload.len(), id);
+                self.alloc.bytes_mut(loc, payload.len()).copy_from_slice(payload);
+                self.slab.get_mut(id).set_loc(loc.pack());
+            }
+            Content::Fill { word, domain } => {
+                self.fills.insert(id, (word, domain));
+            }
         }
         if dedup {
             let slab = &self.slab;
-            self.dedup.insert_unique(th, id, |&i| slab.get(i).table_hash());
+            self.dedup
+                .insert_unique(key_hash(key), id, |&i| slab.get(i).table_hash());
         }
         if tier == Tier::Ram {
             self.in_ram += 1;
@@ -197,43 +215,42 @@ impl ObjShard {
     }
 
     /// Finds an object equal to `content` and takes a reference on it.
-    fn lookup(
-        &mut self,
-        content: &Content<'_>,
-        hash: [u64; 2],
-        dedup: bool,
-        spill: Option<&SpillFile>,
-    ) -> Option<Obtained> {
+    fn lookup(&mut self, content: &Content<'_>, spill: Option<&SpillFile>) -> Option<Obtained> {
+        let (key, dedup) = content_key(content);
         if !dedup {
             return None;
         }
-        let th = table_hash(hash);
         {
-            let found = self.dedup.find(th, |&id| {
+            let found = self.dedup.find(key_hash(key), |&id| {
                 let o = self.slab.get(id);
-                o.hash == hash
-                    && match *content {
-                        Content::Fill { .. } => o.tier == Tier::Fill,
-                        Content::Data { payload, .. } if usize::from(o.len) == payload.len() => {
-                            match o.tier {
-                                Tier::Ram => self.alloc.bytes(Loc::unpack(o.loc()), payload.len()) == payload,
-                                Tier::Spilled => spill.is_some_and(|sp| {
-                                    let mut buf = [0u8; PAGE_SIZE];
-                                    sp.read(o.loc() * UNIT, payload.len(), o.hash[0], &mut buf)
-                                        .is_ok()
-                                        && &buf[..payload.len()] == payload
-                                }),
-                                Tier::Fill | Tier::Free => false,
-                            }
-                        }
-                        Content::Data { .. } => false,
+                // A record at its reference limit is passed over: the page gets a new copy.
+                if o.refs() == MAX_REFS {
+                    return false;
+                }
+                match *content {
+                    Content::Fill { word, domain } => {
+                        o.tier() == Tier::Fill && self.fills.get(&id) == Some(&(word, domain))
                     }
+                    Content::Data { payload, .. } if o.key() == key && o.len() == payload.len() => {
+                        match o.tier() {
+                            Tier::Ram => self.alloc.bytes(Loc::unpack(o.loc()), payload.len()) == payload,
+                            Tier::Spilled => spill.is_some_and(|sp| {
+                                let mut buf = [0u8; PAGE_SIZE];
+                                sp.read(o.loc() * UNIT, payload.len(), u64::from(key), &mut buf)
+                                    .is_ok()
+                                    && &buf[..payload.len()] == payload
+                            }),
+                            Tier::Fill | Tier::Free => false,
+                        }
+                    }
+                    Content::Data { .. } => false,
+                }
             });
             if let Some(&id) = found {
                 let o = self.slab.get_mut(id);
-                o.refs += 1;
+                o.set_refs(o.refs() + 1);
                 o.set(REFERENCED, true);
-                let (tier, obj_owner) = (o.tier, o.owner);
+                let (tier, obj_owner) = (o.tier(), o.owner());
                 if tier == Tier::Spilled {
                     self.owner(obj_owner).spilled_pages += 1;
                 }
@@ -253,41 +270,32 @@ impl ObjShard {
         budget: &Budget,
         spill: &SpillFile,
     ) -> Result<Obtained, StoreError> {
-        let Content::Data { hash, payload, dedup } = *content else {
+        let Content::Data {
+            key, payload, dedup, ..
+        } = *content
+        else {
             return Ok(self.obtain(content, owner, budget, Some(spill)));
         };
-        if let Some(hit) = self.lookup(content, hash, dedup, Some(spill)) {
+        if let Some(hit) = self.lookup(content, Some(spill)) {
             return Ok(hit);
         }
-        let table_growth = if dedup && self.dedup.len() == self.dedup.capacity() {
-            self.dedup.allocation_size().max(128)
-        } else {
-            0
-        };
-        let growth = (table_growth + self.slab.growth()) as u64;
+        let growth = (self.dedup_growth(dedup) + self.slab.growth()) as u64;
         if !self.slab.has_room(self.max_ids) || !budget.try_reserve(growth) {
             return Ok(Obtained::NeedRoom);
         }
         self.counted += growth;
-        let Some(offset) = spill.write(payload, hash[0])? else {
+        let Some(offset) = spill.write(payload, u64::from(key))? else {
             self.settle(budget);
             return Ok(Obtained::NeedRoom);
         };
-        let mut obj = Obj {
-            hash,
-            refs: 1,
-            owner,
-            len: payload.len() as u16,
-            tier: Tier::Spilled,
-            flags: REFERENCED | if dedup { INDEXED } else { 0 },
-            ..Obj::default()
-        };
+        let flags = REFERENCED | if dedup { INDEXED } else { 0 };
+        let mut obj = Obj::new(key, Tier::Spilled, payload.len(), owner, flags);
         obj.set_loc(offset / UNIT);
         let id = self.slab.insert(obj);
         if dedup {
             let slab = &self.slab;
             self.dedup
-                .insert_unique(table_hash(hash), id, |&i| slab.get(i).table_hash());
+                .insert_unique(key_hash(key), id, |&i| slab.get(i).table_hash());
         }
         let c = self.owner(owner);
         c.mem_used_bytes += obj_ram_bytes(Tier::Spilled, payload.len());
@@ -304,13 +312,13 @@ impl ObjShard {
     /// Returns whether the object was a fill.
     pub fn release(&mut self, id: u32, spill: Option<&SpillFile>, budget: &Budget) -> bool {
         let o = self.slab.get_mut(id);
-        o.refs -= 1;
+        o.set_refs(o.refs() - 1);
         let obj = *o;
-        let fill = obj.tier == Tier::Fill;
-        if obj.tier == Tier::Spilled {
-            self.owner(obj.owner).spilled_pages -= 1;
+        let fill = obj.tier() == Tier::Fill;
+        if obj.tier() == Tier::Spilled {
+            self.owner(obj.owner()).spilled_pages -= 1;
         }
-        if obj.refs > 0 {
+        if obj.refs() > 0 {
             return fill;
         }
         if obj.has(INDEXED) {
@@ -318,8 +326,8 @@ impl ObjShard {
                 entry.remove();
             }
         }
-        let len = usize::from(obj.len);
-        match obj.tier {
+        let len = obj.len();
+        match obj.tier() {
             Tier::Ram => {
                 self.alloc.free(Loc::unpack(obj.loc()), len);
                 self.in_ram -= 1;
@@ -329,15 +337,18 @@ impl ObjShard {
                     spill.free(obj.loc() * UNIT, len);
                 }
             }
-            Tier::Fill | Tier::Free => {}
+            Tier::Fill => {
+                self.fills.remove(&id);
+            }
+            Tier::Free => {}
         }
-        let c = self.owner(obj.owner);
-        c.mem_used_bytes -= obj_ram_bytes(obj.tier, len);
-        if obj.tier != Tier::Fill {
+        let c = self.owner(obj.owner());
+        c.mem_used_bytes -= obj_ram_bytes(obj.tier(), len);
+        if obj.tier() != Tier::Fill {
             c.unique_pages -= 1;
             c.compr_data_bytes -= len as u64;
         }
-        if obj.tier == Tier::Spilled {
+        if obj.tier() == Tier::Spilled {
             c.spill_file_bytes -= units_for(len) as u64 * UNIT;
         }
         self.slab.remove(id);
@@ -345,6 +356,7 @@ impl ObjShard {
             // Empty: give every table back, so the store returns to its start.
             self.slab = Slab::new();
             self.dedup = HashTable::new();
+            self.fills = HashMap::new();
             self.alloc = ChunkAlloc::new();
             self.compact_floor = 0;
         } else {
@@ -352,6 +364,9 @@ impl ObjShard {
             if cap > 64 && len * 4 < cap {
                 let slab = &self.slab;
                 self.dedup.shrink_to(len * 2, |&i| slab.get(i).table_hash());
+            }
+            if fill && self.fills.capacity() > 64 && self.fills.len() * 4 < self.fills.capacity() {
+                self.fills.shrink_to(self.fills.len() * 2);
             }
             self.tidy(budget);
         }
@@ -387,9 +402,9 @@ impl ObjShard {
         let mut from = 0;
         let mut done = true;
         while let Some((id, loc)) = self.alloc.next_live(src, from) {
-            let len = usize::from(self.slab.get(id).len);
+            let len = self.slab.get(id).len();
             let growth = self.alloc.growth_for(len) as u64;
-            if !budget.try_reserve(growth) {
+            if (growth > 0 && !self.alloc.can_grow()) || !budget.try_reserve(growth) {
                 done = false;
                 break;
             }
@@ -414,14 +429,17 @@ impl ObjShard {
         let o = self.slab.get_mut(id);
         o.set(REFERENCED, true);
         let obj = *o;
-        let len = usize::from(obj.len);
+        let len = obj.len();
         let (dest, loaded) = if obj.is_raw() {
             (&mut page[..], Loaded::Raw)
         } else {
             (frame, Loaded::Frame(len))
         };
-        match obj.tier {
-            Tier::Fill => Ok(Loaded::Fill(obj.hash[0])),
+        match obj.tier() {
+            Tier::Fill => match self.fills.get(&id) {
+                Some(&(word, _)) => Ok(Loaded::Fill(word)),
+                None => Err(StoreError::Corrupt { offset: u64::MAX }),
+            },
             Tier::Ram => {
                 dest[..len].copy_from_slice(self.alloc.bytes(Loc::unpack(obj.loc()), len));
                 Ok(loaded)
@@ -429,8 +447,8 @@ impl ObjShard {
             Tier::Spilled => {
                 let offset = obj.loc() * UNIT;
                 let spill = spill.ok_or(StoreError::Corrupt { offset })?;
-                self.owner(obj.owner).spill_reads += 1;
-                spill.read(offset, len, obj.hash[0], &mut dest[..])?;
+                self.owner(obj.owner()).spill_reads += 1;
+                spill.read(offset, len, u64::from(obj.key()), &mut dest[..])?;
                 Ok(loaded)
             }
             Tier::Free => Err(StoreError::Corrupt { offset: u64::MAX }),
@@ -448,23 +466,23 @@ impl ObjShard {
             return Ok(Evicted::NoVictim);
         };
         let obj = *self.slab.get(id);
-        let len = usize::from(obj.len);
+        let len = obj.len();
         let loc = Loc::unpack(obj.loc());
-        let Some(offset) = spill.write(self.alloc.bytes(loc, len), obj.hash[0])? else {
+        let Some(offset) = spill.write(self.alloc.bytes(loc, len), u64::from(obj.key()))? else {
             return Ok(Evicted::TierFull);
         };
         self.alloc.free(loc, len);
         // It stays in the dedup table: equal pages still find it, in the file.
         let o = self.slab.get_mut(id);
-        o.tier = Tier::Spilled;
+        o.set_tier(Tier::Spilled);
         self.in_ram -= 1;
         o.set_loc(offset / UNIT);
-        let c = self.owner(obj.owner);
+        let c = self.owner(obj.owner());
         c.mem_used_bytes -= obj_ram_bytes(Tier::Ram, len) - obj_ram_bytes(Tier::Spilled, len);
-        c.spilled_pages += u64::from(obj.refs);
+        c.spilled_pages += u64::from(obj.refs());
         c.spill_file_bytes += units_for(len) as u64 * UNIT;
         c.spill_writes += 1;
-        c.writebacks += u64::from(obj.refs);
+        c.writebacks += u64::from(obj.refs());
         self.settle(budget);
         Ok(Evicted::One)
     }
@@ -474,6 +492,14 @@ impl ObjShard {
         for (owner, c) in self.owners.iter().enumerate() {
             into(owner as u16, c);
         }
+    }
+}
+
+/// The record key of what a put wants stored, and whether it is looked up at all.
+fn content_key(content: &Content<'_>) -> (u32, bool) {
+    match *content {
+        Content::Fill { word, domain } => (fill_hash(word, domain) as u32, true),
+        Content::Data { key, dedup, .. } => (key, dedup),
     }
 }
 
@@ -487,9 +513,10 @@ fn obj_ram_bytes(tier: Tier, len: usize) -> u64 {
 mod tests {
     use super::*;
 
-    fn data(hash: u64, payload: &[u8], dedup: bool) -> Content<'_> {
+    fn data(key: u32, payload: &[u8], dedup: bool) -> Content<'_> {
         Content::Data {
-            hash: [hash, !hash],
+            key,
+            shard_hash: !u64::from(key),
             payload,
             dedup,
         }
@@ -512,7 +539,7 @@ mod tests {
         let (b, hit) = id_of(s.obtain(&data(1, &p, true), 1, &budget, None));
         assert!(hit);
         assert_eq!(a, b);
-        assert_eq!(s.slab.get(a).refs, 2);
+        assert_eq!(s.slab.get(a).refs(), 2);
         let used = budget.used();
         assert!(!s.release(a, None, &budget));
         assert_eq!(s.live_objects(), 1);
@@ -524,6 +551,31 @@ mod tests {
         let mut total = Counters::default();
         s.add_stats(|_, c| total.unique_pages += c.unique_pages + c.compr_data_bytes + c.mem_used_bytes);
         assert_eq!(total.unique_pages, 0);
+    }
+
+    #[test]
+    fn a_record_at_its_reference_limit_gets_a_twin() {
+        let budget = Budget::new(1 << 30);
+        let mut s = ObjShard::new(1 << 20);
+        let p = [9u8; 300];
+        let (a, _) = id_of(s.obtain(&data(3, &p, true), 0, &budget, None));
+        s.slab.get_mut(a).set_refs(MAX_REFS - 1);
+        assert_eq!(id_of(s.obtain(&data(3, &p, true), 0, &budget, None)), (a, true));
+        assert_eq!(s.slab.get(a).refs(), MAX_REFS);
+        let (b, hit) = id_of(s.obtain(&data(3, &p, true), 0, &budget, None));
+        assert!(!hit && b != a, "a full record takes no more references");
+        // Fills too: the zero page is the one most likely to get there.
+        let zero = Content::Fill { word: 0, domain: 1 };
+        let (f, _) = id_of(s.obtain(&zero, 0, &budget, None));
+        s.slab.get_mut(f).set_refs(MAX_REFS);
+        let (g, hit) = id_of(s.obtain(&zero, 0, &budget, None));
+        assert!(!hit && g != f);
+        let (mut page, mut frame) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+        assert_eq!(s.load(g, &mut page, &mut frame, None).unwrap(), Loaded::Fill(0));
+        // With one reference released, either copy may take the next one.
+        s.release(a, None, &budget);
+        let (c, hit) = id_of(s.obtain(&data(3, &p, true), 0, &budget, None));
+        assert!(hit && (c == a || c == b));
     }
 
     #[test]
@@ -621,8 +673,8 @@ mod tests {
     fn compaction_moves_live_payloads_and_frees_chunks() {
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
-        let payload = |i: u64| -> Vec<u8> { (0..900).map(|k| (i as u8).wrapping_add(k as u8)).collect() };
-        let ids: Vec<u32> = (0..400u64)
+        let payload = |i: u32| -> Vec<u8> { (0..900).map(|k| (i as u8).wrapping_add(k as u8)).collect() };
+        let ids: Vec<u32> = (0..400u32)
             .map(|i| id_of(s.obtain(&data(i + 1, &payload(i), true), 0, &budget, None)).0)
             .collect();
         let full = s.chunk_bytes();
@@ -641,7 +693,7 @@ mod tests {
                 s.load(id, &mut page, &mut frame, None).unwrap(),
                 Loaded::Frame(900)
             );
-            assert_eq!(&frame[..900], &payload(i as u64)[..]);
+            assert_eq!(&frame[..900], &payload(i as u32)[..]);
         }
         // Moved payloads are still found by dedup.
         let (again, hit) = id_of(s.obtain(&data(1, &payload(0), true), 0, &budget, None));
