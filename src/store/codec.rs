@@ -51,6 +51,40 @@ fn word(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(w)
 }
 
+/// Whether a sample of the page looks like random bytes, which zstd would
+/// only turn into a raw block after searching all of it for matches.
+///
+/// Encrypted or already-compressed memory is common in some guests, and
+/// running the match finder over it costs as much as compressing a text
+/// page, for nothing. As in btrfs's compression heuristic, one 8-byte word
+/// per 64-byte line is sampled:
+/// - if the sampled bytes' histogram is lumpy (sum of squared counts well
+///   above the ~1,534 that 512 uniform bytes give), an entropy coder can
+///   shrink the page, so it is compressed;
+/// - otherwise, a repeated sampled word means repeats a match finder would
+///   use, so it is compressed too;
+/// - otherwise it is stored raw without trying.
+///
+/// A wrong "random" costs ratio on that page, never correctness. On the
+/// corpora in docs/design.md it flags exactly the pages zstd leaves raw.
+pub fn looks_incompressible(page: &Page) -> bool {
+    const LUMPY: u32 = 2200;
+    let mut hist = [0u16; 256];
+    let mut words = [0u64; PAGE_SIZE / 64];
+    for (w, line) in words.iter_mut().zip(page.chunks_exact(64)) {
+        *w = word(&line[..8]);
+        for b in w.to_le_bytes() {
+            hist[usize::from(b)] += 1;
+        }
+    }
+    let sum_sq: u32 = hist.iter().map(|&c| u32::from(c) * u32::from(c)).sum();
+    if sum_sq > LUMPY {
+        return false;
+    }
+    words.sort_unstable();
+    !words.windows(2).any(|pair| pair[0] == pair[1])
+}
+
 /// Writes the page made of `fill` repeated, little-endian as on the wire (PUT_FILL).
 pub fn write_fill(out: &mut Page, fill: u64) {
     let bytes = fill.to_le_bytes();
@@ -85,6 +119,9 @@ pub fn encode(
 ) -> io::Result<Encoded> {
     if let Some(fill) = fill_value(page) {
         return Ok(Encoded::Fill(fill));
+    }
+    if looks_incompressible(page) {
+        return Ok(Encoded::Raw);
     }
     let len = compress(page, level, out)?;
     if len >= raw_threshold.min(PAGE_SIZE) {
@@ -239,6 +276,32 @@ mod tests {
         let mut out = [0u8; PAGE_SIZE];
         decode(&page, &mut out).unwrap();
         assert_eq!(out, page);
+    }
+
+    #[test]
+    fn only_random_looking_pages_skip_compression() {
+        assert!(looks_incompressible(&noise_page(3)));
+        assert!(!looks_incompressible(&text_page()));
+        assert!(!looks_incompressible(&[0u8; PAGE_SIZE]));
+        // Half noise, half zeros: the histogram gives it away.
+        let mut half = noise_page(4);
+        half[PAGE_SIZE / 2..].fill(0);
+        assert!(!looks_incompressible(&half));
+        // Noise repeated at a line-aligned distance: the sampled words repeat.
+        let mut twice = noise_page(5);
+        twice.copy_within(..PAGE_SIZE / 2, PAGE_SIZE / 2);
+        assert!(!looks_incompressible(&twice));
+        let mut buf = [0u8; COMPRESS_BOUND];
+        let Encoded::Zstd(len) = encode(&twice, 1, 3968, &mut buf).unwrap() else {
+            panic!("a page that repeats itself compresses")
+        };
+        assert!(len < 2200, "{len}");
+        // Small integers in 8-byte slots, as in many heaps: lumpy.
+        let mut ints = [0u8; PAGE_SIZE];
+        for (i, w) in ints.chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&((i as u64 * 2_654_435_761) % 100_000).to_le_bytes());
+        }
+        assert!(!looks_incompressible(&ints));
     }
 
     #[test]
