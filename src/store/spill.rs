@@ -2,8 +2,8 @@
 //!
 //! Each object sits in a slot of whole [`UNIT`]s: a 16-byte header (CRC32 of
 //! the rest of the header and the payload, payload length, and a 64-bit tag the
-//! owner chooses, the low half of the content hash) followed by the payload as
-//! it was in RAM. Reads check all three, so a corrupt or misdirected read is an
+//! owner chooses, its record's hash key) followed by the payload as it was in
+//! RAM. Reads check all three, so a corrupt or misdirected read is an
 //! error, never wrong data.
 //!
 //! Free slots go on a list per slot length and are reused first; then the
