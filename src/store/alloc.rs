@@ -35,7 +35,7 @@ pub struct Loc {
 }
 
 impl Loc {
-    /// 48 bits: chunk id above a 16-bit offset (chunks are under 64 KiB).
+    /// 40 bits: chunk id (below [`MAX_CHUNKS`]) above a 16-bit offset (chunks are under 64 KiB).
     pub fn pack(self) -> u64 {
         (u64::from(self.chunk) << 16) | u64::from(self.off)
     }
@@ -302,13 +302,13 @@ mod tests {
     }
 
     #[test]
-    fn locations_pack_into_48_bits() {
+    fn locations_pack_into_a_records_40_bits() {
         const { assert!(CHUNK <= 1 << 16) };
         let loc = Loc {
-            chunk: u32::MAX,
+            chunk: (MAX_CHUNKS - 1) as u32,
             off: (CHUNK - 1) as u32,
         };
-        assert!(loc.pack() < 1 << 48);
+        assert!(loc.pack() < 1 << crate::store::slab::LOC_BITS);
         assert_eq!(Loc::unpack(loc.pack()), loc);
     }
 

@@ -30,6 +30,8 @@ use parking_lot::Mutex;
 use super::{StoreError, PAGE_SIZE};
 
 pub const UNIT: u64 = 128;
+/// Offsets a record can hold: 2^40 units, 128 TiB.
+pub const MAX_FILE_BYTES: u64 = UNIT << super::slab::LOC_BITS;
 const HDR: usize = 16;
 const MAX_UNITS: usize = (HDR + PAGE_SIZE).div_ceil(UNIT as usize);
 /// Starts a free slot, where a stored slot has its CRC: reads of a freed slot fail.
@@ -57,7 +59,8 @@ pub struct SpillFile {
 }
 
 impl SpillFile {
-    /// Creates (or truncates) the spill file.
+    /// Creates (or truncates) the spill file. A limit past [`MAX_FILE_BYTES`]
+    /// is lowered to it.
     pub fn open(path: &Path, limit: u64) -> Result<Self, StoreError> {
         let file = OpenOptions::new()
             .read(true)
@@ -74,7 +77,7 @@ impl SpillFile {
             space: Mutex::new(Space {
                 heads: [NONE; MAX_UNITS + 1],
                 end: 0,
-                cap: limit,
+                cap: limit.min(MAX_FILE_BYTES),
                 live_bytes: 0,
             }),
         })
