@@ -44,6 +44,11 @@ pub struct Args {
     /// Largest size the spill file may grow to, e.g. 8G.
     #[arg(long, value_name = "SIZE", requires = "spill_file")]
     pub spill_limit: Option<String>,
+    /// RAM a background thread keeps free below --mem-limit by writing the
+    /// coldest pages to the spill file ahead of need, so puts seldom wait for
+    /// file I/O. "auto" is 1/16 of the limit, at most 64M; 0 turns it off.
+    #[arg(long, value_name = "SIZE|auto", default_value = "auto")]
+    pub writeback_headroom: String,
     /// Page compression: zstd or zstd:LEVEL.
     #[arg(long, value_name = "ALGO[:LEVEL]", default_value = "zstd:1")]
     pub compression: String,
@@ -127,7 +132,12 @@ pub enum ConfigError {
     CapacityTooSmall(u64),
     #[error("--control {0} is also a vhost-user --socket")]
     ControlIsSocket(PathBuf),
+    #[error("--writeback-headroom {headroom} must be below --mem-limit {limit}")]
+    HeadroomTooLarge { headroom: u64, limit: u64 },
 }
+
+/// Cap of the "auto" headroom: past this, the writer runs long enough ahead.
+pub const AUTO_HEADROOM_MAX: u64 = 64 << 20;
 
 impl TryFrom<Args> for Config {
     type Error = ConfigError;
@@ -162,6 +172,17 @@ impl TryFrom<Args> for Config {
             // clap's `requires` makes a lone half impossible; treat it as no spill.
             _ => None,
         };
+        let writeback_headroom = match args.writeback_headroom.as_str() {
+            _ if spill.is_none() => 0,
+            "auto" => (mem_limit / 16).min(AUTO_HEADROOM_MAX),
+            text => size("writeback-headroom", text)?,
+        };
+        if writeback_headroom != 0 && writeback_headroom >= mem_limit {
+            return Err(ConfigError::HeadroomTooLarge {
+                headroom: writeback_headroom,
+                limit: mem_limit,
+            });
+        }
         let capacity = size("capacity", &args.capacity)?;
         if capacity != 0 && capacity < PAGE_SIZE as u64 {
             return Err(ConfigError::CapacityTooSmall(capacity));
@@ -174,6 +195,7 @@ impl TryFrom<Args> for Config {
                 spill,
                 zstd_level: parse_compression(&args.compression)?,
                 dedup: args.dedup.into(),
+                writeback_headroom,
                 ..StoreConfig::default()
             },
             queues: args.queues,
@@ -232,6 +254,46 @@ mod tests {
         assert_eq!(c.queues, 1);
         assert_eq!(c.capacity_pages, 0);
         assert_eq!(c.poll, Duration::ZERO);
+        assert_eq!(c.store.writeback_headroom, 0, "no spill file, no writer");
+    }
+
+    #[test]
+    fn writeback_headroom_is_auto_sized_set_or_refused() {
+        let spill = ["--spill-file", "/tmp/s", "--spill-limit", "1G"];
+        let with = |extra: &[&str]| parse(&[&spill[..], extra].concat());
+        assert_eq!(
+            with(&["--mem-limit", "256M"]).unwrap().store.writeback_headroom,
+            16 << 20
+        );
+        assert_eq!(
+            with(&["--mem-limit", "8G"]).unwrap().store.writeback_headroom,
+            AUTO_HEADROOM_MAX
+        );
+        assert_eq!(
+            with(&["--writeback-headroom", "3M"])
+                .unwrap()
+                .store
+                .writeback_headroom,
+            3 << 20
+        );
+        assert_eq!(
+            with(&["--writeback-headroom", "0"])
+                .unwrap()
+                .store
+                .writeback_headroom,
+            0
+        );
+        assert_matches!(
+            with(&["--mem-limit", "8M", "--writeback-headroom", "8M"]),
+            Err(ConfigError::HeadroomTooLarge { headroom, limit }) if headroom == limit
+        );
+        assert_matches!(
+            with(&["--writeback-headroom", "soon"]),
+            Err(ConfigError::Size {
+                option: "writeback-headroom",
+                ..
+            })
+        );
     }
 
     #[test]
@@ -257,6 +319,8 @@ mod tests {
             "50",
             "--dedup",
             "global",
+            "--writeback-headroom",
+            "32M",
         ])
         .unwrap();
         assert_eq!(c.sockets.len(), 2);
@@ -272,6 +336,7 @@ mod tests {
         );
         assert_eq!(c.store.zstd_level, 3);
         assert_eq!(c.store.dedup, DedupDomain::Global);
+        assert_eq!(c.store.writeback_headroom, 32 << 20);
         assert_eq!(c.queues, 4);
         assert_eq!(c.capacity_pages, (1 << 30) / 4096);
         assert_eq!(c.poll, Duration::from_micros(50));

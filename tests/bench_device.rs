@@ -26,11 +26,46 @@ fn args(corpus: std::path::PathBuf, queues: u16, depth: u16, poll_us: Option<u64
         poll_us,
         spin_us: None,
         mem_limit: None,
+        spill_limit: None,
+        writeback_headroom: None,
         level: 1,
         dedup: vhost_user_tmem::config::DedupArg::Guest,
         daemon: Some(env!("CARGO_BIN_EXE_vhost-user-tmem").into()),
         repeat: 2,
         json: true,
+    }
+}
+
+/// Below its RAM limit the daemon spills (with and without its background
+/// writer), and every page still reads back.
+#[test]
+fn device_bench_round_trips_every_page_through_the_spill_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // Incompressible pages: 600 of them are well past 1 MiB of RAM.
+    let mut data = Vec::with_capacity(600 * 4096);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..600 * 512 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend(x.to_le_bytes());
+    }
+    let c = dir.path().join("noise.raw");
+    std::fs::write(&c, data).unwrap();
+    for headroom in ["0", "256K"] {
+        let a = DeviceArgs {
+            mem_limit: Some(1 << 20),
+            spill_limit: Some(64 << 20),
+            writeback_headroom: Some(headroom.into()),
+            ..args(c.clone(), 1, 4, None)
+        };
+        let r = run_bench(&a).unwrap();
+        assert_eq!(r.pages, 600, "headroom {headroom}");
+        assert!(r.daemon_spill_writes > 0, "headroom {headroom}: {r:?}");
+        assert_eq!(r.daemon_failed_stores, 0, "headroom {headroom}: {r:?}");
+        if headroom == "0" {
+            assert_eq!(r.daemon_background_writebacks, 0, "no writer without headroom");
+        }
     }
 }
 

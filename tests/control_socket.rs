@@ -121,6 +121,53 @@ fn writeback_keeps_pages_readable() {
     }
 }
 
+/// With a spill file the daemon runs a background writer that keeps
+/// --writeback-headroom free below the limit; stats say how much it moved.
+#[test]
+fn the_background_writer_moves_pages_ahead_of_the_puts() {
+    let d0 = tempfile::tempdir().unwrap();
+    let spill = d0.path().join("spill");
+    let d = Daemon::with(
+        1,
+        &[
+            "--mem-limit",
+            "2M",
+            "--writeback-headroom",
+            "1M",
+            "--spill-file",
+            spill.to_str().unwrap(),
+            "--spill-limit",
+            "64M",
+        ],
+    );
+    let (_vmm, mut q) = d.connect1();
+    let n = 1500;
+    for i in 0..n {
+        assert_eq!(q.put(1, i, &page(i)).unwrap().status, OK, "page {i}");
+    }
+    // The writer also looks every 100 ms: RAM near the limit is work for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let stats = loop {
+        let stats = d.stats();
+        if stats["store"]["background_writebacks"].as_u64() > Some(0) || std::time::Instant::now() > deadline
+        {
+            break stats;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let store = &stats["store"];
+    let background = store["background_writebacks"].as_u64().expect("a count");
+    assert!(background > 0, "{store}");
+    let total = &store["total"];
+    assert!(total["mem_used_bytes"].as_u64().unwrap() <= 2 << 20, "{total}");
+    assert!(total["spill_writes"].as_u64().unwrap() >= background, "{total}");
+    for i in 0..n {
+        let r = q.get(1, i, true).unwrap();
+        assert_eq!(r.status, OK);
+        assert_eq!(r.page, page(i), "page {i}");
+    }
+}
+
 /// "drop-pool": the pool of that device goes, other pools and devices stay.
 #[test]
 fn drop_pool_drops_one_pool_of_one_device() {

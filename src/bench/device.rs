@@ -27,10 +27,13 @@ use thiserror::Error;
 use crate::{
     bench::store::{load_corpus, BenchError as CorpusError},
     config::DedupArg,
+    control::{ClientError, ControlClient},
     frontend::{self, header, FrontendError, Op, Virtqueue, Vmm, VmmConfig, WaitMode},
     protocol::{Status, PAGE_SIZE},
     size::parse_size,
-    store::{DedupDomain, GetOutcome, GuestId, Page, PutOutcome, Store, StoreConfig, StoreError},
+    store::{
+        DedupDomain, GetOutcome, GuestId, Page, PutOutcome, SpillConfig, Store, StoreConfig, StoreError,
+    },
 };
 
 /// Far above any corpus this tool can hold: nothing is rejected or spilled.
@@ -62,6 +65,14 @@ pub struct DeviceArgs {
     /// RAM budget for the daemon's store and the store-only run (e.g. 4G).
     #[arg(long, value_parser = parse_size)]
     pub mem_limit: Option<u64>,
+    /// Give the daemon and the store-only run a spill file of this size (in a
+    /// temporary directory), so a --mem-limit below the corpus measures writeback.
+    #[arg(long, value_parser = parse_size, requires = "mem_limit")]
+    pub spill_limit: Option<u64>,
+    /// Passed to the daemon as --writeback-headroom (SIZE, auto or 0). The
+    /// store-only run has no background writer.
+    #[arg(long, requires = "spill_limit")]
+    pub writeback_headroom: Option<String>,
     /// zstd level, for the daemon (--compression zstd:LEVEL) and the store run.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub level: i32,
@@ -121,6 +132,8 @@ pub enum DeviceBenchError {
     },
     #[error("a worker thread panicked")]
     Panicked,
+    #[error("asking the daemon for its stats")]
+    Control(#[source] ClientError),
 }
 
 impl From<FrontendError> for DeviceBenchError {
@@ -175,6 +188,12 @@ pub struct DeviceReport {
     pub target_throughput_met: Option<bool>,
     /// depth 1 with polling: p50 round trip <= store per-page time + 10 us.
     pub target_latency_met: Option<bool>,
+    /// The daemon's own counters over the whole run (every round): objects
+    /// written to its spill file, the part its background writer wrote, and
+    /// rejected puts.
+    pub daemon_spill_writes: u64,
+    pub daemon_background_writebacks: u64,
+    pub daemon_failed_stores: u64,
 }
 
 pub fn run(args: &DeviceArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -197,9 +216,13 @@ pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
     let mem_limit = args.mem_limit.unwrap_or(UNLIMITED);
     let spin_us = args.spin_us.unwrap_or(0);
 
+    let store_dir = TempDir::new().map_err(DeviceBenchError::TempDir)?;
     let store_config = StoreConfig {
         mem_limit,
-        spill: None,
+        spill: args.spill_limit.map(|limit| SpillConfig {
+            path: store_dir.path().join("spill"),
+            limit,
+        }),
         zstd_level: args.level,
         dedup,
         ..StoreConfig::default()
@@ -225,6 +248,10 @@ pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
     }
     let sample = latency_sample(pages.len());
     let (put_lat, get_lat) = session.latency(&pages, &sample)?;
+    let daemon_stats = ControlClient::connect(&daemon.control)
+        .and_then(|mut c| c.stats())
+        .map_err(DeviceBenchError::Control)?
+        .store;
     session.close();
     daemon.stop();
     // The same sample, one call at a time, straight into a store.
@@ -269,6 +296,9 @@ pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
         get_ratio,
         target_throughput_met,
         target_latency_met,
+        daemon_spill_writes: daemon_stats.total.spill_writes,
+        daemon_background_writebacks: daemon_stats.background_writebacks,
+        daemon_failed_stores: daemon_stats.total.failed_stores,
     })
 }
 
@@ -278,6 +308,7 @@ struct DaemonProcess {
     /// Held so the directory outlives the daemon's sockets.
     _dir: TempDir,
     socket: PathBuf,
+    control: PathBuf,
 }
 
 /// A private directory for the sockets, removed with everything in it on drop.
@@ -322,11 +353,12 @@ impl DaemonProcess {
         }
         let dir = TempDir::new().map_err(DeviceBenchError::TempDir)?;
         let socket = dir.path().join("vm0.sock");
+        let control = dir.path().join("control.sock");
         let mut cmd = Command::new(&path);
         cmd.arg("--socket")
             .arg(&socket)
             .arg("--control")
-            .arg(dir.path().join("control.sock"))
+            .arg(&control)
             .arg("--queues")
             .arg(args.queues.to_string())
             .arg("--mem-limit")
@@ -336,6 +368,15 @@ impl DaemonProcess {
             .arg("--dedup")
             .arg(args.dedup.as_str())
             .stdin(Stdio::null());
+        if let Some(limit) = args.spill_limit {
+            cmd.arg("--spill-file")
+                .arg(dir.path().join("spill"))
+                .arg("--spill-limit")
+                .arg(limit.to_string());
+        }
+        if let Some(headroom) = &args.writeback_headroom {
+            cmd.arg("--writeback-headroom").arg(headroom);
+        }
         // The daemon's log would interleave with the figures; keep it aside and
         // show it only if the daemon dies.
         let log = dir.path().join("daemon.log");
@@ -352,6 +393,7 @@ impl DaemonProcess {
             child: Some(child),
             _dir: dir,
             socket,
+            control,
         };
         d.wait_for_socket()?;
         Ok(d)
@@ -823,6 +865,10 @@ fn print_table(r: &DeviceReport) {
         "target depth-1 polling p50 <= store per-page + 10 us: {}",
         yes_no(r.target_latency_met)
     );
+    println!(
+        "daemon spill writes {} ({} by the background writer), rejected puts {}",
+        r.daemon_spill_writes, r.daemon_background_writebacks, r.daemon_failed_stores
+    );
 }
 
 /// Where `tmem-bench` looks for the daemon by default.
@@ -871,6 +917,8 @@ mod tests {
             poll_us: None,
             spin_us: None,
             mem_limit: None,
+            spill_limit: None,
+            writeback_headroom: None,
             level: 1,
             dedup: DedupArg::Guest,
             daemon: Some(dir.path().join("nope")),

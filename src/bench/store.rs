@@ -9,7 +9,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::Barrier,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Barrier,
+    },
     time::{Duration, Instant},
 };
 
@@ -49,6 +52,10 @@ pub struct StoreArgs {
     /// Most bytes the spill file may grow to.
     #[arg(long, value_parser = parse_size)]
     pub spill_limit: Option<u64>,
+    /// With --mem-limit: run the store's background writer in a thread of its
+    /// own, keeping this much RAM free (as the daemon's --writeback-headroom).
+    #[arg(long, value_parser = parse_size, requires = "mem_limit")]
+    pub writeback_headroom: Option<u64>,
     /// zstd level, for the store and for the raw zstd yardstick.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub level: i32,
@@ -144,6 +151,8 @@ pub struct StoreReport {
     pub spill_file_bytes: u64,
     pub spill_writes: u64,
     pub spill_reads: u64,
+    /// Of `spill_writes`, those the background writer made.
+    pub background_writebacks: u64,
     pub writebacks: u64,
 }
 
@@ -222,6 +231,7 @@ pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
         }),
         zstd_level: args.level,
         dedup: args.dedup.into(),
+        writeback_headroom: args.writeback_headroom.unwrap_or(0),
         ..StoreConfig::default()
     };
 
@@ -278,12 +288,36 @@ struct StoreRun {
 }
 
 /// One fresh store: every page put, then every page got back and checked.
+/// With a writeback headroom, the store's background writer runs beside the
+/// puts and gets, in a thread of its own, as in the daemon.
 fn store_run(config: StoreConfig, pages: &[&Page], threads: usize) -> Result<StoreRun, BenchError> {
+    let writer = config.writeback_headroom > 0;
     let store = Store::new(config)?;
-    let (put_time, outcomes) = timed_store_puts(&store, pages, threads)?;
-    let after_put = store.stats();
-    let memory = store.memory();
-    let (get_time, mismatches) = timed_store_gets(&store, pages, &outcomes, threads)?;
+    let stop = AtomicBool::new(false);
+    let (phases, written) = std::thread::scope(|scope| {
+        let background = writer.then(|| {
+            scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    store.background_writeback(Duration::from_millis(10))?;
+                }
+                Ok::<(), StoreError>(())
+            })
+        });
+        let phases = (|| {
+            let (put_time, outcomes) = timed_store_puts(&store, pages, threads)?;
+            let after_put = store.stats();
+            let memory = store.memory();
+            let (get_time, mismatches) = timed_store_gets(&store, pages, &outcomes, threads)?;
+            Ok::<_, BenchError>((put_time, outcomes, after_put, memory, get_time, mismatches))
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let written = background.map(|t| t.join().expect("the writer thread panicked"));
+        (phases, written)
+    });
+    if let Some(written) = written {
+        written?;
+    }
+    let (put_time, outcomes, after_put, memory, get_time, mismatches) = phases?;
     let after_get = store.stats();
     if let Some(first) = mismatches.first {
         return Err(BenchError::Mismatch {
@@ -355,6 +389,7 @@ fn build_report(
         spill_writes: t.spill_writes,
         // Reads happen in the get phase; the rest is counted after the puts.
         spill_reads: after_get.total.spill_reads,
+        background_writebacks: after_put.background_writebacks,
         writebacks: t.writebacks,
     }
 }
@@ -583,8 +618,13 @@ fn print_table(r: &StoreReport) {
         r.mem_used_bytes, r.payload_chunk_bytes, r.compr_data_bytes, r.mem_limit
     );
     println!(
-        "spilled pages / file bytes {} / {}  (writes {}, reads {}, writebacks {})",
-        r.spilled_pages, r.spill_file_bytes, r.spill_writes, r.spill_reads, r.writebacks
+        "spilled pages / file bytes {} / {}  (writes {}, reads {}, writebacks {}, in the background {})",
+        r.spilled_pages,
+        r.spill_file_bytes,
+        r.spill_writes,
+        r.spill_reads,
+        r.writebacks,
+        r.background_writebacks
     );
 }
 

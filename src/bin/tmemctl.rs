@@ -204,7 +204,7 @@ fn render_stats(stats: &Stats) -> String {
     );
     let _ = writeln!(
         s,
-        "  stores {} ok / {} failed, loads {} / {} failed, invalidates {}, writebacks {}, spill reads {} writes {}",
+        "  stores {} ok / {} failed, loads {} / {} failed, invalidates {}, writebacks {}, spill reads {} writes {} ({} in the background)",
         t.succ_stores,
         t.failed_stores,
         t.loads,
@@ -213,6 +213,7 @@ fn render_stats(stats: &Stats) -> String {
         t.writebacks,
         t.spill_reads,
         t.spill_writes,
+        stats.store.background_writebacks,
     );
     let _ = writeln!(s);
     let _ = writeln!(
@@ -368,6 +369,13 @@ fn render_metrics(stats: &Stats) -> String {
     let _ = writeln!(s, "# HELP tmem_mem_limit_bytes RAM budget of the store.");
     let _ = writeln!(s, "# TYPE tmem_mem_limit_bytes gauge");
     let _ = writeln!(s, "tmem_mem_limit_bytes {}", stats.store.mem_limit_bytes);
+    let metric = "tmem_store_background_writebacks_total";
+    let _ = writeln!(
+        s,
+        "# HELP {metric} Objects the background writer moved to the spill file ahead of need."
+    );
+    let _ = writeln!(s, "# TYPE {metric} counter");
+    let _ = writeln!(s, "{metric} {}", stats.store.background_writebacks);
     let _ = writeln!(
         s,
         "# HELP tmem_device_connected Whether a VMM is attached to the device."
@@ -438,6 +446,7 @@ mod tests {
                     ..pool
                 },
                 mem_limit_bytes: 512 << 20,
+                background_writebacks: 0,
                 guests,
             },
             devices: vec![DeviceStats {
@@ -491,6 +500,10 @@ mod tests {
         assert!(text.contains("tmem_store_stored_pages 8"), "{text}");
         assert!(text.contains("# TYPE tmem_stored_pages gauge"), "{text}");
         assert!(text.contains("tmem_mem_limit_bytes 536870912"), "{text}");
+        assert!(
+            text.contains("tmem_store_background_writebacks_total 0"),
+            "{text}"
+        );
         assert!(text.contains(r#"socket="/run/vm\"0\".sock"} 1"#), "{text}");
         assert!(
             text.contains("tmem_request_latency_microseconds{device=\"0\",op=\"put\",quantile=\"0.99\"} 12")

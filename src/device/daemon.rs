@@ -38,6 +38,12 @@ use crate::{
 
 /// How long shutdown waits for device threads before exiting anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How often the background writer looks at the budget when no put has
+/// woken it; it also bounds how long shutdown waits for it.
+const WRITER_TICK: Duration = Duration::from_millis(100);
+/// Pause after a spill error before the writer tries again (puts still make
+/// their own room meanwhile).
+const WRITER_BACKOFF: Duration = Duration::from_secs(1);
 /// Pause before accepting again after a connection failed to set up, so a
 /// persistent failure does not spin.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
@@ -64,6 +70,8 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot start the background writeback thread")]
+    SpawnWriter(#[source] io::Error),
 }
 
 /// vhost-user-backend's error type implements `Display` but not `Error`.
@@ -117,6 +125,16 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     };
 
     let stopping = Arc::new(AtomicBool::new(false));
+    let writer = if config.store.writeback_headroom > 0 && config.store.spill.is_some() {
+        let (store, stopping) = (store.clone(), stopping.clone());
+        let thread = thread::Builder::new()
+            .name("tmem-writeback".into())
+            .spawn(move || writeback_loop(&store, &stopping))
+            .map_err(DaemonError::SpawnWriter)?;
+        Some(thread)
+    } else {
+        None
+    };
     let mut handles = Vec::with_capacity(devices.len());
     for (device, listener) in devices.iter().zip(listeners) {
         let conn = Arc::new(Mutex::new(None));
@@ -142,10 +160,11 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         });
     }
     info!(
-        "serving {} device(s), {} queue(s) each, memory limit {} bytes",
+        "serving {} device(s), {} queue(s) each, memory limit {} bytes, writeback headroom {} bytes",
         devices.len(),
         config.queues,
-        store.mem_limit()
+        store.mem_limit(),
+        config.store.writeback_headroom
     );
 
     let signal = wait_for_signal(&signals);
@@ -174,11 +193,27 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             );
         }
     }
+    if let Some(writer) = writer {
+        // It notices `stopping` within one tick.
+        if writer.join().is_err() {
+            error!("the background writeback thread panicked");
+        }
+    }
     if let Some(control) = control {
         control.stop();
     }
     info!("stopped");
     Ok(())
+}
+
+/// Runs the store's background writer until shutdown.
+fn writeback_loop(store: &Store, stopping: &AtomicBool) {
+    while !stopping.load(Ordering::SeqCst) {
+        if let Err(e) = store.background_writeback(WRITER_TICK) {
+            warn!("background writeback: {e}; retrying in {WRITER_BACKOFF:?}");
+            thread::sleep(WRITER_BACKOFF);
+        }
+    }
 }
 
 /// Binds a vhost-user socket, replacing a stale socket file but nothing else.

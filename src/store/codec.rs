@@ -154,7 +154,9 @@ pub fn page_profile(level: i32) -> impl Iterator<Item = CParameter> {
     .chain(dfast)
 }
 
-/// A compression context set up for pages at `level` (see [`page_profile`]).
+/// A compression context set up for pages at `level`: zstd at that level with
+/// the page profile (magicless frames, no content size, double-fast at levels
+/// 1 and 2; see docs/design.md).
 pub fn page_compressor(level: i32) -> io::Result<zstd::bulk::Compressor<'static>> {
     let mut ctx = zstd::bulk::Compressor::new(level)?;
     for param in page_profile(level) {

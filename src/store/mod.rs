@@ -25,6 +25,7 @@ mod codec;
 mod index;
 mod objects;
 mod owners;
+mod pressure;
 mod slab;
 mod spill;
 mod stats;
@@ -35,7 +36,7 @@ pub use codec::page_compressor;
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::atomic::{AtomicU64, AtomicUsize, Ordering},
 };
 
 use parking_lot::{Mutex, MutexGuard};
@@ -89,6 +90,9 @@ pub struct StoreConfig {
     pub raw_threshold: usize,
     /// Object shards (rounded up to a power of two, at most 64); 0 = from the CPU count.
     pub shards: usize,
+    /// RAM the background writer keeps free below `mem_limit` (see
+    /// [`Store::background_writeback`]); 0 = puts make their own room.
+    pub writeback_headroom: u64,
 }
 
 impl Default for StoreConfig {
@@ -100,6 +104,7 @@ impl Default for StoreConfig {
             dedup: DedupDomain::Guest,
             raw_threshold: PAGE_SIZE - PAGE_SIZE / 32,
             shards: 0,
+            writeback_headroom: 0,
         }
     }
 }
@@ -167,6 +172,11 @@ pub struct GuestStats {
 pub struct StoreStats {
     pub total: Counters,
     pub mem_limit_bytes: u64,
+    /// Objects the background writer moved to the spill file (they are in
+    /// `total.spill_writes` too); the rest were written back by puts that
+    /// needed room.
+    #[serde(default)]
+    pub background_writebacks: u64,
     pub guests: BTreeMap<u32, GuestStats>,
 }
 
@@ -208,6 +218,9 @@ pub struct Store {
     seed: u64,
     /// Where general writeback starts next, so it spreads over the object shards.
     evict_hand: AtomicUsize,
+    headroom: u64,
+    pressure: pressure::Pressure,
+    background_writebacks: AtomicU64,
 }
 
 /// Why a put could not get room.
@@ -259,6 +272,9 @@ impl Store {
             owners: Owners::new(),
             seed,
             evict_hand: AtomicUsize::new(0),
+            headroom: config.writeback_headroom,
+            pressure: pressure::Pressure::default(),
+            background_writebacks: AtomicU64::new(0),
         };
         // The fixed part (the shard arrays) is host memory too.
         let fixed = std::mem::size_of::<Store>()
@@ -388,6 +404,8 @@ impl Store {
                     } else if hit {
                         c.dedup_hits += 1;
                     }
+                    drop(ix);
+                    self.note_pressure();
                     return Ok(PutOutcome::Stored);
                 }
                 Err(NoRoom) => {
@@ -614,6 +632,57 @@ impl Store {
         Ok(())
     }
 
+    /// Wakes the background writer once RAM is within half the headroom of
+    /// its limit. One atomic load per put while there is room.
+    fn note_pressure(&self) {
+        if self.headroom > 0
+            && self.spill.is_some()
+            && self.budget.used() + self.headroom / 2 > self.budget.limit()
+        {
+            self.pressure.raise();
+        }
+    }
+
+    /// One round of the background writer, for a thread of its own: waits
+    /// until a put reports pressure (or `timeout` passes), then writes the
+    /// coldest objects back and compacts until RAM is a whole headroom below
+    /// the limit. Returns the objects written.
+    ///
+    /// Puts still make their own room when they meet the limit; with the
+    /// writer ahead of them they rarely do, so a put seldom waits for file
+    /// I/O. Without a spill tier or headroom it only waits.
+    pub fn background_writeback(&self, timeout: std::time::Duration) -> Result<u64, StoreError> {
+        self.pressure.wait(timeout);
+        let Some(spill) = &self.spill else {
+            return Ok(0);
+        };
+        if self.headroom == 0 {
+            return Ok(0);
+        }
+        let target = self.budget.limit().saturating_sub(self.headroom);
+        let mut written = 0;
+        while self.budget.used() > target {
+            // Holes first: reclaiming them costs no I/O.
+            if self.compact_any() {
+                continue;
+            }
+            if self.evict_any(spill)? != Evicted::One {
+                break;
+            }
+            written += 1;
+        }
+        self.background_writebacks.fetch_add(written, Ordering::Relaxed);
+        Ok(written)
+    }
+
+    /// Compacts one shard whose holes add up to a chunk; false when none has.
+    fn compact_any(&self) -> bool {
+        self.objects.iter().any(|shard| {
+            let mut shard = shard.0.lock();
+            shard.garbage() >= alloc::CHUNK as u64 && shard.compact(&self.budget)
+        })
+    }
+
     /// Writes up to `pages` of the coldest RAM objects to the spill file.
     pub fn writeback(&self, pages: u64) -> Result<u64, StoreError> {
         let Some(spill) = &self.spill else {
@@ -676,13 +745,15 @@ impl Store {
             });
         }
         let spill_file = self.spill.as_ref().map_or(0, SpillFile::file_bytes);
-        gather.finish(self.budget.used(), self.budget.limit(), spill_file)
+        let mut stats = gather.finish(self.budget.used(), self.budget.limit(), spill_file);
+        stats.background_writebacks = self.background_writebacks.load(Ordering::Relaxed);
+        stats
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashMap, os::unix::fs::FileExt, sync::Arc};
+    use std::{collections::HashMap, os::unix::fs::FileExt, sync::Arc, time::Duration};
 
     use assert_matches::assert_matches;
 
@@ -1002,6 +1073,88 @@ mod tests {
             s.stats().total.spill_file_bytes <= file + (256 << 10),
             "file space is reused"
         );
+    }
+
+    fn headroom_store(dir: &tempfile::TempDir, mem_limit: u64, headroom: u64) -> Store {
+        Store::new(StoreConfig {
+            mem_limit,
+            spill: Some(SpillConfig {
+                path: dir.path().join("spill"),
+                limit: 64 << 20,
+            }),
+            writeback_headroom: headroom,
+            ..StoreConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_background_writer_restores_the_headroom() {
+        let dir = tempfile::tempdir().unwrap();
+        let (limit, headroom) = (2 << 20, 512 << 10);
+        let s = headroom_store(&dir, limit, headroom);
+        assert_eq!(
+            s.background_writeback(Duration::ZERO).unwrap(),
+            0,
+            "no pressure, nothing to do"
+        );
+        let mut i = 0;
+        // Until a put reports pressure: RAM within half the headroom of the limit.
+        while s.mem_used() + headroom / 2 <= limit {
+            assert_eq!(put(&s, 0, 0, i, &text_page(i)), PutOutcome::Stored);
+            i += 1;
+        }
+        assert_eq!(s.stats().total.spill_writes, 0, "no put had to write back yet");
+        let written = s.background_writeback(Duration::from_secs(10)).unwrap();
+        assert!(written > 0);
+        assert!(s.mem_used() <= limit - headroom, "{} of {limit}", s.mem_used());
+        let stats = s.stats();
+        assert_eq!(stats.background_writebacks, written);
+        assert_eq!(stats.total.spill_writes, written);
+        for k in 0..i {
+            assert_eq!(get(&s, 0, 0, k), Some(text_page(k)), "page {k}");
+        }
+    }
+
+    #[test]
+    fn without_headroom_or_spill_the_writer_only_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        for s in [headroom_store(&dir, 1 << 20, 0), store(1 << 20)] {
+            for i in 0..600 {
+                put(&s, 0, 0, i, &text_page(i));
+            }
+            assert_eq!(s.background_writeback(Duration::ZERO).unwrap(), 0);
+            assert_eq!(s.stats().background_writebacks, 0);
+        }
+    }
+
+    #[test]
+    fn a_writer_thread_keeps_ahead_of_the_puts() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = 2 << 20;
+        let s = Arc::new(headroom_store(&dir, limit, 1 << 20));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (s, stop) = (s.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    s.background_writeback(Duration::from_millis(5)).unwrap();
+                }
+            })
+        };
+        let n = 6000;
+        for i in 0..n {
+            assert_eq!(put(&s, 0, 0, i, &text_page(i)), PutOutcome::Stored);
+            assert!(s.mem_used() <= limit);
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        let stats = s.stats();
+        assert!(stats.background_writebacks > 0, "{stats:?}");
+        assert!(stats.total.spilled_pages > 0);
+        for i in 0..n {
+            assert_eq!(get(&s, 0, 0, i), Some(text_page(i)), "page {i}");
+        }
     }
 
     #[test]
