@@ -352,23 +352,54 @@ static void tmem_config_changed(struct virtio_device *vdev)
  * (for notify_spin_us) and get -ETIMEDOUT. Others then sleep on the
  * interrupt, checking the device's health once a second.
  */
+/* What one look at a queue does besides reaping (see tmem_check). */
+enum tmem_step {
+	TMEM_POLL,	/* reap only */
+	TMEM_ARM,	/* reap; if still not done, mark sleeping and enable callbacks */
+	TMEM_DISARM,	/* after a sleep: clear sleeping, disable callbacks, reap */
+};
+
+/*
+ * One look at @q under its lock. Returns whether our request is done and
+ * sets *brk when the device is broken (then nothing on the ring is touched:
+ * a reset may be under way).
+ */
+static bool tmem_check(struct tmem_queue *q, enum tmem_step step, bool *brk)
+{
+	struct tmem_dev *dev = q->dev;
+	unsigned long flags;
+	bool done;
+
+	spin_lock_irqsave(&q->lock, flags);
+	if (step == TMEM_DISARM)
+		q->sleeping = false;
+	if (!dev->broken) {
+		if (step == TMEM_DISARM)
+			virtqueue_disable_cb(q->vq);
+		tmem_reap(q);
+		if (step == TMEM_ARM && !q->done) {
+			q->sleeping = true;
+			/* false: buffers arrived meanwhile, no interrupt will come */
+			if (!virtqueue_enable_cb(q->vq))
+				tmem_reap(q);
+		}
+	}
+	done = q->done;
+	*brk = dev->broken;
+	spin_unlock_irqrestore(&q->lock, flags);
+	return done;
+}
+
 static int tmem_wait(struct tmem_queue *q, bool atomic)
 {
 	struct tmem_dev *dev = q->dev;
 	ktime_t start = ktime_get();
 	ktime_t poll_end = ktime_add_us(start, atomic ? notify_spin_us : poll_us);
 	ktime_t deadline = ktime_add_ms(start, io_timeout_ms);
-	unsigned long flags;
-	bool done, brk;
+	bool brk;
 
 	for (;;) {
-		spin_lock_irqsave(&q->lock, flags);
-		if (!dev->broken)
-			tmem_reap(q);
-		done = q->done;
-		brk = dev->broken;
-		spin_unlock_irqrestore(&q->lock, flags);
-		if (done)
+		if (tmem_check(q, TMEM_POLL, &brk))
 			return 0;
 		if (brk)
 			goto broken;
@@ -381,33 +412,9 @@ static int tmem_wait(struct tmem_queue *q, bool atomic)
 
 	for (;;) {
 		reinit_completion(&q->compl);
-		spin_lock_irqsave(&q->lock, flags);
-		if (!dev->broken) {
-			tmem_reap(q);
-			if (!q->done) {
-				q->sleeping = true;
-				/* false: buffers arrived meanwhile, no interrupt will come */
-				if (!virtqueue_enable_cb(q->vq))
-					tmem_reap(q);
-			}
-		}
-		done = q->done;
-		brk = dev->broken;
-		spin_unlock_irqrestore(&q->lock, flags);
-
-		if (!done && !brk)
+		if (!tmem_check(q, TMEM_ARM, &brk) && !brk)
 			wait_for_completion_io_timeout(&q->compl, HZ);
-
-		spin_lock_irqsave(&q->lock, flags);
-		q->sleeping = false;
-		if (!dev->broken) {
-			virtqueue_disable_cb(q->vq);
-			tmem_reap(q);
-		}
-		done = q->done;
-		brk = dev->broken;
-		spin_unlock_irqrestore(&q->lock, flags);
-		if (done)
+		if (tmem_check(q, TMEM_DISARM, &brk))
 			return 0;
 		if (brk)
 			goto broken;
