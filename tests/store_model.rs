@@ -220,6 +220,9 @@ struct Setup {
     /// Fill every key once and drop it all before measuring the empty store's
     /// usage, so that tables have grown and tight limits are spent on pages.
     warm: bool,
+    /// Background writer headroom; multi-threaded runs then run the writer in
+    /// a thread of its own beside the workers.
+    headroom: u64,
 }
 
 impl Setup {
@@ -232,6 +235,7 @@ impl Setup {
             dedup,
             roomy: true,
             warm: false,
+            headroom: 0,
         }
     }
     fn tight(mem_extra: u64, spill_limit: Option<u64>, dedup: DedupDomain) -> Self {
@@ -243,6 +247,7 @@ impl Setup {
             dedup,
             roomy: false,
             warm: true,
+            headroom: 0,
         }
     }
 }
@@ -273,6 +278,7 @@ fn open_store(setup: &Setup) -> Harness {
         spill,
         zstd_level: setup.level,
         dedup: setup.dedup,
+        writeback_headroom: setup.headroom,
         ..StoreConfig::default()
     })
     .expect("Store::new");
@@ -842,7 +848,18 @@ fn thread_content(rng: &mut SplitMix) -> Content {
 /// Thread `t` owns pool `t` of guests 0 and 1, and all of guest `2 + t`.
 fn run_disjoint_threads(setup: &Setup, seed: u64, threads: u32, ops_per_thread: usize) {
     let h = open_store(setup);
+    let workers_done = std::sync::atomic::AtomicBool::new(false);
     let models: Vec<HashMap<Key, Box<Page>>> = std::thread::scope(|s| {
+        let writer = (setup.headroom > 0).then(|| {
+            let (h, done) = (&h, &workers_done);
+            s.spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Err(e) = h.store.background_writeback(std::time::Duration::from_millis(1)) {
+                        panic!("seed {seed:#x}: background writer: {e}");
+                    }
+                }
+            })
+        });
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let h = &h;
@@ -878,10 +895,15 @@ fn run_disjoint_threads(setup: &Setup, seed: u64, threads: u32, ops_per_thread: 
                 })
             })
             .collect();
-        handles
+        let models = handles
             .into_iter()
             .map(|j| j.join().expect("worker panicked"))
-            .collect()
+            .collect();
+        workers_done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(w) = writer {
+            w.join().expect("writer panicked");
+        }
+        models
     });
     let mut all = HashMap::new();
     for m in models {
@@ -899,6 +921,12 @@ fn run_disjoint_threads(setup: &Setup, seed: u64, threads: u32, ops_per_thread: 
     let s = h.store.stats();
     if let Err(e) = check_stats(&h, setup, &s, &all) {
         panic!("seed {seed:#x} ({setup:?}): {e}");
+    }
+    if setup.headroom > 0 {
+        assert!(
+            s.background_writebacks > 0,
+            "seed {seed:#x}: the writer never ran"
+        );
     }
     let limit = h.store.mem_limit();
     assert!(
@@ -939,6 +967,22 @@ fn threads_disjoint_keys_tiny_ram_tiny_spill_every_domain() {
     for domain in [DedupDomain::Off, DedupDomain::Guest, DedupDomain::Global] {
         for seed in MT_SEEDS {
             run_disjoint_threads(&Setup::tight(32 << 10, Some(64 << 10), domain), seed, 4, 1500);
+        }
+    }
+}
+
+/// With the background writer racing the workers for the shards. RAM has
+/// room for a few chunks (below that, payloads go straight to the file and
+/// the writer has nothing to move).
+#[test]
+fn threads_disjoint_keys_small_ram_small_spill_with_the_writer() {
+    for domain in [DedupDomain::Off, DedupDomain::Guest, DedupDomain::Global] {
+        for seed in MT_SEEDS {
+            let setup = Setup {
+                headroom: 96 << 10,
+                ..Setup::tight(256 << 10, Some(1 << 20), domain)
+            };
+            run_disjoint_threads(&setup, seed, 4, 1500);
         }
     }
 }
