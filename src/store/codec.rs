@@ -21,17 +21,6 @@ use super::{Page, PAGE_SIZE};
 /// Room for zstd's worst case on one page (ZSTD_compressBound(4096) is 4177).
 pub const COMPRESS_BOUND: usize = PAGE_SIZE + 256;
 
-/// How a page is kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Encoded {
-    /// The page is one u64 repeated: metadata only.
-    Fill(u64),
-    /// The first `len` bytes of the caller's buffer hold a zstd frame.
-    Zstd(usize),
-    /// Compression did not get below the threshold; keep the page as is.
-    Raw,
-}
-
 /// Returns the repeated word if the page is one u64 repeated (zero included).
 pub fn fill_value(page: &Page) -> Option<u64> {
     let first = word(&page[..8]);
@@ -125,28 +114,22 @@ pub fn with_scratch<R>(f: impl FnOnce(&mut [u8; COMPRESS_BOUND]) -> R) -> R {
     SCRATCH.with(|s| f(&mut s.borrow_mut()))
 }
 
-/// Chooses the encoding of `page`; for `Zstd(len)` the frame is in `out[..len]`.
+/// Encodes a page that is not same-filled: `Some(len)` when the first `len`
+/// bytes of `out` hold its zstd frame, `None` when it is kept raw.
 ///
 /// A compressed size at or above `raw_threshold` means the page is stored raw:
 /// it saves the decompression on every get for almost no space.
-pub fn encode(
+pub fn encode_data(
     page: &Page,
     level: i32,
     raw_threshold: usize,
     out: &mut [u8; COMPRESS_BOUND],
-) -> io::Result<Encoded> {
-    if let Some(fill) = fill_value(page) {
-        return Ok(Encoded::Fill(fill));
-    }
+) -> io::Result<Option<usize>> {
     if looks_incompressible(page) {
-        return Ok(Encoded::Raw);
+        return Ok(None);
     }
     let len = compress(page, level, out)?;
-    if len >= raw_threshold.min(PAGE_SIZE) {
-        Ok(Encoded::Raw)
-    } else {
-        Ok(Encoded::Zstd(len))
-    }
+    Ok((len < raw_threshold.min(PAGE_SIZE)).then_some(len))
 }
 
 /// The zstd parameters for one page at `level`, on top of the level's own.
@@ -279,7 +262,7 @@ mod tests {
     fn text_compresses_and_round_trips() {
         let page = text_page();
         let mut buf = [0u8; COMPRESS_BOUND];
-        let Encoded::Zstd(len) = encode(&page, 1, 3968, &mut buf).unwrap() else {
+        let Some(len) = encode_data(&page, 1, 3968, &mut buf).unwrap() else {
             panic!("text page should compress")
         };
         assert!(len < 1024, "compressed to {len}");
@@ -292,7 +275,7 @@ mod tests {
     fn noise_is_stored_raw() {
         let page = noise_page(7);
         let mut buf = [0u8; COMPRESS_BOUND];
-        assert_eq!(encode(&page, 1, 3968, &mut buf).unwrap(), Encoded::Raw);
+        assert_eq!(encode_data(&page, 1, 3968, &mut buf).unwrap(), None);
         let mut out = [0u8; PAGE_SIZE];
         decode(&page, &mut out).unwrap();
         assert_eq!(out, page);
@@ -312,7 +295,7 @@ mod tests {
         twice.copy_within(..PAGE_SIZE / 2, PAGE_SIZE / 2);
         assert!(!looks_incompressible(&twice));
         let mut buf = [0u8; COMPRESS_BOUND];
-        let Encoded::Zstd(len) = encode(&twice, 1, 3968, &mut buf).unwrap() else {
+        let Some(len) = encode_data(&twice, 1, 3968, &mut buf).unwrap() else {
             panic!("a page that repeats itself compresses")
         };
         assert!(len < 2200, "{len}");

@@ -309,36 +309,44 @@ impl Store {
         }
     }
 
+    /// Stores a page. A page equal to one already stored (in its dedup
+    /// domain) is found before compression, by a hash of the page itself, and
+    /// then costs a decompression to confirm instead of a compression.
     pub fn put(&self, guest: GuestId, pool: u32, index: u64, page: &Page) -> Result<PutOutcome, StoreError> {
+        let domain = self.domain(guest);
+        if let Some(word) = codec::fill_value(page) {
+            return self.put_content(guest, pool, index, &Content::Fill { word, domain });
+        }
+        let h = xxhash_rust::xxh3::xxh3_128_with_seed(&page[..], u64::from(domain));
+        let (key, shard_hash) = (h as u32, (h >> 64) as u64);
+        let dedup = self.dedup != DedupDomain::Off;
+        if dedup {
+            let shard = self.shard_of_hash(shard_hash);
+            let twin = self.objects[shard]
+                .0
+                .lock()
+                .find_page(key, page, self.spill.as_ref());
+            if let Some(id) = twin {
+                return self.link(guest, pool, index, shard, id, true, false);
+            }
+        }
         codec::with_scratch(|frame| {
-            let encoded = match codec::encode(page, self.zstd_level, self.raw_threshold, frame) {
-                Ok(e) => e,
+            let payload = match codec::encode_data(page, self.zstd_level, self.raw_threshold, frame) {
+                Ok(Some(len)) => &frame[..len],
+                Ok(None) => &page[..],
                 Err(e) => {
                     self.drop_old_copy(guest, pool, index);
                     return Err(StoreError::Compress(e));
                 }
             };
-            let domain = self.domain(guest);
-            let content = match encoded {
-                codec::Encoded::Fill(word) => Content::Fill { word, domain },
-                codec::Encoded::Zstd(len) => self.data(&frame[..len], domain),
-                codec::Encoded::Raw => self.data(&page[..], domain),
+            let content = Content::Data {
+                key,
+                shard_hash,
+                payload,
+                dedup,
             };
             self.put_content(guest, pool, index, &content)
         })
-    }
-
-    /// The content hash covers the stored payload (the frame, or the raw
-    /// page): compression is deterministic at a fixed level, so equal pages
-    /// give equal frames, and hashing ~1 KB instead of 4 KB is cheaper.
-    fn data<'a>(&self, payload: &'a [u8], domain: u32) -> Content<'a> {
-        let h = xxhash_rust::xxh3::xxh3_128_with_seed(payload, u64::from(domain));
-        Content::Data {
-            key: h as u32,
-            shard_hash: (h >> 64) as u64,
-            payload,
-            dedup: self.dedup != DedupDomain::Off,
-        }
     }
 
     /// Stores the page made of `fill` repeated (PUT_FILL).
@@ -357,10 +365,13 @@ impl Store {
     }
 
     fn obj_shard_of(&self, content: &Content<'_>) -> usize {
-        let h = match *content {
+        self.shard_of_hash(match *content {
             Content::Fill { word, domain } => slab::fill_hash(word, domain),
             Content::Data { shard_hash, .. } => shard_hash,
-        };
+        })
+    }
+
+    fn shard_of_hash(&self, h: u64) -> usize {
         (h >> (64 - self.obj_bits)) as usize & (self.objects.len() - 1)
     }
 
@@ -384,6 +395,22 @@ impl Store {
                 return Err(e);
             }
         };
+        self.link(guest, pool, index, shard, id, hit, fill)
+    }
+
+    /// Points (guest, pool, index) at object `id` of `shard`, on which the
+    /// caller holds a reference, and counts the store.
+    #[allow(clippy::too_many_arguments)]
+    fn link(
+        &self,
+        guest: GuestId,
+        pool: u32,
+        index: u64,
+        shard: usize,
+        id: u32,
+        hit: bool,
+        fill: bool,
+    ) -> Result<PutOutcome, StoreError> {
         let handle = ((shard as u32) << (32 - self.obj_bits)) | id;
         loop {
             let mut ix = self.index_shard(guest, pool, index);

@@ -15,9 +15,10 @@ use hashbrown::{HashMap, HashTable};
 use super::{
     alloc::{ChunkAlloc, Loc, CHUNK, HDR},
     budget::Budget,
+    codec,
     slab::{fill_hash, key_hash, Obj, Slab, Tier, INDEXED, MAX_REFS, REFERENCED},
     spill::{units_for, SpillFile, UNIT},
-    Counters, StoreError, PAGE_SIZE,
+    Counters, Page, StoreError, PAGE_SIZE,
 };
 
 /// What a put wants stored.
@@ -247,17 +248,63 @@ impl ObjShard {
                 }
             });
             if let Some(&id) = found {
-                let o = self.slab.get_mut(id);
-                o.set_refs(o.refs() + 1);
-                o.set(REFERENCED, true);
-                let (tier, obj_owner) = (o.tier(), o.owner());
-                if tier == Tier::Spilled {
-                    self.owner(obj_owner).spilled_pages += 1;
-                }
+                self.take_ref(id);
                 return Some(Obtained::Ref { id, hit: true });
             }
         }
         None
+    }
+
+    /// Finds an object holding exactly `page`, before the page is compressed:
+    /// candidates share its key (the low bits of a hash of the page), and each
+    /// is decoded (read back from the file if spilled) and compared whole.
+    /// Takes a reference on the one found. A read or decode that fails counts
+    /// as "not equal".
+    ///
+    /// The decode runs under this shard's lock, but only for candidates whose
+    /// 32-bit key matches: all but about one in 4 billion are true twins.
+    pub fn find_page(&mut self, key: u32, page: &Page, spill: Option<&SpillFile>) -> Option<u32> {
+        let found = self
+            .dedup
+            .find(key_hash(key), |&id| {
+                let o = self.slab.get(id);
+                if o.key() != key || o.refs() == MAX_REFS {
+                    return false;
+                }
+                let len = o.len();
+                let mut read = [0u8; PAGE_SIZE];
+                let payload = match o.tier() {
+                    Tier::Ram => self.alloc.bytes(Loc::unpack(o.loc()), len),
+                    Tier::Spilled => match spill {
+                        Some(sp) if sp.read(o.loc() * UNIT, len, u64::from(key), &mut read).is_ok() => {
+                            &read[..len]
+                        }
+                        _ => return false,
+                    },
+                    Tier::Fill | Tier::Free => return false,
+                };
+                if o.is_raw() {
+                    return payload == &page[..];
+                }
+                let mut decoded = [0u8; PAGE_SIZE];
+                codec::decompress(payload, &mut decoded).is_ok() && decoded == *page
+            })
+            .copied();
+        if let Some(id) = found {
+            self.take_ref(id);
+        }
+        found
+    }
+
+    /// One more reference on `id`, which a put just matched.
+    fn take_ref(&mut self, id: u32) {
+        let o = self.slab.get_mut(id);
+        o.set_refs(o.refs() + 1);
+        o.set(REFERENCED, true);
+        let (tier, owner) = (o.tier(), o.owner());
+        if tier == Tier::Spilled {
+            self.owner(owner).spilled_pages += 1;
+        }
     }
 
     /// Stores a new page straight into the spill file, for when RAM has no
@@ -576,6 +623,48 @@ mod tests {
         s.release(a, None, &budget);
         let (c, hit) = id_of(s.obtain(&data(3, &p, true), 0, &budget, None));
         assert!(hit && (c == a || c == b));
+    }
+
+    #[test]
+    fn find_page_decodes_candidates_in_either_tier_and_compares_whole_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = SpillFile::open(&dir.path().join("s"), 1 << 20).unwrap();
+        let budget = Budget::new(1 << 30);
+        let mut s = ObjShard::new(1 << 20);
+        let mut page = [0u8; PAGE_SIZE];
+        for (i, b) in page.iter_mut().enumerate() {
+            *b = (i % 7) as u8 ^ (i / 300) as u8;
+        }
+        let mut frame = [0u8; codec::COMPRESS_BOUND];
+        let len = codec::compress(&page, 1, &mut frame).unwrap();
+        let (a, _) = id_of(s.obtain(&data(42, &frame[..len], true), 0, &budget, None));
+        assert_eq!(s.find_page(42, &page, None), Some(a));
+        assert_eq!(s.slab.get(a).refs(), 2);
+        // Same key, other bytes: decoded, compared, refused.
+        let mut other = page;
+        other[4000] ^= 1;
+        assert_eq!(s.find_page(42, &other, None), None);
+        assert_eq!(s.find_page(43, &page, None), None, "another key is another page");
+        // A raw page is compared as it is.
+        let noise: Vec<u8> = (0..PAGE_SIZE as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let noise: Page = noise.try_into().unwrap();
+        let (r, _) = id_of(s.obtain(&data(7, &noise, true), 0, &budget, None));
+        assert_eq!(s.find_page(7, &noise, None), Some(r));
+        // Spilled: read back from the file, only with the file at hand.
+        while s.evict(&spill, &budget).unwrap() == Evicted::One {}
+        assert_eq!(s.slab.get(a).tier(), Tier::Spilled);
+        assert_eq!(s.find_page(42, &page, None), None);
+        assert_eq!(s.find_page(42, &page, Some(&spill)), Some(a));
+        assert_eq!(s.slab.get(a).refs(), 3);
+        let mut total = Counters::default();
+        s.add_stats(|_, c| total.spilled_pages += c.spilled_pages);
+        assert_eq!(
+            total.spilled_pages,
+            3 + 2,
+            "every reference of a spilled object counts"
+        );
     }
 
     #[test]
