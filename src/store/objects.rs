@@ -763,7 +763,7 @@ mod tests {
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(1 << 20);
         let payload = |i: u32| -> Vec<u8> { (0..900).map(|k| (i as u8).wrapping_add(k as u8)).collect() };
-        let ids: Vec<u32> = (0..400u32)
+        let ids: Vec<u32> = (0..800u32)
             .map(|i| id_of(s.obtain(&data(i + 1, &payload(i), true), 0, &budget, None)).0)
             .collect();
         let full = s.chunk_bytes();
