@@ -294,7 +294,7 @@ fn store_run(config: StoreConfig, pages: &[&Page], threads: usize) -> Result<Sto
     let writer = config.writeback_headroom > 0;
     let store = Store::new(config)?;
     let stop = AtomicBool::new(false);
-    let (phases, written) = std::thread::scope(|scope| {
+    let (run, written) = std::thread::scope(|scope| {
         let background = writer.then(|| {
             scope.spawn(|| {
                 while !stop.load(Ordering::Relaxed) {
@@ -303,22 +303,24 @@ fn store_run(config: StoreConfig, pages: &[&Page], threads: usize) -> Result<Sto
                 Ok::<(), StoreError>(())
             })
         });
-        let phases = (|| {
-            let (put_time, outcomes) = timed_store_puts(&store, pages, threads)?;
-            let after_put = store.stats();
-            let memory = store.memory();
-            let (get_time, mismatches) = timed_store_gets(&store, pages, &outcomes, threads)?;
-            Ok::<_, BenchError>((put_time, outcomes, after_put, memory, get_time, mismatches))
-        })();
+        let run = timed_phases(&store, pages, threads);
         stop.store(true, Ordering::Relaxed);
         let written = background.map(|t| t.join().expect("the writer thread panicked"));
-        (phases, written)
+        (run, written)
     });
-    if let Some(written) = written {
-        written?;
-    }
-    let (put_time, outcomes, after_put, memory, get_time, mismatches) = phases?;
-    let after_get = store.stats();
+    written.transpose()?;
+    let mut run = run?;
+    // After the writer stopped, so the counters hold still.
+    run.after_get = store.stats();
+    Ok(run)
+}
+
+/// Every page put, then every page got back and checked.
+fn timed_phases(store: &Store, pages: &[&Page], threads: usize) -> Result<StoreRun, BenchError> {
+    let (put_time, outcomes) = timed_store_puts(store, pages, threads)?;
+    let after_put = store.stats();
+    let memory = store.memory();
+    let (get_time, mismatches) = timed_store_gets(store, pages, &outcomes, threads)?;
     if let Some(first) = mismatches.first {
         return Err(BenchError::Mismatch {
             count: mismatches.count,
@@ -331,7 +333,7 @@ fn store_run(config: StoreConfig, pages: &[&Page], threads: usize) -> Result<Sto
         outcomes,
         memory,
         after_put,
-        after_get,
+        after_get: store.stats(),
     })
 }
 

@@ -233,16 +233,8 @@ impl ObjShard {
                         o.tier() == Tier::Fill && self.fills.get(&id) == Some(&(word, domain))
                     }
                     Content::Data { payload, .. } if o.key() == key && o.len() == payload.len() => {
-                        match o.tier() {
-                            Tier::Ram => self.alloc.bytes(Loc::unpack(o.loc()), payload.len()) == payload,
-                            Tier::Spilled => spill.is_some_and(|sp| {
-                                let mut buf = [0u8; PAGE_SIZE];
-                                sp.read(o.loc() * UNIT, payload.len(), u64::from(key), &mut buf)
-                                    .is_ok()
-                                    && &buf[..payload.len()] == payload
-                            }),
-                            Tier::Fill | Tier::Free => false,
-                        }
+                        let mut read = [0u8; PAGE_SIZE];
+                        self.candidate_payload(o, spill, &mut read) == Some(payload)
                     }
                     Content::Data { .. } => false,
                 }
@@ -271,17 +263,9 @@ impl ObjShard {
                 if o.key() != key || o.refs() == MAX_REFS {
                     return false;
                 }
-                let len = o.len();
                 let mut read = [0u8; PAGE_SIZE];
-                let payload = match o.tier() {
-                    Tier::Ram => self.alloc.bytes(Loc::unpack(o.loc()), len),
-                    Tier::Spilled => match spill {
-                        Some(sp) if sp.read(o.loc() * UNIT, len, u64::from(key), &mut read).is_ok() => {
-                            &read[..len]
-                        }
-                        _ => return false,
-                    },
-                    Tier::Fill | Tier::Free => return false,
+                let Some(payload) = self.candidate_payload(o, spill, &mut read) else {
+                    return false;
                 };
                 if o.is_raw() {
                     return payload == &page[..];
@@ -294,6 +278,28 @@ impl ObjShard {
             self.take_ref(id);
         }
         found
+    }
+
+    /// The stored payload of a dedup candidate: borrowed from RAM, or read
+    /// from the file into `read`. `None` for a fill, or when the file is not
+    /// at hand or the read fails: the candidate then counts as "not equal".
+    fn candidate_payload<'a>(
+        &'a self,
+        o: &Obj,
+        spill: Option<&SpillFile>,
+        read: &'a mut [u8; PAGE_SIZE],
+    ) -> Option<&'a [u8]> {
+        let len = o.len();
+        match o.tier() {
+            Tier::Ram => Some(self.alloc.bytes(Loc::unpack(o.loc()), len)),
+            Tier::Spilled => {
+                spill?
+                    .read(o.loc() * UNIT, len, u64::from(o.key()), &mut read[..])
+                    .ok()?;
+                Some(&read[..len])
+            }
+            Tier::Fill | Tier::Free => None,
+        }
     }
 
     /// One more reference on `id`, which a put just matched.
