@@ -44,6 +44,18 @@ fn raw_header(op: u8, flags: u8, reserved: u16, pool: u32, index: u64) -> Vec<u8
 }
 
 /// Sends `readable` bytes and `writable_len` writable bytes, one descriptor each.
+/// `readable` followed by a readable page, and `writable` with a writable
+/// page for the device to fill: both get INVALID and a used length of 1.
+fn page_either_way_is_invalid(q: &mut Virtqueue, mut readable: Vec<u8>, writable: Vec<u8>, op: u8) {
+    readable.extend(page(3));
+    assert_eq!(send(q, readable, 1), (INVALID, 1), "op {op} + readable page");
+    assert_eq!(
+        send(q, writable, PAGE_SIZE + 1),
+        (INVALID, 1),
+        "op {op} + writable page"
+    );
+}
+
 fn send(q: &mut Virtqueue, readable: Vec<u8>, writable_len: usize) -> (Option<Status>, u32) {
     let layout = Layout::merged(readable.len(), writable_len);
     let req = Request {
@@ -68,13 +80,11 @@ fn unknown_op_is_invalid() {
             "op {op}"
         );
         // Also with a page behind it, either way round.
-        let mut r = raw_header(op, 0, 0, 1000, 1);
-        r.extend(page(3));
-        assert_eq!(send(&mut q, r, 1), (INVALID, 1), "op {op} + readable page");
-        assert_eq!(
-            send(&mut q, raw_header(op, 0, 0, 1000, 2), PAGE_SIZE + 1),
-            (INVALID, 1),
-            "op {op} + writable page"
+        page_either_way_is_invalid(
+            &mut q,
+            raw_header(op, 0, 0, 1000, 1),
+            raw_header(op, 0, 0, 1000, 2),
+            op,
         );
     }
     still_serving(&mut d, &mut q, "unknown ops");
@@ -135,14 +145,8 @@ fn wrong_page_length_is_invalid() {
     assert_eq!(send(&mut q, raw_header(2, 0, 0, 1000, 0), 1), (INVALID, 1));
     // Header-only ops with a page attached, readable or writable.
     for op in [3u8, 4, 5] {
-        let mut r = raw_header(op, 0, 0, 1000, 0);
-        r.extend(page(1));
-        assert_eq!(send(&mut q, r, 1), (INVALID, 1), "op {op} + readable page");
-        assert_eq!(
-            send(&mut q, raw_header(op, 0, 0, 1000, 0), PAGE_SIZE + 1),
-            (INVALID, 1),
-            "op {op} + writable page"
-        );
+        let h = raw_header(op, 0, 0, 1000, 0);
+        page_either_way_is_invalid(&mut q, h.clone(), h, op);
     }
     still_serving(&mut d, &mut q, "wrong page lengths");
 }
