@@ -8,12 +8,18 @@ use std::time::{Duration, Instant};
 
 use common::{page, Daemon, TIMEOUT};
 use vhost_user_tmem::{
-    frontend::{header, Op, Request},
+    frontend::{header, Op, Request, Virtqueue},
     protocol::Status,
 };
 
 const OK: Option<Status> = Some(Status::Ok);
 const NOT_FOUND: Option<Status> = Some(Status::NotFound);
+
+/// A GET of (pool, index) finds nothing: NOT_FOUND, with only the status byte written.
+fn assert_not_found(q: &mut Virtqueue, pool: u32, index: u64, what: &str) {
+    let r = q.get(pool, index, false).unwrap();
+    assert_eq!((r.status, r.used_len), (NOT_FOUND, 1), "{what}");
+}
 
 /// Polls `cond` until it holds; the daemon drops pages asynchronously after a
 /// disconnect, so this is how a test waits for it without fixed sleeps.
@@ -43,11 +49,11 @@ fn reset_device_drops_pages() {
     drop(qs);
     let mut qs = vmm.start().unwrap();
     for i in 0..10 {
-        let r = qs[(i % 2) as usize].get(1, i, false).unwrap();
-        assert_eq!(
-            (r.status, r.used_len),
-            (NOT_FOUND, 1),
-            "page {i} survived the reset"
+        assert_not_found(
+            &mut qs[(i % 2) as usize],
+            1,
+            i,
+            &format!("page {i} survived the reset"),
         );
     }
     // "... nor leak host memory."
@@ -71,12 +77,7 @@ fn reboot_without_reset_message_drops_pages() {
     drop(qs);
     let mut qs = vmm.start().unwrap();
     for i in 0..5 {
-        let r = qs[0].get(2, i, false).unwrap();
-        assert_eq!(
-            (r.status, r.used_len),
-            (NOT_FOUND, 1),
-            "page {i} from the old boot"
-        );
+        assert_not_found(&mut qs[0], 2, i, &format!("page {i} from the old boot"));
     }
     assert_eq!(d.guest_counter(0, "stored_pages"), 0, "old boot's pages leaked");
 }
@@ -97,12 +98,7 @@ fn reset_owner_drops_pages() {
     drop(qs);
     let mut qs = vmm.start().unwrap();
     for i in 0..5 {
-        let r = qs[0].get(2, i, false).unwrap();
-        assert_eq!(
-            (r.status, r.used_len),
-            (NOT_FOUND, 1),
-            "page {i} after RESET_OWNER"
-        );
+        assert_not_found(&mut qs[0], 2, i, &format!("page {i} after RESET_OWNER"));
     }
 }
 
@@ -133,11 +129,11 @@ fn disconnect_drops_pages_and_serves_again() {
     let mut d = Daemon::start();
     for round in 0..3u64 {
         let (vmm, mut q) = d.connect1();
-        let r = q.get(1, 1, false).unwrap();
-        assert_eq!(
-            (r.status, r.used_len),
-            (NOT_FOUND, 1),
-            "round {round}: page from the previous connection"
+        assert_not_found(
+            &mut q,
+            1,
+            1,
+            &format!("round {round}: page from the previous connection"),
         );
         for i in 0..20 {
             assert_eq!(q.put(1, i, &page(round * 100 + i)).unwrap().status, OK);
