@@ -19,6 +19,15 @@ cargo clippy --all-targets --locked -- -D warnings
 step "rustdoc"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --quiet
 
+step "the daemon links no test harness"
+# The frontend and the benchmarks sit behind the `harness` feature, which only
+# the tests and tmem-bench enable.
+cargo build --release --locked --bin vhost-user-tmem --bin tmemctl -q
+if nm -C target/release/vhost-user-tmem | grep -E 'vhost_user_tmem::(harness|bench)::' | head -3 | grep .; then
+    echo "the daemon binary contains harness or bench code" >&2
+    exit 1
+fi
+
 step "cargo test"
 cargo test --locked 2>&1 | tee target/cargo-test.log
 

@@ -31,11 +31,11 @@ use thiserror::Error;
 
 use crate::{
     config::Config,
-    device::DeviceShared,
     error_chain,
     size::parse_size,
     stats::{summarize, Latency},
     store::{DedupDomain, GuestId, Store, StoreStats},
+    telemetry::DeviceTelemetry,
 };
 
 /// Where `tmemctl` looks when not given `--control`.
@@ -166,7 +166,7 @@ pub struct ConfigView {
 #[derive(Clone)]
 pub struct ControlContext {
     pub store: Arc<Store>,
-    pub devices: Vec<Arc<DeviceShared>>,
+    pub devices: Vec<Arc<DeviceTelemetry>>,
     pub config: Config,
 }
 
@@ -575,8 +575,8 @@ mod tests {
         ControlContext {
             store: Arc::new(Store::new(config.store.clone()).unwrap()),
             devices: vec![
-                Arc::new(DeviceShared::new(0, "/tmp/a".into(), 2)),
-                Arc::new(DeviceShared::new(1, "/tmp/b".into(), 2)),
+                Arc::new(DeviceTelemetry::new(0, "/tmp/a".into(), 2)),
+                Arc::new(DeviceTelemetry::new(1, "/tmp/b".into(), 2)),
             ],
             config,
         }

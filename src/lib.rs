@@ -9,22 +9,35 @@
 //! - [`protocol`]: the wire format shared with the guest driver.
 //! - [`store`]: the page store (no vhost types).
 //! - [`config`]: the daemon's command line, validated into one `Config`.
-//! - [`device`]: the vhost-user backend (the only module touching virtqueues),
-//!   request parsing, and the daemon's run loop.
-//! - [`control`]: the control socket server, its messages, and the client.
+//! - [`device`]: the vhost-user backend, the only module touching virtqueues:
+//!   the backend, the queue worker, request parsing and execution, and
+//!   reset/reboot detection.
+//! - [`telemetry`]: what a device reports (identity, latency, error rate
+//!   limit), written by the device and read by the control socket.
+//! - [`control`]: the control socket server, its typed messages, and the client.
+//! - [`daemon`]: the run loop: one store, one listener per device, the control
+//!   socket, the background writer, and shutdown.
 //! - [`stats`]: per-op latency histograms.
 //! - [`size`]: byte sizes as operators write them (`512M`, `4GiB`).
-//! - [`frontend`]: an in-process vhost-user frontend (a VMM stand-in) for tests and benches.
+//!
+//! With the `harness` feature (tests and `tmem-bench`; never the daemon):
+//! - `harness`: an in-process vhost-user frontend (a VMM stand-in), the daemon
+//!   launcher, and timed phases.
+//! - `bench`: the `tmem-bench` benchmarks.
 
+#[cfg(feature = "harness")]
 pub mod bench;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod device;
-pub mod frontend;
+#[cfg(feature = "harness")]
+pub mod harness;
 pub mod protocol;
 pub mod size;
 pub mod stats;
 pub mod store;
+pub mod telemetry;
 
 /// Renders an error and its `source()` chain on one line, for top-level reporting.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {

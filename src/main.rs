@@ -1,7 +1,7 @@
-//! `vhost-user-tmem`: the daemon. Parse, validate, run; see `device::daemon`.
+//! `vhost-user-tmem`: the daemon. Parse, validate, run; see `daemon`.
 
 use clap::Parser;
-use vhost_user_tmem::{config::Args, config::Config, device::daemon, error_chain};
+use vhost_user_tmem::{config::Args, config::Config, daemon, error_chain};
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();

@@ -52,6 +52,21 @@ impl Op {
     }
 }
 
+impl TryFrom<u8> for Op {
+    type Error = HeaderError;
+
+    fn try_from(raw: u8) -> Result<Self, HeaderError> {
+        Ok(match raw {
+            1 => Op::Put,
+            2 => Op::Get,
+            3 => Op::InvalidatePage,
+            4 => Op::InvalidatePool,
+            5 => Op::PutFill,
+            other => return Err(HeaderError::UnknownOp(other)),
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Status {
@@ -60,6 +75,26 @@ pub enum Status {
     Rejected = 2,
     Invalid = 3,
     IoError = 4,
+}
+
+/// A status byte the device never writes.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("unknown status byte {0}")]
+pub struct UnknownStatus(pub u8);
+
+impl TryFrom<u8> for Status {
+    type Error = UnknownStatus;
+
+    fn try_from(raw: u8) -> Result<Self, UnknownStatus> {
+        Ok(match raw {
+            0 => Status::Ok,
+            1 => Status::NotFound,
+            2 => Status::Rejected,
+            3 => Status::Invalid,
+            4 => Status::IoError,
+            other => return Err(UnknownStatus(other)),
+        })
+    }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -84,14 +119,7 @@ pub struct RequestHeader {
 
 impl RequestHeader {
     pub fn parse(raw: &[u8; HEADER_SIZE]) -> Result<Self, HeaderError> {
-        let op = match raw[0] {
-            1 => Op::Put,
-            2 => Op::Get,
-            3 => Op::InvalidatePage,
-            4 => Op::InvalidatePool,
-            5 => Op::PutFill,
-            other => return Err(HeaderError::UnknownOp(other)),
-        };
+        let op = Op::try_from(raw[0])?;
         let flags = raw[1];
         // EXCLUSIVE only means something on GET; anything else set is a guest bug
         // we would rather hear about than silently ignore.
@@ -177,6 +205,30 @@ mod tests {
         assert_eq!(h.index, 0x1122_3344_5566_7788);
         assert_eq!(h.arg, u64::MAX);
         assert_eq!(RequestHeader::parse(&h.to_bytes()), Ok(h));
+    }
+
+    #[test]
+    fn ops_and_statuses_round_trip_through_their_bytes() {
+        for op in [
+            Op::Put,
+            Op::Get,
+            Op::InvalidatePage,
+            Op::InvalidatePool,
+            Op::PutFill,
+        ] {
+            assert_eq!(Op::try_from(op as u8), Ok(op));
+        }
+        for status in [
+            Status::Ok,
+            Status::NotFound,
+            Status::Rejected,
+            Status::Invalid,
+            Status::IoError,
+        ] {
+            assert_eq!(Status::try_from(status as u8), Ok(status));
+        }
+        assert_eq!(Status::try_from(5), Err(UnknownStatus(5)));
+        assert_eq!(Status::try_from(0xff), Err(UnknownStatus(0xff)));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The control socket (issue 3, deliver 3; CONTRACTS.md "Control socket"):
+//! The control socket (README, "Inspecting it: tmemctl"):
 //! "A unix socket with mode 0600, carrying newline-delimited JSON."
 
 mod common;

@@ -1,4 +1,4 @@
-//! "Guest input is hostile" (issue 3, deliver 2): each malformed request gets
+//! "Guest input is hostile" (docs/protocol.md §5): each malformed request gets
 //! status INVALID if a status byte can be written, otherwise used length 0; the
 //! daemon neither dies nor loses or leaks pages, and keeps serving.
 
@@ -7,8 +7,10 @@ mod common;
 use common::{page, Daemon};
 use vhost_user_tmem::{
     device::request::MAX_DESCRIPTORS,
-    frontend::{DescAddr, DescSpec, Layout, RawChain, Request, Virtqueue, GUEST_MEM_BASE, POISON},
-    protocol::{Status, FLAG_EXCLUSIVE, HEADER_SIZE, PAGE_SIZE},
+    harness::frontend::{
+        DescAddr, DescSpec, GuestRequest, Layout, RawChain, Virtqueue, GUEST_MEM_BASE, POISON,
+    },
+    protocol::{Op, Status, FLAG_EXCLUSIVE, HEADER_SIZE, PAGE_SIZE},
 };
 
 const OK: Option<Status> = Some(Status::Ok);
@@ -58,7 +60,7 @@ fn page_either_way_is_invalid(q: &mut Virtqueue, mut readable: Vec<u8>, writable
 
 fn send(q: &mut Virtqueue, readable: Vec<u8>, writable_len: usize) -> (Option<Status>, u32) {
     let layout = Layout::merged(readable.len(), writable_len);
-    let req = Request {
+    let req = GuestRequest {
         readable,
         writable_len,
         layout,
@@ -97,11 +99,11 @@ fn short_header_is_invalid() {
     let (_vmm, mut q) = d.connect1();
     plant(&mut q);
     for len in [0usize, 1, 8, 23] {
-        let h = raw_header(3, 0, 0, 1000, 0)[..len].to_vec();
+        let h = raw_header(Op::InvalidatePage as u8, 0, 0, 1000, 0)[..len].to_vec();
         assert_eq!(send(&mut q, h, 1), (INVALID, 1), "{len}-byte header");
     }
     // A GET whose header is short but whose page is there.
-    let h = raw_header(2, 0, 0, 1000, 0)[..20].to_vec();
+    let h = raw_header(Op::Get as u8, 0, 0, 1000, 0)[..20].to_vec();
     assert_eq!(send(&mut q, h, PAGE_SIZE + 1), (INVALID, 1));
     still_serving(&mut d, &mut q, "short headers");
 }
@@ -114,7 +116,7 @@ fn wrong_page_length_is_invalid() {
     let (_vmm, mut q) = d.connect1();
     plant(&mut q);
     for page_len in [0usize, 1, 4095, 4097, 8192] {
-        let mut r = raw_header(1, 0, 0, 1001, 7);
+        let mut r = raw_header(Op::Put as u8, 0, 0, 1001, 7);
         r.extend(vec![0x42; page_len]);
         assert_eq!(send(&mut q, r, 1), (INVALID, 1), "PUT with {page_len}-byte page");
         // The bad PUT stored nothing.
@@ -125,8 +127,8 @@ fn wrong_page_length_is_invalid() {
             continue; // a GET with only a status byte is covered below
         }
         let c = q
-            .roundtrip(&Request {
-                readable: raw_header(2, 0, 0, 1000, 0),
+            .roundtrip(&GuestRequest {
+                readable: raw_header(Op::Get as u8, 0, 0, 1000, 0),
                 writable_len: page_len + 1,
                 layout: Layout::merged(HEADER_SIZE, page_len + 1),
             })
@@ -142,7 +144,10 @@ fn wrong_page_length_is_invalid() {
         );
     }
     // GET with room for the status only.
-    assert_eq!(send(&mut q, raw_header(2, 0, 0, 1000, 0), 1), (INVALID, 1));
+    assert_eq!(
+        send(&mut q, raw_header(Op::Get as u8, 0, 0, 1000, 0), 1),
+        (INVALID, 1)
+    );
     // Header-only ops with a page attached, readable or writable.
     for op in [3u8, 4, 5] {
         let h = raw_header(op, 0, 0, 1000, 0);
@@ -158,14 +163,14 @@ fn wrong_direction_is_invalid() {
     let mut d = Daemon::start();
     let (_vmm, mut q) = d.connect1();
     plant(&mut q);
-    let mut r = raw_header(2, 0, 0, 1000, 0);
+    let mut r = raw_header(Op::Get as u8, 0, 0, 1000, 0);
     r.extend(vec![0u8; PAGE_SIZE]);
     assert_eq!(send(&mut q, r, 1), (INVALID, 1), "GET page device-readable");
-    let mut r = raw_header(2, FLAG_EXCLUSIVE, 0, 1000, 1);
+    let mut r = raw_header(Op::Get as u8, FLAG_EXCLUSIVE, 0, 1000, 1);
     r.extend(vec![0u8; PAGE_SIZE]);
     assert_eq!(send(&mut q, r, 1), (INVALID, 1), "exclusive GET page readable");
     assert_eq!(
-        send(&mut q, raw_header(1, 0, 0, 1000, 2), PAGE_SIZE + 1),
+        send(&mut q, raw_header(Op::Put as u8, 0, 0, 1000, 2), PAGE_SIZE + 1),
         (INVALID, 1),
         "PUT page device-writable"
     );
@@ -188,7 +193,7 @@ fn no_status_byte_means_used_len_zero() {
         assert_eq!((status, used), (None, 0), "op {op} without a writable byte");
     }
     // Readable status-sized byte after the header does not count as a status.
-    let mut r = raw_header(3, 0, 0, 1000, 0);
+    let mut r = raw_header(Op::InvalidatePage as u8, 0, 0, 1000, 0);
     r.push(0);
     assert_eq!(send(&mut q, r, 0), (None, 0));
     still_serving(&mut d, &mut q, "status-less chains");
@@ -203,19 +208,27 @@ fn reserved_bits_are_invalid() {
     plant(&mut q);
     for reserved in [1u16, 0x100, 0x8000] {
         assert_eq!(
-            send(&mut q, raw_header(3, 0, reserved, 1000, 0), 1),
+            send(
+                &mut q,
+                raw_header(Op::InvalidatePage as u8, 0, reserved, 1000, 0),
+                1
+            ),
             (INVALID, 1),
             "reserved {reserved:#x}"
         );
     }
     for flags in [0x02u8, 0x80, 0xff] {
         assert_eq!(
-            send(&mut q, raw_header(2, flags, 0, 1000, 0), PAGE_SIZE + 1),
+            send(
+                &mut q,
+                raw_header(Op::Get as u8, flags, 0, 1000, 0),
+                PAGE_SIZE + 1
+            ),
             (INVALID, 1),
             "GET flags {flags:#x}"
         );
     }
-    let mut r = raw_header(1, FLAG_EXCLUSIVE, 0, 1000, 3);
+    let mut r = raw_header(Op::Put as u8, FLAG_EXCLUSIVE, 0, 1000, 3);
     r.extend(page(9));
     assert_eq!(send(&mut q, r, 1), (INVALID, 1), "PUT with EXCLUSIVE");
     for op in [3u8, 4, 5] {
@@ -254,8 +267,8 @@ fn addresses_outside_guest_memory() {
     let (_vmm, mut q) = d.connect1();
     plant(&mut q);
     let end = q.guest_mem_end();
-    let hdr = raw_header(3, 0, 0, 1000, 0);
-    let put = raw_header(1, 0, 0, 1000, 5);
+    let hdr = raw_header(Op::InvalidatePage as u8, 0, 0, 1000, 0);
+    let put = raw_header(Op::Put as u8, 0, 0, 1000, 5);
     let outside = [
         (0u64, "address 0, below guest memory"),
         (GUEST_MEM_BASE - 24, "just below guest memory"),
@@ -290,7 +303,7 @@ fn addresses_outside_guest_memory() {
                 gpa(addr, PAGE_SIZE as u32, true),
                 slot(100, 1, true),
             ],
-            init: vec![(0, raw_header(2, 0, 0, 1000, 0))],
+            init: vec![(0, raw_header(Op::Get as u8, 0, 0, 1000, 0))],
             ..RawChain::default()
         };
         let c = q.roundtrip_raw(&chain).unwrap();
@@ -338,7 +351,7 @@ fn bad_indirect_table_lengths() {
     let mut d = Daemon::start();
     let (_vmm, mut q) = d.connect1();
     plant(&mut q);
-    let hdr = raw_header(3, 0, 0, 1000, 0);
+    let hdr = raw_header(Op::InvalidatePage as u8, 0, 0, 1000, 0);
     for len in [0u32, 8, 17, 31] {
         let chain = RawChain {
             descs: vec![slot(0, 24, false), slot(100, 1, true)],
@@ -361,7 +374,7 @@ fn over_long_chains_are_invalid() {
     let (_vmm, mut q) = d.connect1();
     plant(&mut q);
     let total = HEADER_SIZE + PAGE_SIZE;
-    let mut bytes = raw_header(1, 0, 0, 1000, 6);
+    let mut bytes = raw_header(Op::Put as u8, 0, 0, 1000, 6);
     bytes.extend(page(66));
     // 24 one-byte header descriptors + the page in 40 pieces + the status: one
     // descriptor more than the daemon's cap.
@@ -369,7 +382,7 @@ fn over_long_chains_are_invalid() {
     cuts.extend((1..40).map(|k| HEADER_SIZE + k * 100));
     assert_eq!(cuts.len() + 1 + 1, MAX_DESCRIPTORS + 1);
     for indirect in [false, true] {
-        let req = Request {
+        let req = GuestRequest {
             readable: bytes.clone(),
             writable_len: 1,
             layout: Layout {
@@ -390,8 +403,8 @@ fn over_long_chains_are_invalid() {
     let wcuts: Vec<usize> = (1..64).map(|k| k * 64).collect();
     assert_eq!(wcuts.len() + 1 + 1, MAX_DESCRIPTORS + 1);
     for indirect in [false, true] {
-        let req = Request {
-            readable: raw_header(2, 0, 0, 1000, 0),
+        let req = GuestRequest {
+            readable: raw_header(Op::Get as u8, 0, 0, 1000, 0),
             writable_len: PAGE_SIZE + 1,
             layout: Layout {
                 readable: vec![HEADER_SIZE as u32],
@@ -408,7 +421,7 @@ fn over_long_chains_are_invalid() {
         );
     }
     // 200 descriptors in an indirect table (more than the ring holds).
-    let req = Request {
+    let req = GuestRequest {
         readable: bytes.clone(),
         writable_len: 1,
         layout: Layout {
@@ -423,7 +436,7 @@ fn over_long_chains_are_invalid() {
     // A cycle in the ring: header -> status -> header -> ...
     let chain = RawChain {
         descs: vec![slot(0, 24, false), slot(100, 1, true)],
-        init: vec![(0, raw_header(3, 0, 0, 1000, 0))],
+        init: vec![(0, raw_header(Op::InvalidatePage as u8, 0, 0, 1000, 0))],
         cycle: true,
         ..RawChain::default()
     };
@@ -444,7 +457,7 @@ fn chains_that_do_not_end_are_invalid() {
     plant(&mut q);
     let base = RawChain {
         descs: vec![slot(0, 24, false), slot(100, 1, true)],
-        init: vec![(0, raw_header(3, 0, 0, 1000, 0))],
+        init: vec![(0, raw_header(Op::InvalidatePage as u8, 0, 0, 1000, 0))],
         ..RawChain::default()
     };
     let cases = [
@@ -492,7 +505,7 @@ fn readable_after_writable_is_invalid() {
     plant(&mut q);
     let chain = RawChain {
         descs: vec![slot(0, 24, false), slot(100, 1, true), slot(200, 4096, false)],
-        init: vec![(0, raw_header(1, 0, 0, 1000, 0))],
+        init: vec![(0, raw_header(Op::Put as u8, 0, 0, 1000, 0))],
         ..RawChain::default()
     };
     let c = q.roundtrip_raw(&chain).unwrap();

@@ -1,4 +1,4 @@
-//! Device life cycle (issue 3): reset, reboot, pause, disconnect and reconnect,
+//! Device life cycle (docs/protocol.md §6): reset, reboot, pause, disconnect and reconnect,
 //! several VMs on one daemon, shutdown. "A device reset drops every page of that
 //! device. No page from an earlier boot can ever be returned."
 
@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::{page, Daemon, TIMEOUT};
 use vhost_user_tmem::{
-    frontend::{header, Op, Request, Virtqueue},
+    harness::frontend::{header, GuestRequest, Virtqueue},
+    protocol::Op,
     protocol::Status,
 };
 
@@ -160,7 +161,7 @@ fn disconnect_with_requests_in_flight() {
         // 40 three-descriptor chains: as much as the 128-entry ring holds.
         for i in 0..40 {
             let p = page(i);
-            q.submit(&Request::new(header(Op::Put, 0, 1, i, 0), Some(&p)))
+            q.submit(&GuestRequest::new(header(Op::Put, 0, 1, i, 0), Some(&p)))
                 .unwrap();
         }
         vmm.disconnect();

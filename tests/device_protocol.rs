@@ -1,4 +1,4 @@
-//! Wire protocol v1 (docs/protocol.md, issue 3), checked against the real daemon
+//! Wire protocol v1 (docs/protocol.md), checked against the real daemon
 //! over a real vhost-user socket. Each test names the clause it checks.
 
 mod common;
@@ -7,11 +7,12 @@ use common::{page, Daemon};
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vhost_user_tmem::{
     device::request::MAX_DESCRIPTORS,
-    frontend::{
-        fill_page, header, Layout, Op, Request, Virtqueue, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-        VIRTIO_RING_F_INDIRECT_DESC,
-    },
-    protocol::{Status, FLAG_EXCLUSIVE, HEADER_SIZE, PAGE_SIZE},
+    harness::frontend::{feature, fill_page, header, GuestRequest, Layout, Virtqueue},
+    protocol::{Op, Status, FLAG_EXCLUSIVE, HEADER_SIZE, PAGE_SIZE},
+};
+use virtio_bindings::bindings::{
+    virtio_config::VIRTIO_F_VERSION_1,
+    virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC},
 };
 
 const OK: Option<Status> = Some(Status::Ok);
@@ -60,9 +61,9 @@ fn feature_bits_offered() {
     let d = Daemon::with(1, &["--queues", "2"]);
     let (vmm, _q) = d.connect(0, Daemon::vmm_config(2, true));
     let f = vmm.offered_features();
-    assert_ne!(f & VIRTIO_F_VERSION_1, 0, "VERSION_1");
-    assert_ne!(f & VIRTIO_RING_F_EVENT_IDX, 0, "EVENT_IDX");
-    assert_ne!(f & VIRTIO_RING_F_INDIRECT_DESC, 0, "INDIRECT_DESC");
+    assert_ne!(f & feature(VIRTIO_F_VERSION_1), 0, "VERSION_1");
+    assert_ne!(f & feature(VIRTIO_RING_F_EVENT_IDX), 0, "EVENT_IDX");
+    assert_ne!(f & feature(VIRTIO_RING_F_INDIRECT_DESC), 0, "INDIRECT_DESC");
     assert_eq!(f & 0x00ff_ffff, 0, "no device-specific feature bits (0..23)");
     let p = vmm.protocol_features();
     for needed in [
@@ -74,8 +75,8 @@ fn feature_bits_offered() {
     }
     assert_eq!(vmm.daemon_queues(), 2, "GET_QUEUE_NUM = --queues");
     assert_eq!(
-        vmm.acked_features() & VIRTIO_RING_F_EVENT_IDX,
-        VIRTIO_RING_F_EVENT_IDX
+        vmm.acked_features() & feature(VIRTIO_RING_F_EVENT_IDX),
+        feature(VIRTIO_RING_F_EVENT_IDX)
     );
 }
 
@@ -185,21 +186,27 @@ fn queue_is_processed_in_order() {
         for i in 0..20u64 {
             let p = page(i);
             // Indirect: one ring descriptor each, so all 80 fit the ring at once.
-            let ind = |r: Request| {
+            let ind = |r: GuestRequest| {
                 let l = r.layout.clone().with_indirect(true);
                 r.with_layout(l)
             };
-            q.submit(&ind(Request::new(header(Op::Put, 0, 1, i, 0), Some(&p))))
+            q.submit(&ind(GuestRequest::new(header(Op::Put, 0, 1, i, 0), Some(&p))))
                 .unwrap();
             expect.push((OK, 1, None));
-            q.submit(&ind(Request::new(header(Op::Get, 0, 1, i, 0), None)))
+            q.submit(&ind(GuestRequest::new(header(Op::Get, 0, 1, i, 0), None)))
                 .unwrap();
             expect.push((OK, 4097, Some(p)));
-            q.submit(&ind(Request::new(header(Op::InvalidatePage, 0, 1, i, 0), None)))
-                .unwrap();
+            q.submit(&ind(GuestRequest::new(
+                header(Op::InvalidatePage, 0, 1, i, 0),
+                None,
+            )))
+            .unwrap();
             expect.push((OK, 1, None));
-            q.submit(&ind(Request::new(header(Op::Get, FLAG_EXCLUSIVE, 1, i, 0), None)))
-                .unwrap();
+            q.submit(&ind(GuestRequest::new(
+                header(Op::Get, FLAG_EXCLUSIVE, 1, i, 0),
+                None,
+            )))
+            .unwrap();
             expect.push((NOT_FOUND, 1, None));
         }
         for (n, (status, used, data)) in expect.into_iter().enumerate() {
@@ -230,9 +237,9 @@ fn ring_indices_wrap_around() {
             while sent < total && q.in_flight() < depth {
                 // Cheap requests keep this quick; alternate ops so both paths wrap.
                 let req = if sent % 2 == 0 {
-                    Request::new(header(Op::InvalidatePage, 0, 1, sent, 0), None)
+                    GuestRequest::new(header(Op::InvalidatePage, 0, 1, sent, 0), None)
                 } else {
-                    Request::new(header(Op::PutFill, 0, 1, sent, sent), None)
+                    GuestRequest::new(header(Op::PutFill, 0, 1, sent, sent), None)
                 };
                 q.submit(&req).unwrap();
                 sent += 1;
@@ -268,7 +275,7 @@ fn several_queues_from_several_threads() {
                 let mut tokens = 0;
                 for i in 0..200u64 {
                     let p = page(1000 * t as u64 + i);
-                    q.submit(&Request::new(header(Op::Put, 0, pool, i, 0), Some(&p)))
+                    q.submit(&GuestRequest::new(header(Op::Put, 0, pool, i, 0), Some(&p)))
                         .unwrap();
                     tokens += 1;
                     if q.in_flight() >= 8 {
@@ -336,7 +343,8 @@ fn put_in_every_layout() {
                     indirect,
                     gap,
                 };
-                let req = Request::new(header(Op::Put, 0, 3, n, 0), Some(&p)).with_layout(layout.clone());
+                let req =
+                    GuestRequest::new(header(Op::Put, 0, 3, n, 0), Some(&p)).with_layout(layout.clone());
                 let done = q.roundtrip(&req).unwrap();
                 assert_eq!((done.status(), done.used_len), (OK, 1), "PUT layout {layout:?}");
                 let r = q.get(3, n, false).unwrap();
@@ -386,7 +394,7 @@ fn get_in_every_layout() {
                     indirect,
                     gap,
                 };
-                let req = Request::new(header(Op::Get, 0, 4, 4, 0), None).with_layout(layout.clone());
+                let req = GuestRequest::new(header(Op::Get, 0, 4, 4, 0), None).with_layout(layout.clone());
                 let done = q.roundtrip(&req).unwrap();
                 assert_eq!(
                     (done.status(), done.used_len),
@@ -406,7 +414,7 @@ fn get_in_every_layout() {
             indirect: false,
             gap: 64,
         };
-        let req = Request::new(header(Op::Get, 0, 4, 5, 0), None).with_layout(layout);
+        let req = GuestRequest::new(header(Op::Get, 0, 4, 5, 0), None).with_layout(layout);
         let done = q.roundtrip(&req).unwrap();
         assert_eq!((done.status(), done.used_len), (NOT_FOUND, 1));
     }
@@ -427,16 +435,16 @@ fn header_only_ops_in_split_layouts() {
             };
             let v = cut as u64 * 0x0101_0101;
             let req =
-                Request::new(header(Op::PutFill, 0, 2, cut as u64, v), None).with_layout(layout.clone());
+                GuestRequest::new(header(Op::PutFill, 0, 2, cut as u64, v), None).with_layout(layout.clone());
             assert_eq!(q.roundtrip(&req).unwrap().status(), OK, "{layout:?}");
             assert_eq!(q.get(2, cut as u64, false).unwrap().page, fill_page(v));
-            let req = Request::new(header(Op::InvalidatePage, 0, 2, cut as u64, 0), None)
+            let req = GuestRequest::new(header(Op::InvalidatePage, 0, 2, cut as u64, 0), None)
                 .with_layout(layout.clone());
             assert_eq!(q.roundtrip(&req).unwrap().status(), OK, "{layout:?}");
             assert_eq!(q.get(2, cut as u64, false).unwrap().status, NOT_FOUND);
         }
     }
-    let req = Request::new(header(Op::InvalidatePool, 0, 2, 0, 0), None).with_layout(Layout {
+    let req = GuestRequest::new(header(Op::InvalidatePool, 0, 2, 0, 0), None).with_layout(Layout {
         readable: vec![1; HEADER_SIZE],
         writable: vec![1],
         indirect: true,

@@ -11,13 +11,11 @@
 //!    thread count, put then get and verify; its per-page time is the wall time of
 //!    a phase times the thread count over the page count (time one call takes).
 //!
-//! The two targets of issue 3 are evaluated on those figures and printed.
+//! The device-path targets (throughput at depth, polling latency at depth 1)
+//! are evaluated on those figures and printed.
 
 use std::{
-    os::unix::fs::DirBuilderExt,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::Barrier,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -28,12 +26,14 @@ use crate::{
     bench::store::{load_corpus, BenchError as CorpusError},
     config::DedupArg,
     control::{ClientError, ControlClient},
-    frontend::{self, header, FrontendError, Op, Virtqueue, Vmm, VmmConfig, WaitMode},
-    protocol::{Status, PAGE_SIZE},
-    size::parse_size,
-    store::{
-        DedupDomain, GetOutcome, GuestId, Page, PutOutcome, SpillConfig, Store, StoreConfig, StoreError,
+    harness::{
+        daemon::{DaemonProcess, DaemonSpec, HarnessError},
+        frontend::{self, header, FrontendError, Virtqueue, Vmm, VmmConfig, WaitMode},
+        timing::{timed_parallel, Latency, Mismatches},
     },
+    protocol::{Op, Status, PAGE_SIZE},
+    size::parse_size,
+    store::{DedupDomain, GetOutcome, GuestId, Page, SpillConfig, Store, StoreConfig, StoreError},
 };
 
 /// Far above any corpus this tool can hold: nothing is rejected or spilled.
@@ -103,16 +103,8 @@ pub enum DeviceBenchError {
     CurrentExe(#[source] std::io::Error),
     #[error("temporary directory")]
     TempDir(#[source] std::io::Error),
-    #[error("starting {path}")]
-    Spawn {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the daemon exited early ({0}); its log is above")]
-    DaemonExited(std::process::ExitStatus),
-    #[error("the daemon did not create {0} in time")]
-    NoSocket(PathBuf),
+    #[error("starting the daemon")]
+    Daemon(#[source] HarnessError),
     #[error("frontend")]
     Frontend(#[source] FrontendError),
     #[error("the store")]
@@ -130,8 +122,6 @@ pub enum DeviceBenchError {
         count: u64,
         first: u64,
     },
-    #[error("a worker thread panicked")]
-    Panicked,
     #[error("asking the daemon for its stats")]
     Control(#[source] ClientError),
 }
@@ -146,15 +136,6 @@ impl From<StoreError> for DeviceBenchError {
     fn from(e: StoreError) -> Self {
         DeviceBenchError::Store(e)
     }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Latency {
-    pub samples: usize,
-    pub p50_us: f64,
-    pub p99_us: f64,
-    pub p999_us: f64,
-    pub mean_us: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -216,7 +197,10 @@ pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
     let mem_limit = args.mem_limit.unwrap_or(UNLIMITED);
     let spin_us = args.spin_us.unwrap_or(0);
 
-    let store_dir = TempDir::new().map_err(DeviceBenchError::TempDir)?;
+    let store_dir = tempfile::Builder::new()
+        .prefix("tmem-bench-")
+        .tempdir()
+        .map_err(DeviceBenchError::TempDir)?;
     let store_config = StoreConfig {
         mem_limit,
         spill: args.spill_limit.map(|limit| SpillConfig {
@@ -228,7 +212,7 @@ pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
         ..StoreConfig::default()
     };
     let threads = usize::from(args.queues);
-    let daemon = DaemonProcess::start(args, mem_limit)?;
+    let mut daemon = start_daemon(args, mem_limit)?;
     let mut session = Session::open(args, &daemon, spin_us)?;
     let mut put_time = Duration::MAX;
     let mut get_time = Duration::MAX;
@@ -248,12 +232,12 @@ pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
     }
     let sample = latency_sample(pages.len());
     let (put_lat, get_lat) = session.latency(&pages, &sample)?;
-    let daemon_stats = ControlClient::connect(&daemon.control)
+    let daemon_stats = ControlClient::connect(daemon.control().unwrap_or(std::path::Path::new("")))
         .and_then(|mut c| c.stats())
         .map_err(DeviceBenchError::Control)?
         .store;
     session.close();
-    daemon.stop();
+    daemon.terminate(Duration::from_secs(10));
     // The same sample, one call at a time, straight into a store.
     let store = Store::new(store_config)?;
     let (store_put_lat, store_get_lat) = store_latency(&store, &pages, &sample)?;
@@ -302,147 +286,45 @@ pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
     })
 }
 
-/// The daemon, on a socket in a temporary directory; SIGTERM on stop or drop.
-struct DaemonProcess {
-    child: Option<Child>,
-    /// Held so the directory outlives the daemon's sockets.
-    _dir: TempDir,
-    socket: PathBuf,
-    control: PathBuf,
-}
-
-/// A private directory for the sockets, removed with everything in it on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> std::io::Result<Self> {
-        let base = std::env::temp_dir();
-        for attempt in 0..100u32 {
-            let p = base.join(format!("tmem-bench-{}-{attempt}", std::process::id()));
-            match std::fs::DirBuilder::new().mode(0o700).create(&p) {
-                Ok(()) => return Ok(TempDir(p)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(std::io::Error::from(std::io::ErrorKind::AlreadyExists))
+/// The daemon, on a socket in a temporary directory of its own.
+fn start_daemon(args: &DeviceArgs, mem_limit: u64) -> Result<DaemonProcess, DeviceBenchError> {
+    let binary = match &args.daemon {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(DeviceBenchError::CurrentExe)?
+            .with_file_name(DAEMON_NAME),
+    };
+    if !binary.is_file() {
+        return Err(DeviceBenchError::NoDaemon(binary));
     }
-
-    fn path(&self) -> &Path {
-        &self.0
+    let mut spec = DaemonSpec::new(binary).args([
+        "--queues".to_owned(),
+        args.queues.to_string(),
+        "--mem-limit".into(),
+        mem_limit.to_string(),
+        "--compression".into(),
+        format!("zstd:{}", args.level),
+        "--dedup".into(),
+        args.dedup.as_str().into(),
+    ]);
+    if let Some(limit) = args.spill_limit {
+        spec = spec.args([
+            "--spill-file".to_owned(),
+            "{dir}/spill".into(),
+            "--spill-limit".into(),
+            limit.to_string(),
+        ]);
     }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        // Best effort: the daemon is gone by now, its sockets may linger.
-        let _ = std::fs::remove_dir_all(&self.0);
+    if let Some(headroom) = &args.writeback_headroom {
+        spec = spec.args(["--writeback-headroom", headroom.as_str()]);
     }
-}
-
-impl DaemonProcess {
-    fn start(args: &DeviceArgs, mem_limit: u64) -> Result<Self, DeviceBenchError> {
-        let path = match &args.daemon {
-            Some(p) => p.clone(),
-            None => std::env::current_exe()
-                .map_err(DeviceBenchError::CurrentExe)?
-                .with_file_name(DAEMON_NAME),
-        };
-        if !path.is_file() {
-            return Err(DeviceBenchError::NoDaemon(path));
-        }
-        let dir = TempDir::new().map_err(DeviceBenchError::TempDir)?;
-        let socket = dir.path().join("vm0.sock");
-        let control = dir.path().join("control.sock");
-        let mut cmd = Command::new(&path);
-        cmd.arg("--socket")
-            .arg(&socket)
-            .arg("--control")
-            .arg(&control)
-            .arg("--queues")
-            .arg(args.queues.to_string())
-            .arg("--mem-limit")
-            .arg(mem_limit.to_string())
-            .arg("--compression")
-            .arg(format!("zstd:{}", args.level))
-            .arg("--dedup")
-            .arg(args.dedup.as_str())
-            .stdin(Stdio::null());
-        if let Some(limit) = args.spill_limit {
-            cmd.arg("--spill-file")
-                .arg(dir.path().join("spill"))
-                .arg("--spill-limit")
-                .arg(limit.to_string());
-        }
-        if let Some(headroom) = &args.writeback_headroom {
-            cmd.arg("--writeback-headroom").arg(headroom);
-        }
-        // The daemon's log would interleave with the figures; keep it aside and
-        // show it only if the daemon dies.
-        let log = dir.path().join("daemon.log");
-        let logfile = std::fs::File::create(&log).map_err(DeviceBenchError::TempDir)?;
-        let logfile2 = logfile.try_clone().map_err(DeviceBenchError::TempDir)?;
-        cmd.stdout(logfile).stderr(logfile2);
-        if let Some(us) = args.poll_us {
-            cmd.arg("--poll-us").arg(us.to_string());
-        }
-        let child = cmd
-            .spawn()
-            .map_err(|source| DeviceBenchError::Spawn { path, source })?;
-        let mut d = DaemonProcess {
-            child: Some(child),
-            _dir: dir,
-            socket,
-            control,
-        };
-        d.wait_for_socket()?;
-        Ok(d)
+    if let Some(us) = args.poll_us {
+        spec = spec.args(["--poll-us".to_owned(), us.to_string()]);
     }
-
-    fn wait_for_socket(&mut self) -> Result<(), DeviceBenchError> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut backoff = Duration::from_millis(1);
-        while !self.socket.exists() {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(st)) = child.try_wait() {
-                    let log = std::fs::read_to_string(self._dir.path().join("daemon.log"));
-                    eprintln!("{}", log.unwrap_or_default());
-                    return Err(DeviceBenchError::DaemonExited(st));
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(DeviceBenchError::NoSocket(self.socket.clone()));
-            }
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_millis(50));
-        }
-        Ok(())
-    }
-
-    fn stop(mut self) {
-        self.terminate();
-    }
-
-    fn terminate(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if matches!(child.try_wait(), Ok(None)) {
-                // SAFETY: kill(2) on our own child, which has not been reaped.
-                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for DaemonProcess {
-    fn drop(&mut self) {
-        self.terminate();
-    }
+    // The daemon's log would interleave with the figures: it stays in the
+    // daemon's directory and is shown only if the daemon dies.
+    spec.log_filter = "info".into();
+    DaemonProcess::start(&spec).map_err(DeviceBenchError::Daemon)
 }
 
 /// The frontend's connection to the daemon, with one queue per thread.
@@ -478,7 +360,7 @@ impl Session {
             timeout: Duration::from_secs(30),
             reset_device: true,
         };
-        let mut vmm = Vmm::connect(&daemon.socket, cfg)?;
+        let mut vmm = Vmm::connect(daemon.socket(0), cfg)?;
         let mut queues = vmm.start()?;
         for q in &mut queues {
             // Every GET is verified against the corpus; no need to pre-fill.
@@ -494,12 +376,11 @@ impl Session {
 
     /// Wall time to PUT every page, then to GET and verify every page.
     fn throughput(&mut self, pages: &[&Page]) -> Result<(Duration, Duration), DeviceBenchError> {
-        let ranges = split(pages.len(), self.queues.len());
         let (depth, indirect) = (self.depth, self.indirect);
-        let put = parallel(&mut self.queues, &ranges, |q, range| {
+        let (put, _) = timed_parallel(pages.len(), &mut self.queues, |range, q| {
             pipelined(q, pages, range, depth, indirect, Op::Put)
         })?;
-        let get = parallel(&mut self.queues, &ranges, |q, range| {
+        let (get, _) = timed_parallel(pages.len(), &mut self.queues, |range, q| {
             pipelined(q, pages, range, depth, indirect, Op::Get)
         })?;
         Ok((put, get))
@@ -543,7 +424,7 @@ impl Session {
                 });
             }
         }
-        Ok((latency(put_ns), latency(get_ns)))
+        Ok((Latency::of_ns(put_ns), Latency::of_ns(get_ns)))
     }
 
     fn close(self) {
@@ -583,7 +464,7 @@ fn store_latency(
             });
         }
     }
-    Ok((latency(put_ns), latency(get_ns)))
+    Ok((Latency::of_ns(put_ns), Latency::of_ns(get_ns)))
 }
 
 fn check(
@@ -605,43 +486,6 @@ fn check(
     }
 }
 
-/// Runs `work` on every queue from its own thread, all starting together; returns
-/// the wall time from the common start to the last finish.
-fn parallel<F>(
-    queues: &mut [Virtqueue],
-    ranges: &[std::ops::Range<usize>],
-    work: F,
-) -> Result<Duration, DeviceBenchError>
-where
-    F: Fn(&mut Virtqueue, std::ops::Range<usize>) -> Result<(), DeviceBenchError> + Sync,
-{
-    let barrier = Barrier::new(queues.len() + 1);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = queues
-            .iter_mut()
-            .zip(ranges.iter().cloned())
-            .map(|(q, range)| {
-                let barrier = &barrier;
-                let work = &work;
-                s.spawn(move || {
-                    barrier.wait();
-                    work(q, range)
-                })
-            })
-            .collect();
-        barrier.wait();
-        let start = Instant::now();
-        let mut result = Ok(());
-        for h in handles {
-            let r = h.join().unwrap_or(Err(DeviceBenchError::Panicked));
-            if result.is_ok() {
-                result = r;
-            }
-        }
-        result.map(|()| start.elapsed())
-    })
-}
-
 /// PUTs or GETs (and verifies) the pages of `range` keeping `depth` in flight.
 fn pipelined(
     q: &mut Virtqueue,
@@ -655,8 +499,7 @@ fn pipelined(
     let mut first_token = None;
     let mut next = range.start;
     let mut done = range.start;
-    let mut bad = 0u64;
-    let mut first_bad = None;
+    let mut bad = Mismatches::default();
     while done < range.end {
         while next < range.end && q.in_flight() < depth {
             let token = match op {
@@ -685,131 +528,47 @@ fn pipelined(
             });
         }
         if op == Op::Get && pages.get(index).map_or(true, |p| c.payload() != &p[..]) {
-            bad += 1;
-            first_bad.get_or_insert(index as u64);
+            bad.note(index as u64);
         }
         done += 1;
     }
-    match first_bad {
+    mismatch_error("device", bad)
+}
+
+fn mismatch_error(path: &'static str, bad: Mismatches) -> Result<(), DeviceBenchError> {
+    match bad.first {
         Some(first) => Err(DeviceBenchError::Mismatch {
-            path: "device",
-            count: bad,
+            path,
+            count: bad.count,
             first,
         }),
         None => Ok(()),
     }
 }
 
-fn split(len: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
-    let parts = parts.max(1);
-    (0..parts)
-        .map(|i| (len * i / parts)..(len * (i + 1) / parts))
-        .collect()
-}
-
 fn store_puts(store: &Store, pages: &[&Page], threads: usize) -> Result<Duration, DeviceBenchError> {
-    store_phase(pages, threads, |i, page| {
-        match store.put(GuestId(0), POOL, i as u64, page)? {
-            PutOutcome::Stored => Ok(true),
-            PutOutcome::Rejected => Ok(false),
+    let (time, _) = timed_parallel(pages.len(), &mut vec![(); threads], |range, ()| {
+        for i in range {
+            store.put(GuestId(0), POOL, i as u64, pages[i])?;
         }
-    })
-    .map(|(d, _)| d)
+        Ok::<_, DeviceBenchError>(())
+    })?;
+    Ok(time)
 }
 
 fn store_gets(store: &Store, pages: &[&Page], threads: usize) -> Result<Duration, DeviceBenchError> {
-    let (d, bad) = store_phase(pages, threads, |i, page| {
+    let (time, parts) = timed_parallel(pages.len(), &mut vec![(); threads], |range, ()| {
         let mut out = [0u8; PAGE_SIZE];
-        Ok(match store.get(GuestId(0), POOL, i as u64, &mut out, false)? {
-            GetOutcome::Found => out[..] == page[..],
-            GetOutcome::NotFound => false,
-        })
-    })?;
-    match bad {
-        Some((count, first)) => Err(DeviceBenchError::Mismatch {
-            path: "store",
-            count,
-            first,
-        }),
-        None => Ok(d),
-    }
-}
-
-/// Calls `f(index, page)` for every page from `threads` threads; returns the wall
-/// time and, if `f` said false for some pages, their count and the first one.
-fn store_phase<F>(
-    pages: &[&Page],
-    threads: usize,
-    f: F,
-) -> Result<(Duration, Option<(u64, u64)>), DeviceBenchError>
-where
-    F: Fn(usize, &Page) -> Result<bool, StoreError> + Sync,
-{
-    let ranges = split(pages.len(), threads);
-    let barrier = Barrier::new(threads + 1);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = ranges
-            .into_iter()
-            .map(|range| {
-                let (barrier, f) = (&barrier, &f);
-                s.spawn(move || {
-                    barrier.wait();
-                    let mut bad = None::<(u64, u64)>;
-                    for i in range {
-                        if !f(i, pages[i])? {
-                            let e = bad.get_or_insert((0, i as u64));
-                            e.0 += 1;
-                        }
-                    }
-                    Ok::<_, StoreError>(bad)
-                })
-            })
-            .collect();
-        barrier.wait();
-        let start = Instant::now();
-        let mut bad: Option<(u64, u64)> = None;
-        let mut err = None;
-        for h in handles {
-            match h.join() {
-                Ok(Ok(Some((c, first)))) => {
-                    let e = bad.get_or_insert((0, first));
-                    e.0 += c;
-                    e.1 = e.1.min(first);
-                }
-                Ok(Ok(None)) => {}
-                Ok(Err(e)) => err = Some(DeviceBenchError::Store(e)),
-                Err(_) => err = Some(DeviceBenchError::Panicked),
+        let mut bad = Mismatches::default();
+        for i in range {
+            let found = store.get(GuestId(0), POOL, i as u64, &mut out, false)?;
+            if found != GetOutcome::Found || out[..] != pages[i][..] {
+                bad.note(i as u64);
             }
         }
-        let elapsed = start.elapsed();
-        match err {
-            Some(e) => Err(e),
-            None => Ok((elapsed, bad)),
-        }
-    })
-}
-
-fn latency(mut ns: Vec<u64>) -> Latency {
-    ns.sort_unstable();
-    let pick = |q: f64| -> f64 {
-        if ns.is_empty() {
-            return 0.0;
-        }
-        let i = ((ns.len() as f64 * q).ceil() as usize).clamp(1, ns.len()) - 1;
-        ns[i] as f64 / 1000.0
-    };
-    let mean = if ns.is_empty() {
-        0.0
-    } else {
-        ns.iter().sum::<u64>() as f64 / ns.len() as f64 / 1000.0
-    };
-    Latency {
-        samples: ns.len(),
-        p50_us: pick(0.50),
-        p99_us: pick(0.99),
-        p999_us: pick(0.999),
-        mean_us: mean,
-    }
+        Ok::<_, DeviceBenchError>(bad)
+    })?;
+    mismatch_error("store", Mismatches::sum(parts)).map(|()| time)
 }
 
 fn print_table(r: &DeviceReport) {
@@ -881,29 +640,6 @@ pub fn default_daemon_path() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn split_covers_everything_once() {
-        for (len, parts) in [(10, 3), (0, 2), (7, 7), (5, 8)] {
-            let r = split(len, parts);
-            assert_eq!(r.len(), parts);
-            assert_eq!(r.first().unwrap().start, 0);
-            assert_eq!(r.last().unwrap().end, len);
-            for w in r.windows(2) {
-                assert_eq!(w[0].end, w[1].start);
-            }
-        }
-    }
-
-    #[test]
-    fn percentiles_pick_ranks() {
-        let l = latency((1..=1000).map(|v| v * 1000).collect());
-        assert_eq!(l.samples, 1000);
-        assert_eq!(l.p50_us, 500.0);
-        assert_eq!(l.p99_us, 990.0);
-        assert_eq!(l.p999_us, 999.0);
-        assert_eq!(latency(vec![]).p50_us, 0.0);
-    }
 
     #[test]
     fn missing_daemon_is_reported() {

@@ -9,11 +9,8 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Barrier,
-    },
-    time::{Duration, Instant},
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
 };
 
 use serde::Serialize;
@@ -21,6 +18,7 @@ use thiserror::Error;
 
 use crate::{
     config::DedupArg,
+    harness::timing::{ranges, timed_parallel, Mismatches},
     size::parse_size,
     store::{
         page_compressor, DedupDomain, GetOutcome, GuestId, MemoryUse, Page, PutOutcome, SpillConfig, Store,
@@ -404,55 +402,6 @@ fn per_sec(pages: u64, d: Duration) -> f64 {
     pages as f64 / d.as_secs_f64().max(1e-9)
 }
 
-/// Splits `0..len` into `parts` contiguous ranges, the first ones one longer.
-fn ranges(len: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
-    let base = len / parts;
-    let extra = len % parts;
-    let mut start = 0;
-    (0..parts)
-        .map(|i| {
-            let end = start + base + usize::from(i < extra);
-            let r = start..end;
-            start = end;
-            r
-        })
-        .collect()
-}
-
-/// Runs `work` on each contiguous range of `0..len` in its own thread, with that
-/// thread's own state, all starting together, and returns the wall-clock time
-/// from the common start to the last finish.
-fn timed_parallel<S, T, F>(len: usize, states: &mut [S], work: F) -> Result<(Duration, Vec<T>), BenchError>
-where
-    S: Send,
-    T: Send,
-    F: Fn(std::ops::Range<usize>, &mut S) -> Result<T, BenchError> + Sync,
-{
-    let barrier = Barrier::new(states.len() + 1);
-    let parts = ranges(len, states.len());
-    std::thread::scope(|s| {
-        let handles: Vec<_> = parts
-            .into_iter()
-            .zip(states.iter_mut())
-            .map(|(r, state)| {
-                let (barrier, work) = (&barrier, &work);
-                s.spawn(move || {
-                    barrier.wait();
-                    work(r, state)
-                })
-            })
-            .collect();
-        barrier.wait();
-        let start = Instant::now();
-        let mut results = Vec::with_capacity(handles.len());
-        for h in handles {
-            // A panic here is a bug in this tool or the store: let it surface as one.
-            results.push(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?);
-        }
-        Ok((start.elapsed(), results))
-    })
-}
-
 struct RawZstd {
     compress: Duration,
     decompress: Duration,
@@ -481,7 +430,7 @@ fn raw_zstd(pages: &[&Page], threads: usize, level: i32) -> Result<RawZstd, Benc
                     .map_err(BenchError::Zstd)?,
             );
         }
-        Ok(())
+        Ok::<_, BenchError>(())
     })?;
     let (decompress, bad) = timed_parallel(pages.len(), &mut arenas, |r, (arena, sizes)| {
         let mut dctx = zstd::bulk::Decompressor::new().map_err(BenchError::Zstd)?;
@@ -495,7 +444,7 @@ fn raw_zstd(pages: &[&Page], threads: usize, level: i32) -> Result<RawZstd, Benc
             // The same comparison the store's get loop does, so both pay for it.
             bad += u64::from(len != PAGE_SIZE || out != **page);
         }
-        Ok(bad)
+        Ok::<_, BenchError>(bad)
     })?;
     let bad: u64 = bad.iter().sum();
     if bad != 0 {
@@ -532,15 +481,9 @@ fn timed_store_puts(
         for i in r {
             outcomes.push(store.put(GUEST, POOL, i as u64, pages[i])?);
         }
-        Ok(outcomes)
+        Ok::<_, BenchError>(outcomes)
     })?;
     Ok((time, parts.into_iter().flatten().collect()))
-}
-
-#[derive(Default)]
-struct Mismatches {
-    count: u64,
-    first: Option<u64>,
 }
 
 fn timed_store_gets(
@@ -561,18 +504,12 @@ fn timed_store_gets(
                 _ => false,
             };
             if !ok {
-                bad.count += 1;
-                bad.first.get_or_insert(i as u64);
+                bad.note(i as u64);
             }
         }
-        Ok(bad)
+        Ok::<_, BenchError>(bad)
     })?;
-    let mut all = Mismatches::default();
-    for part in parts {
-        all.count += part.count;
-        all.first = all.first.or(part.first);
-    }
-    Ok((time, all))
+    Ok((time, Mismatches::sum(parts)))
 }
 
 fn print_table(r: &StoreReport) {
@@ -772,17 +709,6 @@ mod tests {
             &["tmem-bench", "store", "--corpus", "x", "--dedup", "all"],
         ] {
             assert!(BenchCommand::try_parse_from(argv).is_err(), "{argv:?}");
-        }
-    }
-
-    #[test]
-    fn ranges_cover_everything_once() {
-        for (len, parts) in [(0, 1), (1, 2), (10, 3), (4096, 2), (7, 7)] {
-            let rs = ranges(len, parts);
-            assert_eq!(rs.len(), parts);
-            assert_eq!(rs.first().unwrap().start, 0);
-            assert_eq!(rs.last().unwrap().end, len);
-            assert!(rs.windows(2).all(|w| w[0].end == w[1].start));
         }
     }
 }

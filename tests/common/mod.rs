@@ -3,17 +3,20 @@
 #![allow(dead_code)]
 
 use std::{
-    fs::File,
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    time::{Duration, Instant},
+    process::ExitStatus,
+    time::Duration,
 };
 
 use serde_json::Value;
 use vhost_user_tmem::{
-    frontend::{connect_socket, Virtqueue, Vmm, VmmConfig},
+    error_chain,
+    harness::{
+        daemon::{DaemonProcess, DaemonSpec},
+        frontend::{connect_socket, Virtqueue, Vmm, VmmConfig},
+    },
     protocol::PAGE_SIZE,
 };
 
@@ -22,11 +25,9 @@ pub const TIMEOUT: Duration = Duration::from_secs(20);
 /// A running daemon, stopped with SIGTERM when dropped. Its log is printed if the
 /// test fails.
 pub struct Daemon {
-    child: Option<Child>,
-    pub dir: tempfile::TempDir,
+    process: DaemonProcess,
     pub sockets: Vec<PathBuf>,
     pub control: PathBuf,
-    log: PathBuf,
 }
 
 impl Daemon {
@@ -37,73 +38,40 @@ impl Daemon {
 
     /// `vms` sockets plus extra command-line arguments.
     pub fn with(vms: usize, extra: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sockets: Vec<PathBuf> = (0..vms).map(|i| dir.path().join(format!("vm{i}.sock"))).collect();
-        let control = dir.path().join("control.sock");
-        let log = dir.path().join("daemon.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-tmem"));
-        for s in &sockets {
-            cmd.arg("--socket").arg(s);
-        }
-        cmd.arg("--control").arg(&control);
+        let mut spec = DaemonSpec::new(env!("CARGO_BIN_EXE_vhost-user-tmem"));
+        spec.vms = vms;
+        spec.timeout = TIMEOUT;
+        spec.log_filter = std::env::var("RUST_LOG").unwrap_or("warn".into());
         if !extra.contains(&"--mem-limit") {
-            cmd.args(["--mem-limit", "256M"]);
+            spec = spec.args(["--mem-limit", "256M"]);
         }
-        cmd.args(extra);
-        let logfile = File::create(&log).expect("log file");
-        cmd.stdin(Stdio::null())
-            .stdout(logfile.try_clone().expect("log fd"))
-            .stderr(logfile)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or("warn".into()));
-        let child = cmd.spawn().expect("spawn vhost-user-tmem");
-        let mut d = Daemon {
-            child: Some(child),
-            dir,
+        let process =
+            DaemonProcess::start(&spec.args(extra)).unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+        let sockets = process.sockets().to_vec();
+        let control = process.control().expect("control socket").to_owned();
+        Daemon {
+            process,
             sockets,
             control,
-            log,
-        };
-        // Everything the tests talk to must exist before they start talking.
-        let paths: Vec<PathBuf> = d
-            .sockets
-            .iter()
-            .chain(std::iter::once(&d.control))
-            .cloned()
-            .collect();
-        for p in paths {
-            d.wait_for_path(&p);
         }
-        d
     }
 
-    fn wait_for_path(&mut self, p: &Path) {
-        let deadline = Instant::now() + TIMEOUT;
-        let mut backoff = Duration::from_millis(1);
-        while !p.exists() {
-            if let Some(st) = self.try_wait() {
-                panic!(
-                    "daemon exited ({st}) before creating {}:\n{}",
-                    p.display(),
-                    self.log()
-                );
-            }
-            assert!(Instant::now() < deadline, "{} never appeared", p.display());
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_millis(50));
-        }
+    /// The daemon's private directory, removed when it stops.
+    pub fn dir(&self) -> &Path {
+        self.process.dir()
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log()
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+        self.process.pid()
     }
 
     /// Exit status if the daemon has exited.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.process.try_wait()
     }
 
     pub fn assert_alive(&mut self) {
@@ -114,19 +82,9 @@ impl Daemon {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("daemon already stopped");
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(st) = child.try_wait().expect("wait") {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("daemon ignored SIGTERM:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        match self.process.terminate(TIMEOUT) {
+            Some(st) => st,
+            None => panic!("daemon ignored SIGTERM or was already stopped:\n{}", self.log()),
         }
     }
 
@@ -180,18 +138,6 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if child.try_wait().ok().flatten().is_none() {
-                // SAFETY: plain kill(2) on our own, not yet reaped, child.
-                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            }
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
         if std::thread::panicking() {
             eprintln!("---- daemon log ----\n{}", self.log());
         }

@@ -41,27 +41,33 @@ use std::{
 use thiserror::Error;
 use vhost::{
     vhost_user::{
-        message::{VhostUserConfigFlags, VhostUserHeaderFlag},
+        message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserVirtioFeatures},
         Frontend, VhostUserFrontend, VhostUserProtocolFeatures,
     },
     VhostBackend, VhostUserMemoryRegionInfo, VringConfigData,
 };
+use virtio_bindings::bindings::{
+    virtio_config::VIRTIO_F_VERSION_1,
+    virtio_ring::{self, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC},
+};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use crate::protocol::Op;
-use crate::protocol::{RequestHeader, Status, CONFIG_SIZE, FLAG_EXCLUSIVE, HEADER_SIZE, PAGE_SIZE};
+use crate::protocol::{Op, RequestHeader, Status, CONFIG_SIZE, FLAG_EXCLUSIVE, HEADER_SIZE, PAGE_SIZE};
 
-/// Virtio feature bits the frontend cares about.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+const VHOST_USER_F_PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
-const VRING_DESC_F_INDIRECT: u16 = 4;
-const VRING_USED_F_NO_NOTIFY: u16 = 1;
+/// Feature bit `bit` as a mask.
+pub const fn feature(bit: u32) -> u64 {
+    1 << bit
+}
+
+// virtio-bindings gives descriptor and ring flags as u32; they fit the u16
+// fields of the split ring.
+const VRING_DESC_F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
+const VRING_DESC_F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
+const VRING_DESC_F_INDIRECT: u16 = virtio_ring::VRING_DESC_F_INDIRECT as u16;
+const VRING_USED_F_NO_NOTIFY: u16 = virtio_ring::VRING_USED_F_NO_NOTIFY as u16;
 
 const DESC_SIZE: u64 = 16;
 const RING_ALIGN: u64 = 4096;
@@ -336,7 +342,7 @@ impl Vmm {
     fn negotiate(&mut self) -> Result<()> {
         self.frontend.set_owner().map_err(vu("SET_OWNER"))?;
         self.offered = self.frontend.get_features().map_err(vu("GET_FEATURES"))?;
-        let required = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES;
+        let required = feature(VIRTIO_F_VERSION_1) | VHOST_USER_F_PROTOCOL_FEATURES;
         if self.offered & required != required {
             return Err(FrontendError::MissingFeatures(required & !self.offered));
         }
@@ -426,12 +432,12 @@ impl Vmm {
     /// time), then per queue NUM/BASE/ADDR/KICK/CALL/ENABLE. The rings are zeroed
     /// first, as a freshly booted driver would have them.
     pub fn start(&mut self) -> Result<Vec<Virtqueue>> {
-        let mut want = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES;
+        let mut want = feature(VIRTIO_F_VERSION_1) | VHOST_USER_F_PROTOCOL_FEATURES;
         if self.cfg.event_idx {
-            want |= VIRTIO_RING_F_EVENT_IDX;
+            want |= feature(VIRTIO_RING_F_EVENT_IDX);
         }
         if self.cfg.indirect {
-            want |= VIRTIO_RING_F_INDIRECT_DESC;
+            want |= feature(VIRTIO_RING_F_INDIRECT_DESC);
         }
         self.acked = want & self.offered;
         self.frontend
@@ -444,7 +450,7 @@ impl Vmm {
                 .map_err(vu("SET_MEM_TABLE"))?;
             self.mem_table_sent = true;
         }
-        let event_idx = self.acked & VIRTIO_RING_F_EVENT_IDX != 0;
+        let event_idx = self.acked & feature(VIRTIO_RING_F_EVENT_IDX) != 0;
         let span = QueueLayout::span(self.cfg.queue_size);
         let mut queues = Vec::with_capacity(self.cfg.queues);
         for index in 0..self.cfg.queues {
@@ -658,13 +664,13 @@ impl Layout {
 
 /// A request: its readable bytes, how many writable bytes it offers, and the layout.
 #[derive(Clone, Debug)]
-pub struct Request {
+pub struct GuestRequest {
     pub readable: Vec<u8>,
     pub writable_len: usize,
     pub layout: Layout,
 }
 
-impl Request {
+impl GuestRequest {
     /// A well-formed request for `header` (with `page` for PUT), laid out as Linux
     /// drivers do.
     pub fn new(header: RequestHeader, page: Option<&[u8]>) -> Self {
@@ -679,7 +685,7 @@ impl Request {
             // Caller chose to send no page: keep the layout consistent with the bytes.
             layout.readable.truncate(1);
         }
-        Request {
+        GuestRequest {
             readable,
             writable_len,
             layout,
@@ -762,7 +768,7 @@ impl Completion {
 
     /// The status, if the status byte holds a known one.
     pub fn status(&self) -> Option<Status> {
-        self.status_byte().and_then(status_from_u8)
+        self.status_byte().and_then(|b| Status::try_from(b).ok())
     }
 
     /// The writable bytes before the status byte (the page of a GET).
@@ -772,17 +778,6 @@ impl Completion {
             None => &[],
         }
     }
-}
-
-pub fn status_from_u8(b: u8) -> Option<Status> {
-    Some(match b {
-        0 => Status::Ok,
-        1 => Status::NotFound,
-        2 => Status::Rejected,
-        3 => Status::Invalid,
-        4 => Status::IoError,
-        _ => return None,
-    })
 }
 
 /// The result of one tmem operation: status and used length, and for GET the page.
@@ -930,7 +925,7 @@ impl Virtqueue {
     }
 
     /// Publishes a well-formed or deliberately odd request; returns its token.
-    pub fn submit(&mut self, req: &Request) -> Result<u64> {
+    pub fn submit(&mut self, req: &GuestRequest) -> Result<u64> {
         let chain = req.to_raw()?;
         self.submit_raw(&chain)
     }
@@ -1377,7 +1372,7 @@ impl Virtqueue {
     }
 
     /// Submits one request and waits for it.
-    pub fn roundtrip(&mut self, req: &Request) -> Result<Completion> {
+    pub fn roundtrip(&mut self, req: &GuestRequest) -> Result<Completion> {
         let token = self.submit(req)?;
         self.wait_token(token)
     }
@@ -1403,30 +1398,30 @@ impl Virtqueue {
 
     /// PUT `page` at (`pool`, `index`).
     pub fn put(&mut self, pool: u32, index: u64, page: &[u8]) -> Result<Reply> {
-        let req = Request::new(header(Op::Put, 0, pool, index, 0), Some(page));
+        let req = GuestRequest::new(header(Op::Put, 0, pool, index, 0), Some(page));
         self.roundtrip(&req).map(Reply::from)
     }
 
     /// PUT_FILL: the page is `value` repeated.
     pub fn put_fill(&mut self, pool: u32, index: u64, value: u64) -> Result<Reply> {
-        let req = Request::new(header(Op::PutFill, 0, pool, index, value), None);
+        let req = GuestRequest::new(header(Op::PutFill, 0, pool, index, value), None);
         self.roundtrip(&req).map(Reply::from)
     }
 
     /// GET (`exclusive`: drop the page once read).
     pub fn get(&mut self, pool: u32, index: u64, exclusive: bool) -> Result<Reply> {
         let flags = if exclusive { FLAG_EXCLUSIVE } else { 0 };
-        let req = Request::new(header(Op::Get, flags, pool, index, 0), None);
+        let req = GuestRequest::new(header(Op::Get, flags, pool, index, 0), None);
         self.roundtrip(&req).map(Reply::from)
     }
 
     pub fn invalidate_page(&mut self, pool: u32, index: u64) -> Result<Reply> {
-        let req = Request::new(header(Op::InvalidatePage, 0, pool, index, 0), None);
+        let req = GuestRequest::new(header(Op::InvalidatePage, 0, pool, index, 0), None);
         self.roundtrip(&req).map(Reply::from)
     }
 
     pub fn invalidate_pool(&mut self, pool: u32) -> Result<Reply> {
-        let req = Request::new(header(Op::InvalidatePool, 0, pool, 0, 0), None);
+        let req = GuestRequest::new(header(Op::InvalidatePool, 0, pool, 0, 0), None);
         self.roundtrip(&req).map(Reply::from)
     }
 }
@@ -1491,9 +1486,9 @@ mod tests {
                 256
             }
             fn features(&self) -> u64 {
-                VIRTIO_F_VERSION_1
-                    | VIRTIO_RING_F_EVENT_IDX
-                    | VIRTIO_RING_F_INDIRECT_DESC
+                feature(VIRTIO_F_VERSION_1)
+                    | feature(VIRTIO_RING_F_EVENT_IDX)
+                    | feature(VIRTIO_RING_F_INDIRECT_DESC)
                     | VHOST_USER_F_PROTOCOL_FEATURES
             }
             fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -1649,7 +1644,7 @@ mod tests {
         let page = vec![0x5Au8; PAGE_SIZE];
         let mut tokens = Vec::new();
         for i in 0..60u64 {
-            let req = Request::new(header(Op::Put, 0, 0, i, 0), Some(&page));
+            let req = GuestRequest::new(header(Op::Put, 0, 0, i, 0), Some(&page));
             let cut = (i as usize * 37) % (HEADER_SIZE + PAGE_SIZE - 1) + 1;
             let layout = Layout {
                 readable: Layout::cut(HEADER_SIZE + PAGE_SIZE, &[cut]),
@@ -1666,7 +1661,7 @@ mod tests {
         }
         // GET with the page and status merged into one writable descriptor, split in
         // an indirect table at every 1000th byte.
-        let req = Request::new(header(Op::Get, 0, 0, 5, 0), None).with_layout(Layout {
+        let req = GuestRequest::new(header(Op::Get, 0, 0, 5, 0), None).with_layout(Layout {
             readable: vec![HEADER_SIZE as u32],
             writable: Layout::cut(PAGE_SIZE + 1, &[1000, 2000, 3000, 4000, 4096]),
             indirect: true,
@@ -1743,7 +1738,7 @@ mod tests {
 
     #[test]
     fn request_layout_must_match_bytes() {
-        let r = Request::new(header(Op::Put, 0, 1, 2, 0), Some(&[7u8; PAGE_SIZE]));
+        let r = GuestRequest::new(header(Op::Put, 0, 1, 2, 0), Some(&[7u8; PAGE_SIZE]));
         let raw = r.to_raw().unwrap();
         assert_eq!(raw.descs.len(), 3);
         assert!(raw.descs[2].writable);

@@ -28,13 +28,13 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use super::{DeviceShared, TmemBackend};
 use crate::{
     config::Config,
     control::{ControlContext, ControlError, ControlServer},
     error_chain,
     store::{Store, StoreError},
 };
+use crate::{device::TmemBackend, telemetry::DeviceTelemetry};
 
 /// How long shutdown waits for device threads before exiting anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -88,7 +88,7 @@ impl std::error::Error for BackendError {}
 
 /// What the main thread needs to stop one device.
 struct DeviceHandle {
-    shared: Arc<DeviceShared>,
+    telemetry: Arc<DeviceTelemetry>,
     /// The live connection, if any.
     conn: Arc<Mutex<Option<ShutdownHandle>>>,
     thread: JoinHandle<()>,
@@ -100,11 +100,11 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     let signals = block_signals().map_err(DaemonError::Signals)?;
 
     let store = Arc::new(Store::new(config.store.clone()).map_err(DaemonError::Store)?);
-    let devices: Vec<Arc<DeviceShared>> = config
+    let devices: Vec<Arc<DeviceTelemetry>> = config
         .sockets
         .iter()
         .enumerate()
-        .map(|(id, path)| Arc::new(DeviceShared::new(id as u32, path.clone(), config.queues)))
+        .map(|(id, path)| Arc::new(DeviceTelemetry::new(id as u32, path.clone(), config.queues)))
         .collect();
 
     let mut listeners = Vec::with_capacity(devices.len());
@@ -139,7 +139,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     for (device, listener) in devices.iter().zip(listeners) {
         let conn = Arc::new(Mutex::new(None));
         let serve = DeviceLoop {
-            shared: device.clone(),
+            telemetry: device.clone(),
             store: store.clone(),
             capacity_pages: config.capacity_pages,
             poll: config.poll,
@@ -154,7 +154,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
                 source,
             })?;
         handles.push(DeviceHandle {
-            shared: device.clone(),
+            telemetry: device.clone(),
             conn,
             thread,
         });
@@ -174,7 +174,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         match handle.conn.lock().as_ref() {
             Some(conn) => conn.shutdown(),
             // Blocked in accept: wake it with a connection of our own.
-            None => drop(UnixStream::connect(&handle.shared.socket)),
+            None => drop(UnixStream::connect(&handle.telemetry.socket)),
         }
     }
     let deadline = Instant::now() + SHUTDOWN_GRACE;
@@ -184,12 +184,12 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         }
         if handle.thread.is_finished() {
             if handle.thread.join().is_err() {
-                error!("device {} thread panicked", handle.shared.id);
+                error!("device {} thread panicked", handle.telemetry.id);
             }
         } else {
             warn!(
                 "device {} did not stop within {SHUTDOWN_GRACE:?}; exiting anyway",
-                handle.shared.id
+                handle.telemetry.id
             );
         }
     }
@@ -230,7 +230,7 @@ fn listen(path: &Path) -> Result<Listener, DaemonError> {
 }
 
 struct DeviceLoop {
-    shared: Arc<DeviceShared>,
+    telemetry: Arc<DeviceTelemetry>,
     store: Arc<Store>,
     capacity_pages: u64,
     poll: Duration,
@@ -240,7 +240,7 @@ struct DeviceLoop {
 
 impl DeviceLoop {
     fn run(self, mut listener: Listener) {
-        let id = self.shared.id;
+        let id = self.telemetry.id;
         while !self.stopping.load(Ordering::SeqCst) {
             if let Err(e) = self.serve_one(&mut listener) {
                 error!("device {id}: {}", error_chain(&e));
@@ -252,10 +252,10 @@ impl DeviceLoop {
 
     /// Accepts one VMM, serves it until it leaves, then drops its pages.
     fn serve_one(&self, listener: &mut Listener) -> Result<(), BackendError> {
-        let id = self.shared.id;
+        let id = self.telemetry.id;
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = Arc::new(TmemBackend::new(
-            self.shared.clone(),
+            self.telemetry.clone(),
             self.store.clone(),
             mem.clone(),
             self.capacity_pages,
@@ -273,7 +273,7 @@ impl DeviceLoop {
             }
         }
         if !self.stopping.load(Ordering::SeqCst) {
-            self.shared.connected.store(true, Ordering::SeqCst);
+            self.telemetry.connected.store(true, Ordering::SeqCst);
             info!("device {id}: VMM connected");
         }
         let result = match daemon.wait() {
@@ -284,12 +284,12 @@ impl DeviceLoop {
             other => other.map_err(BackendError),
         };
         *self.conn.lock() = None;
-        self.shared.connected.store(false, Ordering::SeqCst);
+        self.telemetry.connected.store(false, Ordering::SeqCst);
         // Dropping the daemon joins the queue workers (they leave on their
         // exit events); only then is it safe to drop the pages.
         backend.close();
         drop(daemon);
-        let dropped = self.store.drop_guest(self.shared.guest());
+        let dropped = self.store.drop_guest(self.telemetry.guest());
         if dropped > 0 || !self.stopping.load(Ordering::SeqCst) {
             info!("device {id}: VMM disconnected, dropped {dropped} pages");
         }
