@@ -345,6 +345,53 @@ fn addresses_outside_guest_memory() {
     still_serving(&mut d, &mut q, "out-of-memory addresses");
 }
 
+/// "An indirect descriptor with NEXT also set": virtio 1.x forbids it, and a
+/// device that follows the table and ignores NEXT answers a chain other than
+/// the one the driver built. Nothing is executed and nothing is written.
+#[test]
+fn indirect_with_next_is_not_executed() {
+    let mut d = Daemon::start();
+    let (_vmm, mut q) = d.connect1();
+    plant(&mut q);
+    let mut put = raw_header(Op::Put as u8, 0, 0, 1000, 77);
+    put.extend(page(77));
+    for next in [0u16, 1, 5, 1000] {
+        let chain = RawChain {
+            descs: vec![
+                slot(0, HEADER_SIZE as u32, false),
+                slot(64, PAGE_SIZE as u32, false),
+                slot(8192, 1, true),
+            ],
+            init: vec![(0, put[..HEADER_SIZE].to_vec()), (64, page(77))],
+            indirect: true,
+            indirect_next: Some(next),
+            ..RawChain::default()
+        };
+        let c = q.roundtrip_raw(&chain).unwrap();
+        assert_eq!(c.used_len, 0, "INDIRECT|NEXT (next {next}) was answered");
+        assert_eq!(c.status_byte(), Some(POISON), "status written for next {next}");
+        assert_eq!(
+            q.get(1000, 77, false).unwrap().status,
+            Some(Status::NotFound),
+            "INDIRECT|NEXT (next {next}) stored its page"
+        );
+    }
+    // The same chain without NEXT is a well-formed PUT.
+    let chain = RawChain {
+        descs: vec![
+            slot(0, HEADER_SIZE as u32, false),
+            slot(64, PAGE_SIZE as u32, false),
+            slot(8192, 1, true),
+        ],
+        init: vec![(0, put[..HEADER_SIZE].to_vec()), (64, page(77))],
+        indirect: true,
+        ..RawChain::default()
+    };
+    assert_eq!(q.roundtrip_raw(&chain).unwrap().status(), OK);
+    assert_eq!(q.get(1000, 77, false).unwrap().page, page(77));
+    still_serving(&mut d, &mut q, "indirect with next");
+}
+
 /// Indirect table lengths that are not a whole number of descriptors, or zero.
 #[test]
 fn bad_indirect_table_lengths() {

@@ -130,11 +130,16 @@ impl TmemBackend {
         let verdict = self.lifecycle.judge(queue, now, || {
             self.drop_pages("rings restarted from a new position (guest reset)")
         });
-        if verdict == Some(Verdict::Resumed) {
-            debug!(
+        match verdict {
+            Some(Verdict::Resumed) => debug!(
                 "device {}: rings resumed where they stopped, keeping pages",
                 self.telemetry.id
-            );
+            ),
+            Some(Verdict::NoEvidence) => info!(
+                "device {}: ring {queue} restarted without a position on record; keeping pages",
+                self.telemetry.id
+            ),
+            Some(Verdict::Restarted) | None => {}
         }
     }
 }
@@ -360,16 +365,113 @@ mod tests {
         assert!(!pages(&b));
     }
 
+    /// A ring stopped before it ever served a batch has no position on
+    /// record: its restart tells a pause from a reboot no better than a coin,
+    /// so it keeps the pages (a pause must never lose them).
     #[test]
-    fn ring_that_never_ran_counts_as_reset() {
+    fn ring_that_never_ran_keeps_pages() {
         let b = backend();
         put_one(&b);
         b.stop_vring(2).unwrap();
         // Ring 0 was not stopped: it does not judge.
         b.judge_restart(0, mark(1));
-        assert!(pages(&b));
+        assert!(b.lifecycle.pending());
         b.judge_restart(2, mark(0));
-        assert!(!pages(&b));
+        assert!(pages(&b));
+        assert!(!b.lifecycle.pending(), "decided once");
+    }
+
+    /// Pause and resume in any subset of queues: rings that ran come back
+    /// where they stood, idle ones have nothing on record; no page is lost,
+    /// whichever ring serves first.
+    #[test]
+    fn pause_with_idle_queues_keeps_pages() {
+        for first in 0..3 {
+            let b = backend();
+            put_one(&b);
+            b.lifecycle.mark(1, mark(9));
+            for q in 0..3 {
+                b.stop_vring(q).unwrap();
+            }
+            let now = if first == 1 { mark(9) } else { mark(0) };
+            b.judge_restart(first as usize, now);
+            for q in 0..3 {
+                b.judge_restart(q, if q == 1 { mark(9) } else { mark(0) });
+            }
+            assert!(pages(&b), "first ring to serve: {first}");
+        }
+    }
+
+    /// The decision stays pending while the old pages are being dropped, so
+    /// a worker of another queue cannot slip a new boot's request past it.
+    #[test]
+    fn decision_is_published_after_the_drop() {
+        let b = backend();
+        put_one(&b);
+        b.lifecycle.mark(0, mark(4));
+        b.stop_vring(0).unwrap();
+        let mut seen_pending = false;
+        let verdict = b
+            .lifecycle
+            .judge(0, mark(0), || seen_pending = b.lifecycle.pending());
+        assert_eq!(verdict, Some(Verdict::Restarted));
+        assert!(seen_pending);
+        assert!(!b.lifecycle.pending());
+    }
+
+    /// Reboot under traffic on every queue: each worker judges first, then
+    /// serves its new boot's puts at once, while the first judge drops a
+    /// large old boot. Every put answered OK must be there afterwards, and
+    /// no GET of the new boot may see an old page.
+    #[test]
+    fn reboot_under_concurrent_traffic_loses_no_acknowledged_page() {
+        let queues = 3usize;
+        for round in 0..20u64 {
+            let b = backend();
+            for i in 0..5_000u64 {
+                b.store.put_fill(b.guest(), 0, i, round + 1).unwrap();
+            }
+            for q in 0..queues {
+                b.lifecycle.mark(q, mark(40));
+                b.stop_vring(q as u32).unwrap();
+            }
+            let stale = std::sync::atomic::AtomicU64::new(0);
+            std::thread::scope(|s| {
+                for q in 0..queues {
+                    let (b, stale) = (&b, &stale);
+                    s.spawn(move || {
+                        // What a worker does at the start of each batch.
+                        if b.lifecycle.pending() {
+                            b.judge_restart(q, mark(0));
+                        }
+                        let mut page = [0u8; PAGE_SIZE];
+                        for i in (q as u64..200).step_by(queues) {
+                            if b.store.get(b.guest(), 0, i + 1_000, &mut page, false).unwrap()
+                                == GetOutcome::Found
+                            {
+                                stale.fetch_add(1, Ordering::Relaxed);
+                            }
+                            b.store.put_fill(b.guest(), 0, i, 1_000 + i).unwrap();
+                        }
+                    });
+                }
+            });
+            assert_eq!(
+                stale.load(Ordering::Relaxed),
+                0,
+                "round {round}: old pages served"
+            );
+            let mut page = [0u8; PAGE_SIZE];
+            for i in 0..200u64 {
+                assert_eq!(
+                    b.store.get(b.guest(), 0, i, &mut page, false).unwrap(),
+                    GetOutcome::Found,
+                    "round {round}: acknowledged page {i} lost"
+                );
+                assert_eq!(page[..8], (1_000 + i).to_le_bytes(), "round {round}: page {i}");
+            }
+            assert_eq!(b.store.stats().total.stored_pages, 200, "round {round}");
+        }
     }
 
     #[test]

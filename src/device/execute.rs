@@ -8,7 +8,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::{
     backend::TmemBackend,
-    request::{self, Rejection, Request},
+    request::{self, DescTable, Rejection, Request},
     worker::Worker,
 };
 use crate::{
@@ -40,6 +40,7 @@ impl TmemBackend {
     pub(super) fn handle_chain<C>(
         &self,
         queue: usize,
+        table: DescTable,
         chain: DescriptorChain<C>,
         mem: &GuestMemoryMmap,
         worker: &mut Worker,
@@ -49,7 +50,11 @@ impl TmemBackend {
         C::Target: vm_memory::GuestMemory,
     {
         let start = Instant::now();
-        let req = match request::parse(chain, mem) {
+        let parsed = match request::indirect_with_next(mem, table, chain.head_index()) {
+            Some(rejection) => Err(rejection),
+            None => request::parse(chain, mem),
+        };
+        let req = match parsed {
             Ok(req) => req,
             Err(Rejection { error, status }) => {
                 self.log_error(queue, &error);

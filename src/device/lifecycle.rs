@@ -56,6 +56,9 @@ pub enum Verdict {
     Resumed,
     /// The rings were set up anew: the pages of the old boot must go.
     Restarted,
+    /// The deciding ring had not run before it stopped: nothing tells a
+    /// reboot from a pause, so the pages stay.
+    NoEvidence,
 }
 
 /// Where each ring stood and which were stopped, for one device connection.
@@ -106,28 +109,45 @@ impl Lifecycle {
     }
 
     /// The first batch after a stop decides, once for the device, whether the
-    /// rings were resumed or set up anew; `on_restart` runs (dropping the old
-    /// pages) before the decision is published. Workers of other rings wait
-    /// on the lock meanwhile. `None` if there was nothing for this ring to
-    /// judge.
+    /// rings were resumed or set up anew, before it serves anything. Every
+    /// worker of a stopped ring that sees the decision pending waits here on
+    /// the lock, and the decision stays pending until `on_restart` (dropping
+    /// the old pages) has returned: so no request of a new boot is served on
+    /// any queue while old pages remain, and no page a new boot stores can be
+    /// dropped by the old boot's restart. `None` if there was nothing for this
+    /// ring to decide.
+    ///
+    /// Evidence comes only from a ring whose position was on record when it
+    /// stopped: back where it stood is a pause, anywhere else a new driver.
+    /// A ring with no position on record (it never served a batch) tells
+    /// nothing, and the pages are kept: dropping them on a pause would lose
+    /// pages the guest was told are stored, while keeping them after a reboot
+    /// cannot hand a conforming driver a stale page, because a driver clears
+    /// its pool before it first uses it in a boot (`docs/protocol.md` §6).
     pub fn judge(&self, queue: usize, now: RingMark, on_restart: impl FnOnce()) -> Option<Verdict> {
         let mut state = self.restart.lock();
         if !state.pending {
             return None;
         }
-        // A ring that was never stopped does not judge; the ones that were will.
+        // A ring that was not stopped goes on serving the boot it served;
+        // the stopped ones decide.
         let RingStop::Stopped(before) = *state.rings.get(queue)? else {
             return None;
         };
+        let verdict = match before {
+            Some(before) if before != now => {
+                on_restart();
+                Verdict::Restarted
+            }
+            Some(_) => Verdict::Resumed,
+            None => Verdict::NoEvidence,
+        };
         state.pending = false;
         state.rings.fill(RingStop::Running);
+        // Published only now: a worker that reads false from here on finds
+        // the old pages already gone.
         self.pending.store(false, Ordering::Release);
-        if before == Some(now) {
-            Some(Verdict::Resumed)
-        } else {
-            on_restart();
-            Some(Verdict::Restarted)
-        }
+        Some(verdict)
     }
 
     /// RESET_DEVICE or a disconnect: every stop is forgotten, and so is where

@@ -8,7 +8,7 @@ use vhost_user_backend::{VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
 
-use super::{backend::TmemBackend, lifecycle::RingMark, GuestMemory, Vring};
+use super::{backend::TmemBackend, lifecycle::RingMark, request::DescTable, GuestMemory, Vring};
 use crate::store::Page;
 
 /// Busy-poll rounds (a few microseconds' worth) between yields of the CPU.
@@ -83,10 +83,14 @@ impl TmemBackend {
         if let Err(e) = q.disable_notification(&*mem) {
             self.log_error(queue, &e);
         }
+        let table = DescTable {
+            addr: GuestAddress(q.desc_table()),
+            size: q.size(),
+        };
         let mut processed = 0;
         while let Some(chain) = q.pop_descriptor_chain(&*mem) {
             let head = chain.head_index();
-            let used = self.handle_chain(queue, chain, &mem, worker);
+            let used = self.handle_chain(queue, table, chain, &mem, worker);
             if let Err(e) = q.add_used(&*mem, head, used) {
                 self.log_error(queue, &e);
             }

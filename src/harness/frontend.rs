@@ -578,6 +578,9 @@ pub struct RawChain {
     /// With `indirect`: put this length in the head descriptor instead of the real
     /// table's (e.g. zero, or not a multiple of 16).
     pub indirect_len: Option<u32>,
+    /// With `indirect`: also set NEXT on the ring's indirect descriptor, with
+    /// this `next` index (virtio 1.x forbids the combination).
+    pub indirect_next: Option<u16>,
     /// Link the last descriptor back to the first, making an endless chain.
     pub cycle: bool,
     /// Give the last descriptor NEXT with this `next` index (e.g. beyond the table),
@@ -1042,7 +1045,11 @@ impl Virtqueue {
             }
             let taddr = chain.indirect_addr.unwrap_or(table);
             let tlen = chain.indirect_len.unwrap_or((n as u64 * DESC_SIZE) as u32);
-            self.write_desc(self.layout.desc, descs[0], taddr, tlen, VRING_DESC_F_INDIRECT, 0)?;
+            let (flags, next) = match chain.indirect_next {
+                Some(next) => (VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT, next),
+                None => (VRING_DESC_F_INDIRECT, 0),
+            };
+            self.write_desc(self.layout.desc, descs[0], taddr, tlen, flags, next)?;
         } else {
             let n = descs.len();
             for (i, d) in descs_in.iter().enumerate() {
