@@ -31,8 +31,9 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use super::{DeviceShared, TmemBackend};
 use crate::{
     config::Config,
-    control::{ControlContext, ControlError, ControlServer},
+    control::{ControlContext, ControlError, ControlServer, DeviceStats, DeviceTelemetry},
     error_chain,
+    stats::summarize,
     store::{Store, StoreError},
 };
 
@@ -94,6 +95,18 @@ struct DeviceHandle {
     thread: JoinHandle<()>,
 }
 
+impl DeviceTelemetry for DeviceShared {
+    fn stats(&self) -> DeviceStats {
+        DeviceStats {
+            id: self.id,
+            socket: self.socket.display().to_string(),
+            connected: self.connected.load(Ordering::Relaxed),
+            queues: self.queues,
+            latency: summarize(&self.latency),
+        }
+    }
+}
+
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn run(config: Config) -> Result<(), DaemonError> {
     // Before any thread exists, so that all of them inherit the mask.
@@ -116,7 +129,10 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         Some(path) => {
             let ctx = ControlContext {
                 store: store.clone(),
-                devices: devices.clone(),
+                devices: devices
+                    .iter()
+                    .map(|d| Arc::clone(d) as Arc<dyn DeviceTelemetry>)
+                    .collect(),
                 config: config.clone(),
             };
             Some(ControlServer::start(path, ctx).map_err(DaemonError::Control)?)
