@@ -30,11 +30,12 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::{
     config::Config,
-    control::{ControlContext, ControlError, ControlServer},
+    control::{ControlContext, ControlError, ControlServer, DeviceReport},
+    device::TmemBackend,
     error_chain,
     store::{Store, StoreError},
+    telemetry::DeviceTelemetry,
 };
-use crate::{device::TmemBackend, telemetry::DeviceTelemetry};
 
 /// How long shutdown waits for device threads before exiting anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -116,7 +117,10 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         Some(path) => {
             let ctx = ControlContext {
                 store: store.clone(),
-                devices: devices.clone(),
+                devices: devices
+                    .iter()
+                    .map(|d| Arc::clone(d) as Arc<dyn DeviceReport>)
+                    .collect(),
                 config: config.clone(),
             };
             Some(ControlServer::start(path, ctx).map_err(DaemonError::Control)?)

@@ -5,13 +5,17 @@
 
 use std::{
     path::PathBuf,
-    sync::atomic::AtomicBool,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use parking_lot::Mutex;
 
-use crate::{stats::LatencyRecorder, store::GuestId};
+use crate::{
+    control::{DeviceReport, DeviceStats},
+    stats::{summarize, LatencyRecorder},
+    store::GuestId,
+};
 
 /// What outlives one VMM connection: identity, counters and the error log.
 pub struct DeviceTelemetry {
@@ -39,6 +43,18 @@ impl DeviceTelemetry {
     /// The store's name for this device's pages.
     pub fn guest(&self) -> GuestId {
         GuestId(self.id)
+    }
+}
+
+impl DeviceReport for DeviceTelemetry {
+    fn stats(&self) -> DeviceStats {
+        DeviceStats {
+            id: self.id,
+            socket: self.socket.display().to_string(),
+            connected: self.connected.load(Ordering::Relaxed),
+            queues: self.queues,
+            latency: summarize(&self.latency),
+        }
     }
 }
 

@@ -15,8 +15,9 @@ use std::{
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 use vhost_user_tmem::{
-    control::{ClientError, ControlClient, Request, Stats, DEFAULT_CONTROL_PATH},
+    control::{ClientError, ConfigView, ControlClient, Stats, DEFAULT_CONTROL_PATH},
     error_chain,
+    size::ByteSize,
     stats::OpLatency,
     store::Counters,
 };
@@ -67,7 +68,7 @@ enum Cmd {
 #[derive(Subcommand, Debug)]
 enum SetCmd {
     /// RAM budget of the store, e.g. 512M or 4G.
-    MemLimit { size: String },
+    MemLimit { size: ByteSize },
 }
 
 fn main() -> ExitCode {
@@ -88,8 +89,10 @@ fn run(cli: Cli) -> Result<(), ClientError> {
         |out: &mut io::StdoutLock, text: &str| out.write_all(text.as_bytes()).map_err(ClientError::Io);
     match cli.cmd {
         Cmd::Stats { json: true } => {
-            let reply = client.call(&Request::Stats)?;
-            print(&mut out, &format!("{}\n", reply["stats"]))
+            let stats = client.stats()?;
+            // Sorted keys, as the daemon sends them.
+            let json = serde_json::to_value(&stats).map_err(ClientError::Encode)?;
+            print(&mut out, &format!("{json}\n"))
         }
         Cmd::Stats { json: false } => {
             let stats = client.stats()?;
@@ -106,26 +109,24 @@ fn run(cli: Cli) -> Result<(), ClientError> {
             }
         }
         Cmd::Config => {
-            let reply = client.call(&Request::GetConfig)?;
-            print(&mut out, &render_config(&reply["config"]))
+            let config = client.config()?;
+            print(&mut out, &render_config(&config))
         }
         Cmd::Set {
             what: SetCmd::MemLimit { size },
         } => {
-            let reply = client.call(&Request::SetConfig {
-                mem_limit: Some(Value::String(size)),
-            })?;
-            let bytes = reply["config"]["mem_limit"].as_u64().unwrap_or(0);
-            print(&mut out, &format!("mem-limit set to {}\n", bytes_h(bytes)))
+            let config = client.set_mem_limit(size)?;
+            print(
+                &mut out,
+                &format!("mem-limit set to {}\n", bytes_h(config.mem_limit)),
+            )
         }
         Cmd::Writeback { pages } => {
-            let reply = client.call(&Request::Writeback { pages })?;
-            let written = reply["written"].as_u64().unwrap_or(0);
+            let written = client.writeback(pages)?;
             print(&mut out, &format!("wrote back {written} pages\n"))
         }
         Cmd::DropPool { device, pool } => {
-            let reply = client.call(&Request::DropPool { device, pool })?;
-            let dropped = reply["dropped"].as_u64().unwrap_or(0);
+            let dropped = client.drop_pool(device, pool)?;
             print(
                 &mut out,
                 &format!("dropped {dropped} pages of pool {pool} on device {device}\n"),
@@ -266,23 +267,27 @@ fn render_stats(stats: &Stats) -> String {
     s
 }
 
-fn render_config(config: &Value) -> String {
+fn render_config(c: &ConfigView) -> String {
+    let unset = || "-".to_owned();
+    // The name the daemon gives it, as --dedup takes it.
+    let dedup = match serde_json::to_value(c.dedup) {
+        Ok(Value::String(name)) => name,
+        _ => format!("{:?}", c.dedup),
+    };
+    let rows = [
+        ("capacity_pages", c.capacity_pages.to_string()),
+        ("dedup", dedup),
+        ("mem_limit", bytes_h(c.mem_limit)),
+        ("poll_us", c.poll_us.to_string()),
+        ("queues", c.queues.to_string()),
+        ("sockets", c.sockets.join(", ")),
+        ("spill_file", c.spill_file.clone().unwrap_or_else(unset)),
+        ("spill_limit", c.spill_limit.map_or_else(unset, bytes_h)),
+        ("zstd_level", c.zstd_level.to_string()),
+    ];
     let mut s = String::new();
-    if let Some(obj) = config.as_object() {
-        for (key, value) in obj {
-            let shown = match (key.as_str(), value) {
-                ("mem_limit" | "spill_limit", Value::Number(n)) => bytes_h(n.as_u64().unwrap_or(0)),
-                (_, Value::String(text)) => text.clone(),
-                (_, Value::Array(items)) => items
-                    .iter()
-                    .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                (_, Value::Null) => "-".to_owned(),
-                (_, other) => other.to_string(),
-            };
-            let _ = writeln!(s, "{key:<15} {shown}");
-        }
+    for (key, shown) in rows {
+        let _ = writeln!(s, "{key:<15} {shown}");
     }
     s
 }
@@ -415,7 +420,7 @@ mod tests {
     use vhost_user_tmem::{
         control::DeviceStats,
         stats::Latency,
-        store::{GuestStats, StoreStats},
+        store::{DedupDomain, GuestStats, StoreStats},
     };
 
     use super::*;
@@ -490,6 +495,31 @@ mod tests {
     }
 
     #[test]
+    fn config_table() {
+        let mut config = ConfigView {
+            mem_limit: 512 << 20,
+            spill_file: None,
+            spill_limit: None,
+            zstd_level: 1,
+            dedup: DedupDomain::Global,
+            queues: 2,
+            capacity_pages: 0,
+            poll_us: 50,
+            sockets: vec!["/run/a.sock".into(), "/run/b.sock".into()],
+        };
+        let text = render_config(&config);
+        assert!(text.contains("dedup           global\n"), "{text}");
+        assert!(text.contains("mem_limit       512.0 MiB\n"), "{text}");
+        assert!(
+            text.contains("sockets         /run/a.sock, /run/b.sock\n"),
+            "{text}"
+        );
+        assert!(text.contains("spill_limit     -\n"), "{text}");
+        config.spill_limit = Some(1 << 30);
+        assert!(render_config(&config).contains("spill_limit     1.0 GiB\n"));
+    }
+
+    #[test]
     fn metrics_exposition() {
         let text = render_metrics(&sample());
         assert!(text.contains("# TYPE tmem_succ_stores_total counter"), "{text}");
@@ -527,7 +557,10 @@ mod tests {
         assert_eq!(cli.control, PathBuf::from("/tmp/c"));
         assert!(matches!(cli.cmd, Cmd::Stats { json: true }));
         let cli = Cli::parse_from(["tmemctl", "set", "mem-limit", "1G"]);
-        assert!(matches!(cli.cmd, Cmd::Set { what: SetCmd::MemLimit { ref size } } if size == "1G"));
+        assert!(
+            matches!(cli.cmd, Cmd::Set { what: SetCmd::MemLimit { ref size } } if size.bytes() == 1 << 30)
+        );
+        assert!(Cli::try_parse_from(["tmemctl", "set", "mem-limit", "12Q"]).is_err());
         assert_eq!(cli.control, PathBuf::from(DEFAULT_CONTROL_PATH));
         let cli = Cli::parse_from(["tmemctl", "drop-pool", "1", "7"]);
         assert!(matches!(cli.cmd, Cmd::DropPool { device: 1, pool: 7 }));

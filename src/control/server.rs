@@ -1,13 +1,9 @@
-//! The control socket: newline-delimited JSON over a unix socket (mode 0600),
-//! one request object per line, one reply object per line.
+//! The control socket server, and what it answers from.
 //!
-//! Requests (`cmd`): `stats`, `get-config`, `set-config` (`mem_limit`),
-//! `writeback` (`pages`), `drop-pool` (`device`, `pool`). Every reply has
-//! `ok`; a failed one has `error` naming what was wrong. The server keeps
-//! serving whatever a client sends: garbage, lines over [`MAX_LINE`] (answered,
-//! then the connection is closed), or a client vanishing mid-line.
-//!
-//! [`ControlClient`] is the other end, used by `tmemctl`.
+//! The server keeps serving whatever a client sends: garbage, lines over
+//! [`MAX_LINE`] (answered, then the connection is closed), or a client
+//! vanishing mid-line. A request only reaches the store once it has parsed
+//! whole into a [`Request`].
 
 use std::{
     io::{self, BufRead, BufReader, Write},
@@ -25,205 +21,90 @@ use std::{
 };
 
 use log::{info, warn};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use thiserror::Error;
 
+use super::{
+    message::{Answer, ConfigView, DeviceStats, Reply, Request, RequestError, Stats},
+    MAX_LINE,
+};
 use crate::{
     config::Config,
     error_chain,
-    size::parse_size,
-    stats::{summarize, Latency},
-    store::{DedupDomain, GuestId, Store, StoreStats},
-    telemetry::DeviceTelemetry,
+    store::{GuestId, Store, StoreError},
 };
 
-/// Where `tmemctl` looks when not given `--control`.
-pub const DEFAULT_CONTROL_PATH: &str = "/run/vhost-user-tmem/control.sock";
-
-/// Longest request line accepted. Real requests are under 100 bytes; the cap
-/// only keeps a misbehaving client from growing our buffer without bound.
-pub const MAX_LINE: usize = 64 * 1024;
 /// Clients served at once; more are told to come back later.
 const MAX_CLIENTS: usize = 16;
 /// A client silent this long is disconnected (`tmemctl watch` asks every second).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// A request, as parsed from one line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "cmd", rename_all = "kebab-case")]
-pub enum Request {
-    Stats,
-    GetConfig,
-    SetConfig {
-        /// Bytes, or a size string such as "1G".
-        #[serde(skip_serializing_if = "Option::is_none")]
-        mem_limit: Option<Value>,
-    },
-    Writeback {
-        pages: u64,
-    },
-    DropPool {
-        device: u32,
-        pool: u32,
-    },
-}
-
-const COMMANDS: &str = "stats, get-config, set-config, writeback, drop-pool";
-
-impl Request {
-    /// Decodes a request object, with errors that name the offending field
-    /// (serde's own messages give a column number instead).
-    pub fn from_value(value: &Value) -> Result<Request, String> {
-        let obj = value
-            .as_object()
-            .ok_or_else(|| format!("expected a JSON object with a \"cmd\" field, got {value}"))?;
-        let cmd = match obj.get("cmd") {
-            Some(Value::String(cmd)) => cmd.as_str(),
-            Some(other) => return Err(format!("\"cmd\" must be a string, got {other}")),
-            None => return Err(format!("missing \"cmd\" field (one of {COMMANDS})")),
-        };
-        let fields: &[&str] = match cmd {
-            "stats" | "get-config" => &[],
-            "set-config" => &["mem_limit"],
-            "writeback" => &["pages"],
-            "drop-pool" => &["device", "pool"],
-            other => return Err(format!("unknown cmd {other:?}; expected one of {COMMANDS}")),
-        };
-        if let Some(extra) = obj
-            .keys()
-            .find(|k| k.as_str() != "cmd" && !fields.contains(&k.as_str()))
-        {
-            return Err(format!(
-                "{cmd}: unknown field {extra:?} (accepted: {})",
-                if fields.is_empty() {
-                    "none".to_owned()
-                } else {
-                    fields.join(", ")
-                }
-            ));
-        }
-        let uint = |name: &str| -> Result<u64, String> {
-            match obj.get(name) {
-                Some(v) => v
-                    .as_u64()
-                    .ok_or_else(|| format!("{cmd}: field {name:?} must be a non-negative integer, got {v}")),
-                None => Err(format!("{cmd}: missing field {name:?}")),
-            }
-        };
-        let uint32 = |name: &str| -> Result<u32, String> {
-            let v = uint(name)?;
-            u32::try_from(v).map_err(|e| format!("{cmd}: field {name:?} = {v}: {e}"))
-        };
-        Ok(match cmd {
-            "stats" => Request::Stats,
-            "get-config" => Request::GetConfig,
-            "set-config" => Request::SetConfig {
-                mem_limit: obj.get("mem_limit").cloned(),
-            },
-            "writeback" => Request::Writeback {
-                pages: uint("pages")?,
-            },
-            _ => Request::DropPool {
-                device: uint32("device")?,
-                pool: uint32("pool")?,
-            },
-        })
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeviceStats {
-    pub id: u32,
-    pub socket: String,
-    pub connected: bool,
-    pub queues: u16,
-    pub latency: Latency,
-}
-
-/// The `stats` object of a `stats` reply.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Stats {
-    pub store: StoreStats,
-    pub devices: Vec<DeviceStats>,
-}
-
-/// The `config` object of `get-config` and `set-config` replies.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ConfigView {
-    pub mem_limit: u64,
-    pub spill_file: Option<String>,
-    pub spill_limit: Option<u64>,
-    pub zstd_level: i32,
-    pub dedup: DedupDomain,
-    pub queues: u16,
-    pub capacity_pages: u64,
-    pub poll_us: u64,
-    pub sockets: Vec<String>,
+/// What the control socket sees of one device: a snapshot of its identity
+/// and telemetry, and nothing it could change.
+pub trait DeviceReport: Send + Sync {
+    fn stats(&self) -> DeviceStats;
 }
 
 /// What the server answers from.
 #[derive(Clone)]
 pub struct ControlContext {
     pub store: Arc<Store>,
-    pub devices: Vec<Arc<DeviceTelemetry>>,
+    /// Device N is `devices[N]`.
+    pub devices: Vec<Arc<dyn DeviceReport>>,
     pub config: Config,
 }
 
+/// Why a well-formed request could not be carried out.
+#[derive(Debug, Error)]
+pub enum CommandError {
+    #[error("set-config: nothing to set; settable: mem_limit")]
+    NothingToSet,
+    #[error("set-config: cannot set mem_limit")]
+    MemLimit(#[source] StoreError),
+    #[error("writeback failed")]
+    Writeback(#[source] StoreError),
+    #[error("drop-pool: no device {device}; this daemon has {devices} (numbered from 0)")]
+    NoDevice { device: u32, devices: usize },
+}
+
 impl ControlContext {
-    /// Answers one request line; never fails, errors become `ok: false` replies.
-    pub fn handle_line(&self, line: &[u8]) -> Value {
-        let text = match std::str::from_utf8(line) {
-            Ok(text) => text.trim(),
-            Err(e) => return error_reply(format!("request is not UTF-8: {e}")),
+    /// Answers one request line; a line that is not a request, or a request
+    /// that fails, gets an error reply.
+    pub fn handle_line(&self, line: &[u8]) -> Reply {
+        let answer = match Request::from_line(line) {
+            Ok(request) => self.handle(request).map_err(|e| error_chain(&e)),
+            Err(e) => Err(error_chain(&e)),
         };
-        if text.is_empty() {
-            return error_reply("empty request: expected a JSON object such as {\"cmd\":\"stats\"}");
-        }
-        let value: Value = match serde_json::from_str(text) {
-            Ok(value) => value,
-            Err(e) => return error_reply(format!("request is not valid JSON: {e}")),
-        };
-        match Request::from_value(&value) {
-            Ok(req) => self.handle(req),
-            Err(msg) => error_reply(format!("bad request: {msg}")),
+        match answer {
+            Ok(answer) => Reply::Ok(answer),
+            Err(message) => Reply::Error(message),
         }
     }
 
-    pub fn handle(&self, req: Request) -> Value {
-        match req {
-            Request::Stats => json!({"ok": true, "stats": self.stats()}),
-            Request::GetConfig => json!({"ok": true, "config": self.config_view()}),
+    pub fn handle(&self, request: Request) -> Result<Answer, CommandError> {
+        match request {
+            Request::Stats {} => Ok(Answer::Stats(self.stats())),
+            Request::GetConfig {} => Ok(Answer::Config(self.config_view())),
             Request::SetConfig { mem_limit } => {
-                let Some(value) = mem_limit else {
-                    return error_reply("set-config: nothing to set; settable: mem_limit");
-                };
-                let bytes = match size_value(&value) {
-                    Ok(bytes) => bytes,
-                    Err(msg) => return error_reply(format!("set-config: mem_limit {value}: {msg}")),
-                };
-                match self.store.set_mem_limit(bytes) {
-                    Ok(()) => {
-                        info!("control: memory limit set to {bytes} bytes");
-                        json!({"ok": true, "config": self.config_view()})
-                    }
-                    Err(e) => error_reply(format!("set-config: cannot set mem_limit: {}", error_chain(&e))),
-                }
+                let bytes = mem_limit.ok_or(CommandError::NothingToSet)?.bytes();
+                self.store.set_mem_limit(bytes).map_err(CommandError::MemLimit)?;
+                info!("control: memory limit set to {bytes} bytes");
+                Ok(Answer::Config(self.config_view()))
             }
-            Request::Writeback { pages } => match self.store.writeback(pages) {
-                Ok(written) => json!({"ok": true, "written": written}),
-                Err(e) => error_reply(format!("writeback failed: {}", error_chain(&e))),
-            },
+            Request::Writeback { pages } => self
+                .store
+                .writeback(pages)
+                .map(Answer::Written)
+                .map_err(CommandError::Writeback),
             Request::DropPool { device, pool } => {
                 if device as usize >= self.devices.len() {
-                    return error_reply(format!(
-                        "drop-pool: no device {device}; this daemon has {} (numbered from 0)",
-                        self.devices.len()
-                    ));
+                    return Err(CommandError::NoDevice {
+                        device,
+                        devices: self.devices.len(),
+                    });
                 }
                 let dropped = self.store.invalidate_pool(GuestId(device), pool);
                 info!("control: dropped pool {pool} of device {device} ({dropped} pages)");
-                json!({"ok": true, "dropped": dropped})
+                Ok(Answer::Dropped(dropped))
             }
         }
     }
@@ -231,17 +112,7 @@ impl ControlContext {
     pub fn stats(&self) -> Stats {
         Stats {
             store: self.store.stats(),
-            devices: self
-                .devices
-                .iter()
-                .map(|d| DeviceStats {
-                    id: d.id,
-                    socket: d.socket.display().to_string(),
-                    connected: d.connected.load(Ordering::Relaxed),
-                    queues: d.queues,
-                    latency: summarize(&d.latency),
-                })
-                .collect(),
+            devices: self.devices.iter().map(|d| d.stats()).collect(),
         }
     }
 
@@ -258,23 +129,6 @@ impl ControlContext {
             poll_us: u64::try_from(c.poll.as_micros()).unwrap_or(u64::MAX),
             sockets: c.sockets.iter().map(|p| p.display().to_string()).collect(),
         }
-    }
-}
-
-fn error_reply(message: impl Into<String>) -> Value {
-    json!({"ok": false, "error": message.into()})
-}
-
-/// A size given as a JSON number of bytes or a string such as "512M".
-fn size_value(value: &Value) -> Result<u64, String> {
-    match value {
-        Value::Number(n) => n
-            .as_u64()
-            .ok_or_else(|| format!("{n} is not a whole, non-negative number of bytes")),
-        Value::String(s) => parse_size(s).map_err(|e| e.to_string()),
-        other => Err(format!(
-            "must be a number of bytes or a size string like \"1G\", not {other}"
-        )),
     }
 }
 
@@ -394,7 +248,7 @@ fn accept_loop(listener: UnixListener, ctx: ControlContext, stop: Arc<AtomicBool
         if active.load(Ordering::SeqCst) >= MAX_CLIENTS {
             let _ = write_reply(
                 &mut stream,
-                &error_reply(format!("too many control clients (max {MAX_CLIENTS}); try again")),
+                &Reply::Error(format!("too many control clients (max {MAX_CLIENTS}); try again")),
             );
             continue;
         }
@@ -414,10 +268,23 @@ fn accept_loop(listener: UnixListener, ctx: ControlContext, stop: Arc<AtomicBool
     }
 }
 
-fn write_reply(stream: &mut UnixStream, reply: &Value) -> io::Result<()> {
-    let mut out = reply.to_string();
+fn write_reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
+    let mut out = encode(reply);
     out.push('\n');
     stream.write_all(out.as_bytes())
+}
+
+/// One reply as a line of JSON, keys sorted at every level.
+fn encode(reply: &Reply) -> String {
+    // A Value's maps are sorted, which is how replies have always come out:
+    // going through one keeps them byte for byte what scripts have seen.
+    match serde_json::to_value(reply) {
+        Ok(value) => value.to_string(),
+        Err(e) => {
+            warn!("control: cannot encode a reply: {e}");
+            r#"{"error":"the daemon could not encode its reply","ok":false}"#.to_owned()
+        }
+    }
 }
 
 /// What reading one line produced.
@@ -474,12 +341,8 @@ fn serve_client(stream: UnixStream, ctx: &ControlContext) {
         let reply = match read_line_capped(&mut reader, &mut line, MAX_LINE) {
             Ok(Line::Complete) => ctx.handle_line(&line),
             Ok(Line::TooLong) => {
-                let _ = write_reply(
-                    &mut writer,
-                    &error_reply(format!(
-                        "request line longer than {MAX_LINE} bytes; closing the connection"
-                    )),
-                );
+                let message = format!("{}; closing the connection", RequestError::TooLong);
+                let _ = write_reply(&mut writer, &Reply::Error(message));
                 return;
             }
             // Gone, timed out, or reset: nothing to answer.
@@ -491,99 +354,70 @@ fn serve_client(stream: UnixStream, ctx: &ControlContext) {
     }
 }
 
-#[derive(Debug, Error)]
-pub enum ClientError {
-    #[error("cannot connect to control socket {path}")]
-    Connect {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("control socket I/O failed")]
-    Io(#[source] io::Error),
-    #[error("daemon closed the connection without replying")]
-    Closed,
-    #[error("daemon sent a reply that is not JSON")]
-    BadReply(#[source] serde_json::Error),
-    #[error("daemon sent a reply without the expected fields")]
-    Shape(#[source] serde_json::Error),
-    #[error("daemon refused the request: {0}")]
-    Refused(String),
-}
-
-/// A connection to the daemon's control socket.
-pub struct ControlClient {
-    writer: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-impl ControlClient {
-    pub fn connect(path: &Path) -> Result<Self, ClientError> {
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
-            path: path.to_owned(),
-            source,
-        })?;
-        let reader = BufReader::new(stream.try_clone().map_err(ClientError::Io)?);
-        Ok(ControlClient {
-            writer: stream,
-            reader,
-        })
-    }
-
-    /// Sends one request; returns the whole reply if `ok` is true.
-    pub fn call(&mut self, request: &Request) -> Result<Value, ClientError> {
-        let mut line = serde_json::to_string(request).map_err(ClientError::Shape)?;
-        line.push('\n');
-        self.writer.write_all(line.as_bytes()).map_err(ClientError::Io)?;
-        let mut reply = String::new();
-        if self.reader.read_line(&mut reply).map_err(ClientError::Io)? == 0 {
-            return Err(ClientError::Closed);
-        }
-        let reply: Value = serde_json::from_str(&reply).map_err(ClientError::BadReply)?;
-        if reply.get("ok") == Some(&Value::Bool(true)) {
-            Ok(reply)
-        } else {
-            let msg = reply
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("no error message")
-                .to_owned();
-            Err(ClientError::Refused(msg))
-        }
-    }
-
-    pub fn stats(&mut self) -> Result<Stats, ClientError> {
-        let mut reply = self.call(&Request::Stats)?;
-        serde_json::from_value(reply["stats"].take()).map_err(ClientError::Shape)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Read;
 
     use clap::Parser;
+    use serde_json::Value;
 
     use super::*;
-    use crate::{config::Args, protocol::PAGE_SIZE, stats::OpClass};
+    use crate::{
+        config::Args,
+        control::{ClientError, ControlClient},
+        protocol::PAGE_SIZE,
+        stats::{Latency, OpLatency},
+        store::GetOutcome,
+    };
+
+    struct FakeDevice(DeviceStats);
+
+    impl DeviceReport for FakeDevice {
+        fn stats(&self) -> DeviceStats {
+            self.0.clone()
+        }
+    }
+
+    fn device(id: u32, socket: &str, latency: Latency) -> Arc<dyn DeviceReport> {
+        Arc::new(FakeDevice(DeviceStats {
+            id,
+            socket: socket.to_owned(),
+            connected: false,
+            queues: 2,
+            latency,
+        }))
+    }
 
     fn context() -> ControlContext {
         let config = Config::try_from(Args::parse_from([
             "x", "--socket", "/tmp/a", "--socket", "/tmp/b", "--queues", "2",
         ]))
         .unwrap();
+        let got_one = Latency {
+            get: OpLatency {
+                p50_us: 3.0,
+                p99_us: 3.0,
+                count: 1,
+            },
+            ..Latency::default()
+        };
         ControlContext {
             store: Arc::new(Store::new(config.store.clone()).unwrap()),
             devices: vec![
-                Arc::new(DeviceTelemetry::new(0, "/tmp/a".into(), 2)),
-                Arc::new(DeviceTelemetry::new(1, "/tmp/b".into(), 2)),
+                device(0, "/tmp/a", Latency::default()),
+                device(1, "/tmp/b", got_one),
             ],
             config,
         }
     }
 
+    /// The reply to `line` as it goes on the wire.
+    fn wire(ctx: &ControlContext, line: &str) -> String {
+        encode(&ctx.handle_line(line.as_bytes()))
+    }
+
     fn reply(ctx: &ControlContext, line: &str) -> Value {
-        ctx.handle_line(line.as_bytes())
+        serde_json::from_str(&wire(ctx, line)).unwrap()
     }
 
     fn error_of(v: &Value) -> &str {
@@ -591,31 +425,43 @@ mod tests {
         v["error"].as_str().unwrap()
     }
 
+    fn page_is_held(ctx: &ControlContext, guest: u32, pool: u32, index: u64) -> bool {
+        let mut page = [0u8; PAGE_SIZE];
+        ctx.store
+            .get(GuestId(guest), pool, index, &mut page, false)
+            .unwrap()
+            == GetOutcome::Found
+    }
+
     #[test]
-    fn requests_parse() {
-        let parse = |s: &str| Request::from_value(&serde_json::from_str(s).unwrap()).unwrap();
-        assert_eq!(parse(r#"{"cmd":"stats"}"#), Request::Stats);
-        assert_eq!(parse(r#"{"cmd":"get-config"}"#), Request::GetConfig);
+    fn replies_keep_their_bytes() {
+        let ctx = context();
         assert_eq!(
-            parse(r#"{"cmd":"set-config","mem_limit":"1G"}"#),
-            Request::SetConfig {
-                mem_limit: Some(json!("1G"))
-            }
+            wire(&ctx, r#"{"cmd":"writeback","pages":5}"#),
+            r#"{"ok":true,"written":0}"#
         );
         assert_eq!(
-            parse(r#"{"cmd":"writeback","pages":10}"#),
-            Request::Writeback { pages: 10 }
+            wire(&ctx, r#"{"cmd":"drop-pool","device":1,"pool":4}"#),
+            r#"{"dropped":0,"ok":true}"#
         );
         assert_eq!(
-            parse(r#"{"cmd":"drop-pool","device":1,"pool":2}"#),
-            Request::DropPool { device: 1, pool: 2 }
+            wire(&ctx, r#"{"cmd":"drop-pool","device":2,"pool":4}"#),
+            r#"{"error":"drop-pool: no device 2; this daemon has 2 (numbered from 0)","ok":false}"#
+        );
+        assert_eq!(
+            wire(&ctx, r#"{"cmd":"get-config"}"#),
+            r#"{"config":{"capacity_pages":0,"dedup":"guest","mem_limit":268435456,"poll_us":0,"queues":2,"sockets":["/tmp/a","/tmp/b"],"spill_file":null,"spill_limit":null,"zstd_level":1},"ok":true}"#
+        );
+        let stats = wire(&ctx, r#"{"cmd":"stats"}"#);
+        assert!(
+            stats.starts_with(r#"{"ok":true,"stats":{"devices":[{"connected":false,"id":0,"latency":{"get":{"count":0,"p50_us":0.0,"#),
+            "{stats}"
         );
     }
 
     #[test]
     fn stats_reply_shape() {
         let ctx = context();
-        ctx.devices[1].latency[0].record(OpClass::Get, Duration::from_micros(3));
         ctx.store.put(GuestId(1), 4, 9, &[1u8; PAGE_SIZE]).unwrap();
         let v = reply(&ctx, r#"{"cmd":"stats"}"#);
         assert_eq!(v["ok"], true);
@@ -625,6 +471,7 @@ mod tests {
         assert_eq!(stats.devices[1].queues, 2);
         assert!(!stats.devices[1].connected);
         assert_eq!(stats.devices[1].latency.get.count, 1);
+        assert_eq!(stats.store.total.succ_stores, 1);
         assert!(v["stats"]["store"]["total"]["succ_stores"].is_u64());
         assert!(v["stats"]["devices"][0]["latency"]["put"]["p99_us"].is_f64());
     }
@@ -656,33 +503,60 @@ mod tests {
         assert!(error_of(&e).contains("nothing to set"), "{e}");
         let e = reply(&ctx, r#"{"cmd":"set-config","queues":3}"#);
         assert!(error_of(&e).contains("queues"), "{e}");
+        assert_eq!(ctx.store.mem_limit(), 256 << 20);
     }
 
     #[test]
-    fn bad_requests() {
+    fn bad_requests_get_error_replies_that_name_the_problem() {
         let ctx = context();
-        let e = reply(&ctx, "garbage");
-        assert!(error_of(&e).contains("not valid JSON"), "{e}");
-        let e = reply(&ctx, "[1,2]");
-        assert!(error_of(&e).contains("JSON object"), "{e}");
-        let e = reply(&ctx, r#"{"cmd":7}"#);
-        assert!(error_of(&e).contains("must be a string"), "{e}");
-        let e = reply(&ctx, r#"{"cmd":"drop-pool","device":0,"pool":4294967296}"#);
-        assert!(error_of(&e).contains("\"pool\""), "{e}");
-        let e = reply(&ctx, r#"{"cmd":"stats","x":1}"#);
-        assert!(error_of(&e).contains("unknown field \"x\""), "{e}");
-        let e = reply(&ctx, r#"{"cmd":"explode"}"#);
-        assert!(error_of(&e).contains("explode"), "{e}");
-        let e = reply(&ctx, r#"{"pages":3}"#);
-        assert!(error_of(&e).contains("cmd"), "{e}");
-        let e = reply(&ctx, r#"{"cmd":"writeback"}"#);
-        assert!(error_of(&e).contains("pages"), "{e}");
-        let e = reply(&ctx, r#"{"cmd":"writeback","pages":"x"}"#);
-        assert!(error_of(&e).contains("\"pages\" must be"), "{e}");
-        let e = reply(&ctx, "");
-        assert!(error_of(&e).contains("empty"), "{e}");
-        let e = ctx.handle_line(b"\xff\xfe");
-        assert!(error_of(&e).contains("UTF-8"), "{e}");
+        for (line, says) in [
+            ("garbage", "not valid JSON"),
+            ("[1,2]", "JSON object"),
+            (r#"{"cmd":7}"#, "must be a string"),
+            (r#"{"cmd":"drop-pool","device":0,"pool":4294967296}"#, "\"pool\""),
+            (r#"{"cmd":"stats","x":1}"#, "unknown field \"x\""),
+            (r#"{"cmd":"explode"}"#, "explode"),
+            (r#"{"pages":3}"#, "cmd"),
+            (r#"{"cmd":"writeback"}"#, "pages"),
+            (r#"{"cmd":"writeback","pages":"x"}"#, "\"pages\" must be"),
+            ("", "empty"),
+        ] {
+            let e = reply(&ctx, line);
+            assert!(error_of(&e).contains(says), "{line}: {e}");
+        }
+        let e = encode(&ctx.handle_line(b"\xff\xfe"));
+        assert!(e.contains("UTF-8"), "{e}");
+    }
+
+    #[test]
+    fn bad_requests_leave_the_pages_alone() {
+        let ctx = context();
+        ctx.store.put(GuestId(0), 4, 9, &[1u8; PAGE_SIZE]).unwrap();
+        let oversized = format!(
+            r#"{{"cmd":"drop-pool","device":0,"pool":4,"pad":"{}"}}"#,
+            "x".repeat(MAX_LINE)
+        );
+        let nested = format!("{}{}", "[".repeat(MAX_LINE / 2), "]".repeat(MAX_LINE / 2));
+        for line in [
+            r#"{"cmd":"drop-pool","device":0,"pool":4,"extra":1}"#,
+            r#"{"cmd":"drop-pool","device":"0","pool":4}"#,
+            r#"{"cmd":"drop-pool","device":0,"pool":-4}"#,
+            r#"{"cmd":"drop-pool","device":0}"#,
+            r#"{"cmd":"drop-pool","device":0,"pool":4.0}"#,
+            r#"{"cmd":0,"device":0,"pool":4}"#,
+            r#"["drop-pool",0,4]"#,
+            r#"{"cmd":"drop-pool","device":0,"pool":4"#,
+            &oversized,
+            &nested,
+        ] {
+            let e = reply(&ctx, line);
+            assert!(!error_of(&e).is_empty(), "{e}");
+            assert!(page_is_held(&ctx, 0, 4, 9), "{line}");
+        }
+        // The well-formed request does what the others did not.
+        let v = reply(&ctx, r#"{"cmd":"drop-pool","device":0,"pool":4}"#);
+        assert_eq!(v["dropped"], 1, "{v}");
+        assert!(!page_is_held(&ctx, 0, 4, 9));
     }
 
     #[test]
@@ -695,11 +569,7 @@ mod tests {
         let v = reply(&ctx, r#"{"cmd":"drop-pool","device":1,"pool":4}"#);
         assert_eq!(v["dropped"], 1, "{v}");
         // Device 0's pool 4 is untouched.
-        let mut page = [0u8; PAGE_SIZE];
-        assert_eq!(
-            ctx.store.get(GuestId(0), 4, 9, &mut page, false).unwrap(),
-            crate::store::GetOutcome::Found
-        );
+        assert!(page_is_held(&ctx, 0, 4, 9));
         let e = reply(&ctx, r#"{"cmd":"drop-pool","device":2,"pool":4}"#);
         assert!(error_of(&e).contains("no device 2"), "{e}");
     }
@@ -751,9 +621,12 @@ mod tests {
         let mut client = ControlClient::connect(&path).unwrap();
         let stats = client.stats().unwrap();
         assert_eq!(stats.devices.len(), 2);
-        let err = client
-            .call(&Request::DropPool { device: 9, pool: 0 })
-            .unwrap_err();
+        assert_eq!(client.config().unwrap().queues, 2);
+        let config = client.set_mem_limit("64M".parse().unwrap()).unwrap();
+        assert_eq!(config.mem_limit, 64 << 20);
+        assert_eq!(client.writeback(3).unwrap(), 0);
+        assert_eq!(client.drop_pool(1, 0).unwrap(), 0);
+        let err = client.drop_pool(9, 0).unwrap_err();
         assert!(matches!(err, ClientError::Refused(ref m) if m.contains("no device 9")));
         server.stop();
         assert!(!path.exists());
