@@ -9,7 +9,9 @@
 //! - `execute`: one chain served: parsed by [`request`] (checked whole, no
 //!   store, no allocation), acted on against the store, answered;
 //! - `lifecycle`: whether rings that stopped and started again belong to a
-//!   paused VM (pages kept) or a rebooted one (pages dropped).
+//!   paused VM (pages kept) or a rebooted one (pages dropped);
+//! - `vring`: the ring type handed to vhost-user-backend, which survives a
+//!   kick fd replaced under a pending epoll event.
 //!
 //! ## Threads and locks
 //! Each virtqueue has its own worker thread (vhost-user-backend's epoll loop).
@@ -23,15 +25,15 @@ pub mod backend;
 mod execute;
 mod lifecycle;
 pub mod request;
+mod vring;
 mod worker;
 
-use vhost_user_backend::VringRwLock;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use self::backend::TmemBackend;
 
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
-pub type Vring = VringRwLock<GuestMemory>;
+pub type Vring = vring::TmemVring<GuestMemory>;
 
 /// Largest ring the driver may ask for. Requests are synchronous and small,
 /// so deeper rings only add latency under load.
