@@ -4,20 +4,36 @@
 //! in the index shards, object counters per creating (guest, pool) in the
 //! object shards. Nothing on the per-page path touches a shared counter; the
 //! sum is built only when someone asks.
+//!
+//! The report is bounded: each guest's largest pools are listed by name and
+//! the rest summed under [`super::OTHER_POOLS`], so its size does not follow
+//! how many pools a guest opens.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::{Counters, GuestStats, StoreStats};
+use super::{index::PageCounters, owners::ObjCounters, Counters, GuestStats, StoreStats};
+
+/// The `top` pools of each guest with the most pages (ties: lower pool id).
+pub fn largest(pages: HashMap<(u32, u32), u64>, top: usize) -> HashSet<(u32, u32)> {
+    let mut by_guest: HashMap<u32, Vec<(u64, u32)>> = HashMap::new();
+    for ((guest, pool), n) in pages {
+        by_guest.entry(guest).or_default().push((n, pool));
+    }
+    let mut keep = HashSet::new();
+    for (guest, mut pools) in by_guest {
+        let key = |&(n, pool): &(u64, u32)| (std::cmp::Reverse(n), pool);
+        if pools.len() > top {
+            if top > 0 {
+                pools.select_nth_unstable_by_key(top - 1, key);
+            }
+            pools.truncate(top);
+        }
+        keep.extend(pools.into_iter().map(|(_, pool)| (guest, pool)));
+    }
+    keep
+}
 
 impl Counters {
-    /// A page of this pool is gone from the index (invalidated, read
-    /// exclusively, overwritten by a rejected put, or dropped with its pool).
-    pub(super) fn forget_page(&mut self, was_fill: bool) {
-        self.stored_pages -= 1;
-        self.orig_data_bytes -= super::PAGE_SIZE as u64;
-        self.same_filled_pages -= u64::from(was_fill);
-    }
-
     /// Adds every field of `other` into `self`.
     pub fn add(&mut self, other: &Counters) {
         let Counters {
@@ -38,6 +54,7 @@ impl Counters {
             spill_reads,
             spill_writes,
             writebacks,
+            metadata_bytes,
         } = other;
         self.succ_stores += succ_stores;
         self.failed_stores += failed_stores;
@@ -56,6 +73,7 @@ impl Counters {
         self.spill_reads += spill_reads;
         self.spill_writes += spill_writes;
         self.writebacks += writebacks;
+        self.metadata_bytes += metadata_bytes;
     }
 }
 
@@ -66,10 +84,27 @@ pub struct Gather {
 }
 
 impl Gather {
+    #[cfg(test)]
     pub fn add(&mut self, guest: u32, pool: u32, c: &Counters) {
         self.pools.entry((guest, pool)).or_default().add(c);
     }
 
+    /// A pool's page counters and the index bytes it holds (metadata).
+    pub fn add_pages(&mut self, guest: u32, pool: u32, c: &PageCounters, bytes: u64) {
+        let sum = self.pools.entry((guest, pool)).or_default();
+        c.add_to(sum);
+        sum.mem_used_bytes += bytes;
+        sum.metadata_bytes += bytes;
+    }
+
+    /// A pool's object counters: its RAM is its payload slots plus its metadata.
+    pub fn add_objects(&mut self, guest: u32, pool: u32, c: &ObjCounters) {
+        let sum = self.pools.entry((guest, pool)).or_default();
+        c.add_to(sum);
+        sum.mem_used_bytes += c.metadata_bytes;
+    }
+
+    #[cfg(test)]
     pub fn add_mem(&mut self, guest: u32, pool: u32, bytes: u64) {
         self.pools.entry((guest, pool)).or_default().mem_used_bytes += bytes;
     }
@@ -118,6 +153,7 @@ mod tests {
             spill_reads: 1,
             spill_writes: 1,
             writebacks: 1,
+            metadata_bytes: 1,
         };
         let mut sum = one.clone();
         sum.add(&one);
@@ -148,5 +184,24 @@ mod tests {
         assert_eq!(s.guests[&0].total.stored_pages, 9);
         assert_eq!(s.guests[&0].pools[&1].stored_pages, 6);
         assert_eq!(s.guests[&5].pools[&1].mem_used_bytes, 17);
+    }
+}
+
+#[cfg(test)]
+mod top_tests {
+    use super::*;
+
+    #[test]
+    fn largest_keeps_the_top_pools_of_each_guest() {
+        let mut pages = HashMap::new();
+        for pool in 0..100u32 {
+            pages.insert((1, pool), u64::from(pool % 10));
+        }
+        pages.insert((2, 5), 0);
+        let keep = largest(pages, 3);
+        let mut kept: Vec<_> = keep.into_iter().collect();
+        kept.sort();
+        assert_eq!(kept, vec![(1, 9), (1, 19), (1, 29), (2, 5)]);
+        assert!(largest(HashMap::from([((1, 1), 5)]), 0).is_empty());
     }
 }
