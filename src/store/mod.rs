@@ -349,19 +349,21 @@ impl Store {
             return self.put_fill(guest, pool, index, word);
         }
         let (key, shard_hash) = self.keys.page(page, self.domain(guest));
-        let mut dedup = self.dedup != DedupDomain::Off;
-        if dedup {
+        let mut candidates = 0;
+        if self.dedup != DedupDomain::Off {
             let shard = self.shard_of_hash(shard_hash);
-            let twin =
+            let (twin, compared) =
                 self.objects[shard]
                     .0
                     .lock()
                     .find_page(key, page, self.by(guest, pool), self.spill.as_ref());
             match twin {
                 Found::Hit(id) => return self.link(guest, pool, index, shard, id, true, false),
-                Found::Miss => {}
+                // The lookup after compression (which catches a twin stored
+                // meanwhile) gets what this one left of the bound.
+                Found::Miss => candidates = MAX_CANDIDATES - compared,
                 // Too many candidates share the key: this page goes without dedup.
-                Found::TooMany => dedup = false,
+                Found::TooMany => {}
             }
         }
         codec::with_scratch(|frame| {
@@ -377,7 +379,7 @@ impl Store {
                 key,
                 shard_hash,
                 payload,
-                dedup,
+                candidates,
             };
             self.put_content(guest, pool, index, &content)
         })
@@ -1425,5 +1427,160 @@ mod tests {
                 assert_eq!(get(&s, 0, t, i), Some(page_for(t, i)));
             }
         }
+    }
+
+    // Hostile input (issue 9, section 3): one test per attack, each asserting its bound.
+
+    /// 20,000 x (PUT_FILL or PUT to a new pool, then INVALIDATE_PAGE) leaves
+    /// the budget, the guest's metadata and the stats where they started.
+    #[test]
+    fn pool_churn_leaves_no_metadata_behind() {
+        let s = store(64 << 20);
+        let g = GuestId(4);
+        s.put_fill(g, 0, 0, 9).unwrap();
+        s.invalidate_page(g, 0, 0);
+        let (used, meta) = (s.mem_used(), s.guest_metadata_bytes(g));
+        assert_eq!(meta, 0);
+        for pool in 1..=20_000u32 {
+            if pool % 10 == 0 {
+                put(&s, 4, pool, u64::from(pool), &text_page(u64::from(pool)));
+            } else {
+                s.put_fill(g, pool, u64::from(pool), u64::from(pool)).unwrap();
+            }
+            assert!(s.guest_metadata_bytes(g) > 0);
+            assert!(s.invalidate_page(g, pool, u64::from(pool)));
+            assert_eq!(s.mem_used(), used, "pool {pool}");
+        }
+        assert_eq!(s.guest_metadata_bytes(g), meta);
+        let st = s.stats();
+        assert_eq!(st.guests[&4].pools.keys().collect::<Vec<_>>(), vec![&OTHER_POOLS]);
+        let other = &st.guests[&4].pools[&OTHER_POOLS];
+        assert_eq!(
+            (other.succ_stores, other.invalidates, other.stored_pages),
+            (20_001, 20_001, 0)
+        );
+        assert!(serde_json::to_string(&st).unwrap().len() < 4096);
+    }
+
+    /// Metadata is counted while it lives: pools holding pages cost their
+    /// guest budget, are listed at most 32 by name, and go with their pages.
+    #[test]
+    fn live_pools_are_counted_listed_within_a_bound_and_freed() {
+        let s = store(64 << 20);
+        let (g, other) = (GuestId(5), GuestId(6));
+        put(&s, 6, 0, 0, &text_page(1));
+        let (used, victim_meta) = (s.mem_used(), s.guest_metadata_bytes(other));
+        assert!(victim_meta > 0);
+        for pool in 0..3000u32 {
+            s.put_fill(g, pool, 0, 1).unwrap();
+            s.put_fill(g, pool, 1 << 40, 2).unwrap();
+        }
+        let meta = s.guest_metadata_bytes(g);
+        // Two tables and a pool record per pool: at least 100 bytes each.
+        assert!(meta > 3000 * 100, "{meta}");
+        assert!(s.mem_used() >= used + meta, "{} vs {used} + {meta}", s.mem_used());
+        assert_eq!(s.guest_metadata_bytes(other), victim_meta);
+        let st = s.stats();
+        let pools = &st.guests[&5].pools;
+        assert_eq!(pools.len(), STATS_POOLS_PER_GUEST + 1);
+        assert_eq!(pools[&OTHER_POOLS].stored_pages, 2 * (3000 - 32));
+        assert_eq!(st.guests[&5].total.stored_pages, 6000);
+        assert_eq!(st.guests[&5].total.metadata_bytes, meta);
+        assert!(serde_json::to_string(&st).unwrap().len() < 32 << 10);
+        for pool in 0..3000u32 {
+            assert_eq!(s.invalidate_pool(g, pool), 2);
+        }
+        assert_eq!((s.mem_used(), s.guest_metadata_bytes(g)), (used, 0));
+        assert_eq!(get(&s, 6, 0, 0), Some(text_page(1)));
+    }
+
+    /// With every page and fill hashing to one value (the test hook), each
+    /// put compares at most MAX_CANDIDATES stored objects, then stores its
+    /// page without dedup; every page still reads back as written.
+    #[test]
+    fn colliding_hashes_cost_each_put_at_most_the_candidate_bound() {
+        let mut s = store(64 << 20);
+        s.keys.collide = true;
+        let n = 300u64;
+        for i in 0..n {
+            let (before, _) = s.dedup_compares();
+            if i % 3 == 0 {
+                s.put_fill(GuestId(1), 0, i, i + 1).unwrap();
+            } else {
+                put(&s, 1, 0, i, &text_page(i));
+            }
+            let (after, _) = s.dedup_compares();
+            assert!(
+                after - before <= u64::from(MAX_CANDIDATES),
+                "put {i}: {} compares",
+                after - before
+            );
+        }
+        let (_, too_many) = s.dedup_compares();
+        assert!(too_many >= n - 2 * u64::from(MAX_CANDIDATES), "{too_many}");
+        for i in 0..n {
+            let want = if i % 3 == 0 {
+                let mut p = [0u8; PAGE_SIZE];
+                codec::write_fill(&mut p, i + 1);
+                p
+            } else {
+                text_page(i)
+            };
+            assert_eq!(get(&s, 1, 0, i), Some(want), "page {i}");
+        }
+        assert_eq!(s.stats().total.unique_pages, n - n / 3);
+        // Another guest's puts and gets on the same (flooded) key still work.
+        put(&s, 2, 0, 0, &text_page(5));
+        assert_eq!(get(&s, 2, 0, 0), Some(text_page(5)));
+        s.drop_guest(GuestId(1));
+        s.drop_guest(GuestId(2));
+        assert_eq!(s.memory().objects, 0);
+    }
+
+    /// In the Guest domain the owner is checked too: a page equal to another
+    /// guest's, with an equal hash, is not shared.
+    #[test]
+    fn equal_hashes_never_share_across_guests_in_the_guest_domain() {
+        let mut s = store(64 << 20);
+        s.keys.collide = true;
+        let p = text_page(3);
+        put(&s, 0, 0, 0, &p);
+        put(&s, 1, 0, 0, &p);
+        put(&s, 0, 1, 0, &p);
+        let t = s.stats().total;
+        assert_eq!((t.unique_pages, t.dedup_hits), (2, 1));
+    }
+
+    /// A new index group costs the same whatever other guests hold, and
+    /// INVALIDATE_POOL looks only at that pool's tables.
+    #[test]
+    fn a_new_group_costs_the_same_beside_any_number_of_groups() {
+        let s = store(1 << 30);
+        let victim = GuestId(9);
+        let cost = |pool: u32| {
+            let v = s.index_tables_visited();
+            s.put_fill(victim, pool, 0, 1).unwrap();
+            s.index_tables_visited() - v
+        };
+        let alone = cost(0);
+        for pool in 0..30_000u32 {
+            s.put_fill(GuestId(8), pool, u64::from(pool) << 32, 3).unwrap();
+        }
+        assert_eq!(cost(1), alone, "tables visited by a new group's put");
+        let v = s.index_tables_visited();
+        assert_eq!(s.invalidate_pool(victim, 77), 0);
+        assert_eq!(
+            s.index_tables_visited(),
+            v,
+            "an empty pool's invalidate looks at nothing"
+        );
+        for i in 0..200 {
+            s.put_fill(victim, 2, i, 1).unwrap();
+        }
+        let v = s.index_tables_visited();
+        assert_eq!(s.invalidate_pool(victim, 2), 200);
+        // One table per index shard holding the pool's pages at most.
+        assert!(s.index_tables_visited() - v <= s.index.len() as u64);
+        assert_eq!(s.drop_guest(GuestId(8)), 30_000);
     }
 }

@@ -66,7 +66,10 @@ pub enum Content<'a> {
         /// The high half of the hash, which chose the shard.
         shard_hash: u64,
         payload: &'a [u8],
-        dedup: bool,
+        /// Most candidates its lookup may compare: what the put's lookup
+        /// before compression left of [`MAX_CANDIDATES`]. 0: stored without
+        /// dedup (dedup off, or that lookup used them all).
+        candidates: u32,
     },
 }
 
@@ -214,10 +217,11 @@ impl ObjShard {
         budget: &Budget,
         spill: Option<&SpillFile>,
     ) -> Obtained {
-        let (key, dedup) = match self.lookup(content, by, spill) {
+        let (key, limit) = content_key(content);
+        let dedup = match self.lookup(content, by, spill) {
             Found::Hit(id) => return Obtained::Ref { id, hit: true },
-            Found::Miss => content_key(content),
-            Found::TooMany => (content_key(content).0, false),
+            Found::Miss => limit > 0,
+            Found::TooMany => false,
         };
         let payload_len = match *content {
             Content::Fill { .. } => 0,
@@ -283,11 +287,11 @@ impl ObjShard {
     /// Finds an object equal to `content` and takes a reference on it,
     /// comparing at most [`MAX_CANDIDATES`].
     fn lookup(&mut self, content: &Content<'_>, by: By, spill: Option<&SpillFile>) -> Found {
-        let (key, dedup) = content_key(content);
-        if !dedup {
+        let (key, limit) = content_key(content);
+        if limit == 0 {
             return Found::Miss;
         }
-        let found = self.candidates(key, by, |shard, id, o| match *content {
+        let (found, _) = self.candidates(key, by, limit, |shard, id, o| match *content {
             Content::Fill { word, domain, .. } => {
                 o.tier() == Tier::Fill && shard.fills.get(&id) == Some(&(word, domain))
             }
@@ -306,8 +310,14 @@ impl ObjShard {
     /// Walks the dedup table's entries with record key `key`, calling
     /// `equal` on each that may be a twin (not at its reference limit, and
     /// `by`'s guest's own when the domain is private), until one is equal or
-    /// [`MAX_CANDIDATES`] have been looked at.
-    fn candidates(&mut self, key: u32, by: By, mut equal: impl FnMut(&Self, u32, &Obj) -> bool) -> Found {
+    /// `limit` have been looked at. Returns how many were.
+    fn candidates(
+        &mut self,
+        key: u32,
+        by: By,
+        limit: u32,
+        mut equal: impl FnMut(&Self, u32, &Obj) -> bool,
+    ) -> (Found, u32) {
         let mut compared = 0;
         let mut found = Found::Miss;
         for &id in self.dedup.iter_hash(key_hash(key)) {
@@ -315,7 +325,7 @@ impl ObjShard {
             if o.key() != key {
                 continue;
             }
-            if compared == MAX_CANDIDATES {
+            if compared == limit {
                 found = Found::TooMany;
                 break;
             }
@@ -331,7 +341,7 @@ impl ObjShard {
         }
         self.compared += u64::from(compared);
         self.too_many += u64::from(found == Found::TooMany);
-        found
+        (found, compared)
     }
 
     /// Finds an object holding exactly `page`, before the page is compressed:
@@ -343,8 +353,9 @@ impl ObjShard {
     /// The decode runs under this shard's lock, for at most
     /// [`MAX_CANDIDATES`] candidates; with a keyed hash all but about one in
     /// 4 billion of them are true twins.
-    pub fn find_page(&mut self, key: u32, page: &Page, by: By, spill: Option<&SpillFile>) -> Found {
-        let found = self.candidates(key, by, |shard, _, o| {
+    /// Returns what it found and how many candidates it compared.
+    pub fn find_page(&mut self, key: u32, page: &Page, by: By, spill: Option<&SpillFile>) -> (Found, u32) {
+        let (found, compared) = self.candidates(key, by, MAX_CANDIDATES, |shard, _, o| {
             let mut read = [0u8; PAGE_SIZE];
             let Some(payload) = shard.candidate_payload(o, spill, &mut read) else {
                 return false;
@@ -358,7 +369,7 @@ impl ObjShard {
         if let Found::Hit(id) = found {
             self.take_ref(id);
         }
-        found
+        (found, compared)
     }
 
     /// The stored payload of a dedup candidate: borrowed from RAM, or read
@@ -408,7 +419,7 @@ impl ObjShard {
         };
         let dedup = match self.lookup(content, by, Some(spill)) {
             Found::Hit(id) => return Ok(Obtained::Ref { id, hit: true }),
-            Found::Miss => content_key(content).1,
+            Found::Miss => content_key(content).1 > 0,
             Found::TooMany => false,
         };
         let growth =
@@ -501,7 +512,9 @@ impl ObjShard {
                 let slab = &self.slab;
                 self.dedup.shrink_to(len * 2, |&i| slab.get(i).table_hash());
             }
-            if fill && self.fills.capacity() > 64 && self.fills.len() * 4 < self.fills.capacity() {
+            if fill && self.fills.is_empty() {
+                self.fills = HashMap::new();
+            } else if fill && self.fills.capacity() > 64 && self.fills.len() * 4 < self.fills.capacity() {
                 self.fills.shrink_to(self.fills.len() * 2);
             }
             self.tidy(budget);
@@ -635,11 +648,12 @@ impl ObjShard {
     }
 }
 
-/// The record key of what a put wants stored, and whether it is looked up at all.
-fn content_key(content: &Content<'_>) -> (u32, bool) {
+/// The record key of what a put wants stored, and how many candidates its
+/// lookup may compare (0: none, and it is stored without dedup).
+fn content_key(content: &Content<'_>) -> (u32, u32) {
     match *content {
-        Content::Fill { hash, .. } => (hash as u32, true),
-        Content::Data { key, dedup, .. } => (key, dedup),
+        Content::Fill { hash, .. } => (hash as u32, MAX_CANDIDATES),
+        Content::Data { key, candidates, .. } => (key, candidates),
     }
 }
 
@@ -676,7 +690,7 @@ mod tests {
             key,
             shard_hash: !u64::from(key),
             payload,
-            dedup,
+            candidates: if dedup { MAX_CANDIDATES } else { 0 },
         }
     }
 
@@ -693,6 +707,12 @@ mod tests {
             word,
             domain,
             hash: (word ^ u64::from(domain) << 7).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        }
+    }
+
+    impl ObjShard {
+        fn find_page_found(&mut self, key: u32, page: &Page, by: By, spill: Option<&SpillFile>) -> Found {
+            self.find_page(key, page, by, spill).0
         }
     }
 
@@ -770,14 +790,14 @@ mod tests {
         let mut frame = [0u8; codec::COMPRESS_BOUND];
         let len = codec::compress(&page, 1, &mut frame).unwrap();
         let (a, _) = id_of(s.obtain(&data(42, &frame[..len], true), by(0), &budget, None));
-        assert_eq!(s.find_page(42, &page, by(0), None), Found::Hit(a));
+        assert_eq!(s.find_page_found(42, &page, by(0), None), Found::Hit(a));
         assert_eq!(s.slab.get(a).refs(), 2);
         // Same key, other bytes: decoded, compared, refused.
         let mut other = page;
         other[4000] ^= 1;
-        assert_eq!(s.find_page(42, &other, by(0), None), Found::Miss);
+        assert_eq!(s.find_page_found(42, &other, by(0), None), Found::Miss);
         assert_eq!(
-            s.find_page(43, &page, by(0), None),
+            s.find_page_found(43, &page, by(0), None),
             Found::Miss,
             "another key is another page"
         );
@@ -787,12 +807,12 @@ mod tests {
             .collect();
         let noise: Page = noise.try_into().unwrap();
         let (r, _) = id_of(s.obtain(&data(7, &noise, true), by(0), &budget, None));
-        assert_eq!(s.find_page(7, &noise, by(0), None), Found::Hit(r));
+        assert_eq!(s.find_page_found(7, &noise, by(0), None), Found::Hit(r));
         // Spilled: read back from the file, only with the file at hand.
         while s.evict(&spill, &budget).unwrap() == Evicted::One {}
         assert_eq!(s.slab.get(a).tier(), Tier::Spilled);
-        assert_eq!(s.find_page(42, &page, by(0), None), Found::Miss);
-        assert_eq!(s.find_page(42, &page, by(0), Some(&spill)), Found::Hit(a));
+        assert_eq!(s.find_page_found(42, &page, by(0), None), Found::Miss);
+        assert_eq!(s.find_page_found(42, &page, by(0), Some(&spill)), Found::Hit(a));
         assert_eq!(s.slab.get(a).refs(), 3);
         let mut total = Counters::default();
         s.add_stats(u32::MAX, |_, _, c| total.spilled_pages += c.spilled_pages);

@@ -88,8 +88,10 @@ struct GuestObjs {
 
 pub struct Owners {
     ids: HashMap<(u32, u32), u16, RandomState>,
+    /// By id. Kept at its high-water mark until no owner is left (as the
+    /// slab keeps its blocks), so a release never allocates.
     recs: Vec<Owner>,
-    /// Freed ids; may hold ids at or past `recs.len()` (skipped when popped).
+    /// Freed ids, with room for every record: a release never allocates.
     free: Vec<u16>,
     /// Objects owned by OVERFLOW -> their guest.
     overflow: HashMap<u32, u32>,
@@ -132,7 +134,7 @@ impl Owners {
             return map_growth(&self.overflow);
         }
         let recs = if self.free.is_empty() && self.recs.len() == self.recs.capacity() {
-            self.recs.capacity().max(4) * 2 * std::mem::size_of::<Owner>()
+            self.recs.capacity().max(4) * 2 * (std::mem::size_of::<Owner>() + 2)
         } else {
             0
         };
@@ -152,16 +154,13 @@ impl Owners {
             g.meta += OVERFLOW_META;
             return OVERFLOW;
         }
-        let id = loop {
-            match self.free.pop() {
-                Some(id) if usize::from(id) < self.recs.len() && self.recs[usize::from(id)].objects == 0 => {
-                    break id;
-                }
-                Some(_) => continue,
-                None => {
-                    self.recs.push(Owner::default());
-                    break (self.recs.len() - 1) as u16;
-                }
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.recs.push(Owner::default());
+                let room = self.recs.capacity() - self.free.len();
+                self.free.reserve_exact(room);
+                (self.recs.len() - 1) as u16
             }
         };
         self.ids.insert((guest, pool), id);
@@ -238,18 +237,11 @@ impl Owners {
         debug_assert_eq!(rec.c.metadata_bytes, OWNER_META, "objects gone, metadata left");
         self.ids.remove(&(rec.guest, rec.pool));
         shrink_map(&mut self.ids);
-        self.free.push(owner);
-        while self.recs.last().is_some_and(|o| o.objects == 0) {
-            self.recs.pop();
-        }
-        if self.recs.is_empty() {
+        if self.ids.is_empty() {
             self.recs = Vec::new();
             self.free = Vec::new();
-        } else if self.recs.capacity() > 64 && self.recs.len() * 4 < self.recs.capacity() {
-            self.recs.shrink_to(self.recs.len() * 2);
-        }
-        if self.free.capacity() > 64 && self.free.len() * 4 < self.free.capacity() {
-            self.free.shrink_to(self.free.len() * 2);
+        } else {
+            self.free.push(owner);
         }
     }
 
