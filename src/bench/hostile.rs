@@ -13,6 +13,8 @@
 //!   pools); reports another guest's new-group PUT_FILL and an empty pool's
 //!   INVALIDATE_POOL, against a store with no attacker.
 //! - **hash**: the cost of the candidate content hashes on one 4 KiB page.
+//!
+//! docs/design.md ("Hostile guests") has the figures before and after.
 
 use std::{
     hash::{BuildHasher, Hasher},
@@ -50,6 +52,9 @@ pub struct ChurnReport {
     pub stats_ms_after: f64,
     pub stats_json_bytes_before: usize,
     pub stats_json_bytes_after: usize,
+    /// `Store::guest_metadata_bytes` of the churning guest.
+    pub guest_metadata_before: u64,
+    pub guest_metadata_after: u64,
     pub seconds: f64,
 }
 
@@ -62,6 +67,10 @@ pub struct FloodReport {
     pub last_puts_mean_us: f64,
     pub slowest_put_us: f64,
     pub unique_pages: u64,
+    /// Dedup candidates compared by all the puts, and puts stored without
+    /// dedup for meeting too many.
+    pub candidates_compared: u64,
+    pub too_many_candidates: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -74,7 +83,12 @@ pub struct GroupsReport {
     /// Median of 201 INVALIDATE_POOLs of empty pools, with no attacker.
     pub invalidate_empty_pool_ns_alone: f64,
     pub invalidate_empty_pool_ns_attacked: f64,
+    /// Index tables the victim's 201 puts and invalidates looked at.
+    pub victim_tables_visited_alone: u64,
+    pub victim_tables_visited_attacked: u64,
     pub rss_attacked: u64,
+    /// The budget counter with the attacker's groups in place.
+    pub mem_used_attacked: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -137,6 +151,7 @@ pub fn churn(pools: u64) -> Result<ChurnReport, Box<dyn std::error::Error>> {
     s.invalidate_page(g, 0, 0);
     let (stats_ms_before, stats_json_bytes_before) = timed_stats(&s)?;
     let (mem_used_before, rss_before) = (s.mem_used(), rss_bytes());
+    let guest_metadata_before = s.guest_metadata_bytes(g);
     let t = Instant::now();
     for pool in 1..=pools {
         s.put_fill(g, pool as u32, 0, 7)?;
@@ -144,6 +159,7 @@ pub fn churn(pools: u64) -> Result<ChurnReport, Box<dyn std::error::Error>> {
     }
     let seconds = t.elapsed().as_secs_f64();
     let (mem_used_after, rss_after) = (s.mem_used(), rss_bytes());
+    let guest_metadata_after = s.guest_metadata_bytes(g);
     let (stats_ms_after, stats_json_bytes_after) = timed_stats(&s)?;
     Ok(ChurnReport {
         pools,
@@ -155,6 +171,8 @@ pub fn churn(pools: u64) -> Result<ChurnReport, Box<dyn std::error::Error>> {
         stats_ms_after,
         stats_json_bytes_before,
         stats_json_bytes_after,
+        guest_metadata_before,
+        guest_metadata_after,
         seconds,
     })
 }
@@ -204,7 +222,10 @@ pub fn flood(pages: u64) -> Result<FloodReport, Box<dyn std::error::Error>> {
             last += us;
         }
     }
+    let (candidates_compared, too_many_candidates) = s.dedup_compares();
     Ok(FloodReport {
+        candidates_compared,
+        too_many_candidates,
         pages,
         crafted_collide,
         last_puts_mean_us: last / pages.clamp(1, 100) as f64,
@@ -220,8 +241,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Median times of a victim's new-group PUT_FILL and of INVALIDATE_POOL on
 /// empty pools. Each round uses pools it has not used before.
-fn victim_ops(s: &Store, round: u32) -> Result<(f64, f64), StoreError> {
+fn victim_ops(s: &Store, round: u32) -> Result<(f64, f64, u64), StoreError> {
     let victim = GuestId(9);
+    let visited = s.index_tables_visited();
     let (mut puts, mut invals) = (Vec::new(), Vec::new());
     for k in 0..201u32 {
         let pool = round * 1000 + k;
@@ -232,24 +254,27 @@ fn victim_ops(s: &Store, round: u32) -> Result<(f64, f64), StoreError> {
         s.invalidate_pool(victim, 100_000 + pool);
         invals.push(t.elapsed().as_secs_f64() * 1e9);
     }
-    Ok((median(puts), median(invals)))
+    Ok((median(puts), median(invals), s.index_tables_visited() - visited))
 }
 
 pub fn groups(groups: u64) -> Result<GroupsReport, Box<dyn std::error::Error>> {
     let s = store(4 << 30)?;
-    let (put_alone, inval_alone) = victim_ops(&s, 1)?;
+    let (put_alone, inval_alone, visited_alone) = victim_ops(&s, 1)?;
     let attacker = GuestId(8);
     for pool in 0..groups {
         s.put_fill(attacker, pool as u32, 0, 5)?;
     }
-    let (put_attacked, inval_attacked) = victim_ops(&s, 2)?;
+    let (put_attacked, inval_attacked, visited_attacked) = victim_ops(&s, 2)?;
     Ok(GroupsReport {
         attacker_groups: groups,
         victim_new_group_put_ns_alone: put_alone,
         victim_new_group_put_ns_attacked: put_attacked,
         invalidate_empty_pool_ns_alone: inval_alone,
         invalidate_empty_pool_ns_attacked: inval_attacked,
+        victim_tables_visited_alone: visited_alone,
+        victim_tables_visited_attacked: visited_attacked,
         rss_attacked: rss_bytes(),
+        mem_used_attacked: s.mem_used(),
     })
 }
 
@@ -301,8 +326,16 @@ mod tests {
     #[test]
     fn small_run() {
         let r = churn(50).unwrap();
-        assert_eq!(r.pools, 50);
-        assert!(flood(20).unwrap().crafted_collide);
-        groups(50).unwrap();
+        assert_eq!((r.pools, r.mem_used_after), (50, r.mem_used_before));
+        assert_eq!(r.guest_metadata_after, r.guest_metadata_before);
+        let f = flood(20).unwrap();
+        assert!(f.crafted_collide, "under the old seeding");
+        assert_eq!(
+            (f.unique_pages, f.too_many_candidates),
+            (20, 0),
+            "not under the keyed hash"
+        );
+        let g = groups(50).unwrap();
+        assert_eq!(g.victim_tables_visited_alone, g.victim_tables_visited_attacked);
     }
 }

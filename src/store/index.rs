@@ -395,7 +395,7 @@ impl IndexShard {
         let Some(g) = self.guests.get_mut(&guest) else {
             return;
         };
-        if g.pools.get(&pool).is_none_or(|p| p.c.stored_pages > 0) {
+        if !g.pools.get(&pool).is_some_and(|p| p.c.stored_pages == 0) {
             return;
         }
         let before = g.map_bytes();

@@ -164,12 +164,6 @@ impl ObjShard {
         (self.compared, self.too_many)
     }
 
-    /// Owner records live here (tests).
-    #[cfg(test)]
-    pub fn owners_live(&self) -> usize {
-        self.owners.live()
-    }
-
     pub fn live_objects(&self) -> u32 {
         self.slab.live()
     }
