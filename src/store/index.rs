@@ -467,6 +467,26 @@ impl IndexShard {
         }
     }
 
+    /// Calls `f` with the `n` pools of each guest that hold the most pages
+    /// here (ties: the lower pool id). Takes O(n) memory whatever the number
+    /// of pools.
+    pub fn top_pools(&self, n: usize, mut f: impl FnMut(u32, u32)) {
+        use std::{cmp::Reverse, collections::BinaryHeap};
+        let mut heap = BinaryHeap::with_capacity(n + 1);
+        for (&guest, g) in &self.guests {
+            heap.clear();
+            for (&pool, p) in &g.pools {
+                heap.push(Reverse((p.c.stored_pages, Reverse(pool))));
+                if heap.len() > n {
+                    heap.pop();
+                }
+            }
+            for Reverse((_, Reverse(pool))) in heap.drain() {
+                f(guest, pool);
+            }
+        }
+    }
+
     #[cfg(test)]
     pub fn entries(&self) -> usize {
         self.guests

@@ -43,7 +43,7 @@ mod stats;
 pub use codec::page_compressor;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashSet},
     path::PathBuf,
     sync::atomic::{AtomicU64, AtomicUsize, Ordering},
 };
@@ -820,24 +820,28 @@ impl Store {
     /// [`Store::stats`] with at most `top` pools per guest by name (the
     /// largest by stored pages); the rest are summed under [`OTHER_POOLS`].
     ///
-    /// Two passes, one shard locked at a time: the first counts pages per
-    /// pool (16 bytes per live pool, held for the call), the second sums
-    /// counters only for the pools kept, and each guest's other pools.
+    /// Two passes, one shard locked at a time, in memory bounded by `top`,
+    /// the shard count and the guest count, whatever the number of pools:
+    /// the first takes each shard's `top` largest pools of each guest as
+    /// candidates (any pool among a guest's `top` largest in total is among
+    /// them, unless its pages are spread thinner than `top` other pools'
+    /// in every shard); the second sums the candidates' counters and each
+    /// guest's other pools, and keeps the `top` candidates with the most
+    /// pages.
     pub fn stats_top(&self, top: usize) -> StoreStats {
-        let mut pages: HashMap<(u32, u32), u64> = HashMap::new();
+        let mut candidates: HashSet<(u32, u32)> = HashSet::new();
         for shard in self.index.iter() {
-            shard.0.lock().pool_pages(|guest, pool, n| {
-                *pages.entry((guest, pool)).or_default() += n;
+            shard.0.lock().top_pools(top, |guest, pool| {
+                candidates.insert((guest, pool));
             });
         }
         for shard in self.objects.iter() {
-            shard.0.lock().pools(|guest, pool| {
-                pages.entry((guest, pool)).or_default();
+            shard.0.lock().pools(top, |guest, pool| {
+                candidates.insert((guest, pool));
             });
         }
-        let keep = stats::largest(pages, top);
         let name = |guest: u32, pool: u32| {
-            if keep.contains(&(guest, pool)) {
+            if candidates.contains(&(guest, pool)) {
                 pool
             } else {
                 OTHER_POOLS
@@ -854,6 +858,7 @@ impl Store {
                 gather.add_objects(guest, name(guest, pool), c);
             });
         }
+        gather.keep_largest(top, OTHER_POOLS);
         let spill_file = self.spill.as_ref().map_or(0, SpillFile::file_bytes);
         let mut stats = gather.finish(self.budget.used(), self.budget.limit(), spill_file);
         stats.background_writebacks = self.background_writebacks.load(Ordering::Relaxed);

@@ -636,9 +636,10 @@ impl ObjShard {
         self.owners.add_stats(other_pool, into);
     }
 
-    /// Calls `f` with every (guest, pool) that owns objects here.
-    pub fn pools(&self, f: impl FnMut(u32, u32)) {
-        self.owners.pools(f);
+    /// Calls `f` with up to `n` (guest, pool) pairs of each guest that own
+    /// objects here.
+    pub fn pools(&self, n: usize, f: impl FnMut(u32, u32)) {
+        self.owners.pools(n, f);
     }
 }
 

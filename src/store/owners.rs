@@ -261,10 +261,16 @@ impl Owners {
         }
     }
 
-    /// Calls `f` with every (guest, pool) that owns objects here.
-    pub fn pools(&self, mut f: impl FnMut(u32, u32)) {
+    /// Calls `f` with up to `n` (guest, pool) pairs of each guest that own
+    /// objects here.
+    pub fn pools(&self, n: usize, mut f: impl FnMut(u32, u32)) {
+        let mut seen: HashMap<u32, usize> = HashMap::new();
         for o in self.recs.iter().filter(|o| o.objects > 0) {
-            f(o.guest, o.pool);
+            let k = seen.entry(o.guest).or_default();
+            if *k < n {
+                *k += 1;
+                f(o.guest, o.pool);
+            }
         }
     }
 

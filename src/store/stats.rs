@@ -9,29 +9,9 @@
 //! the rest summed under [`super::OTHER_POOLS`], so its size does not follow
 //! how many pools a guest opens.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 
 use super::{index::PageCounters, owners::ObjCounters, Counters, GuestStats, StoreStats};
-
-/// The `top` pools of each guest with the most pages (ties: lower pool id).
-pub fn largest(pages: HashMap<(u32, u32), u64>, top: usize) -> HashSet<(u32, u32)> {
-    let mut by_guest: HashMap<u32, Vec<(u64, u32)>> = HashMap::new();
-    for ((guest, pool), n) in pages {
-        by_guest.entry(guest).or_default().push((n, pool));
-    }
-    let mut keep = HashSet::new();
-    for (guest, mut pools) in by_guest {
-        let key = |&(n, pool): &(u64, u32)| (std::cmp::Reverse(n), pool);
-        if pools.len() > top {
-            if top > 0 {
-                pools.select_nth_unstable_by_key(top - 1, key);
-            }
-            pools.truncate(top);
-        }
-        keep.extend(pools.into_iter().map(|(_, pool)| (guest, pool)));
-    }
-    keep
-}
 
 impl Counters {
     /// Adds every field of `other` into `self`.
@@ -107,6 +87,28 @@ impl Gather {
     #[cfg(test)]
     pub fn add_mem(&mut self, guest: u32, pool: u32, bytes: u64) {
         self.pools.entry((guest, pool)).or_default().mem_used_bytes += bytes;
+    }
+
+    /// Keeps by name the `top` pools of each guest with the most stored
+    /// pages (ties: the lower pool id) and sums the others into `other`.
+    pub fn keep_largest(&mut self, top: usize, other: u32) {
+        let mut named: BTreeMap<u32, Vec<(u64, u32)>> = BTreeMap::new();
+        for (&(guest, pool), c) in &self.pools {
+            if pool != other {
+                named.entry(guest).or_default().push((c.stored_pages, pool));
+            }
+        }
+        for (guest, mut pools) in named {
+            if pools.len() <= top {
+                continue;
+            }
+            pools.sort_unstable_by_key(|&(n, pool)| (std::cmp::Reverse(n), pool));
+            for &(_, pool) in &pools[top..] {
+                if let Some(c) = self.pools.remove(&(guest, pool)) {
+                    self.pools.entry((guest, other)).or_default().add(&c);
+                }
+            }
+        }
     }
 
     /// Builds the report. Totals of `mem_used_bytes` and `spill_file_bytes`
@@ -192,16 +194,23 @@ mod top_tests {
     use super::*;
 
     #[test]
-    fn largest_keeps_the_top_pools_of_each_guest() {
-        let mut pages = HashMap::new();
+    fn keep_largest_sums_the_rest_under_other() {
+        let mut g = Gather::default();
         for pool in 0..100u32 {
-            pages.insert((1, pool), u64::from(pool % 10));
+            let c = Counters {
+                stored_pages: u64::from(pool % 10),
+                succ_stores: 1,
+                ..Counters::default()
+            };
+            g.add(1, pool, &c);
         }
-        pages.insert((2, 5), 0);
-        let keep = largest(pages, 3);
-        let mut kept: Vec<_> = keep.into_iter().collect();
-        kept.sort();
-        assert_eq!(kept, vec![(1, 9), (1, 19), (1, 29), (2, 5)]);
-        assert!(largest(HashMap::from([((1, 1), 5)]), 0).is_empty());
+        g.add(2, 5, &Counters::default());
+        g.keep_largest(3, u32::MAX);
+        let s = g.finish(0, 0, 0);
+        let kept: Vec<_> = s.guests[&1].pools.keys().copied().collect();
+        assert_eq!(kept, vec![9, 19, 29, u32::MAX]);
+        assert_eq!(s.guests[&1].pools[&u32::MAX].succ_stores, 97);
+        assert_eq!(s.guests[&1].total.stored_pages, 450);
+        assert_eq!(s.guests[&2].pools.len(), 1);
     }
 }
