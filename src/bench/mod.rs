@@ -4,6 +4,7 @@
 use clap::Parser;
 
 pub mod device;
+pub mod hostile;
 pub mod store;
 
 #[derive(Debug, Parser)]
@@ -14,6 +15,9 @@ pub enum BenchCommand {
     /// Drive a vhost-user-tmem daemon over its socket with an in-process frontend
     /// (N queues, depth D), and the store alone on the same pages, for comparison.
     Device(device::DeviceArgs),
+    /// What one hostile guest's input costs: pool churn, dedup hash
+    /// flooding, index-group scans (issue 9, section 3), before and after.
+    Hostile(hostile::HostileArgs),
 }
 
 impl BenchCommand {
@@ -21,6 +25,7 @@ impl BenchCommand {
         match self {
             BenchCommand::Store(args) => store::run(&args),
             BenchCommand::Device(args) => device::run(&args),
+            BenchCommand::Hostile(args) => hostile::run(&args),
         }
     }
 }

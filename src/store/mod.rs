@@ -6,23 +6,32 @@
 //!
 //! Layout (see docs/design.md for the reasons):
 //! - `codec`: same-filled detection, zstd with per-thread contexts, raw fallback;
+//! - `keys`: the secret keys drawn at start, and the keyed hashes (content,
+//!   fill, index placement) that decide where a guest's data goes;
 //! - `index`: index shards, (guest, pool, index) -> 32-bit object handle, page counters;
 //! - `objects`: object shards, stored contents with dedup, refcounts, tiers;
 //! - `slab`: the object records of a shard and the CLOCK hand over them;
 //! - `alloc`: the byte-packed chunk allocator (with compaction) that holds RAM payloads;
 //! - `spill`: the spill file, its slots, checksums and free space;
 //! - `budget`: the RAM budget counter;
-//! - `owners`: dense ids for (guest, pool) pairs;
-//! - `stats`: summing the shards' counters.
+//! - `owners`: per object shard, the (guest, pool) records objects are counted under;
+//! - `stats`: summing the shards' counters, the largest pools of each guest apart.
 //!
 //! Lock order: an index shard, then an object shard, then the spill space
 //! lock; never backwards. No lock is global: each put or get takes one index
 //! shard and one object shard.
+//!
+//! What a guest can make the store hold is bounded by the budget: every
+//! table, record and counter allocated for its pages, pools and objects is
+//! counted in it, and freed when emptied. Per device (not per guest input)
+//! the store keeps one record of cumulative counters per shard: the fixed
+//! overhead. See docs/design.md, "Hostile guests".
 
 mod alloc;
 mod budget;
 mod codec;
 mod index;
+mod keys;
 mod objects;
 mod owners;
 mod pressure;
@@ -34,7 +43,7 @@ mod stats;
 pub use codec::page_compressor;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     path::PathBuf,
     sync::atomic::{AtomicU64, AtomicUsize, Ordering},
 };
@@ -45,12 +54,18 @@ use thiserror::Error;
 
 use self::{
     budget::Budget,
-    index::{IndexShard, NoRoom},
-    objects::{Content, Evicted, Loaded, ObjShard, Obtained},
-    owners::Owners,
+    index::{At, IndexShard, NoRoom, PageCounters},
+    keys::Keys,
+    objects::{By, Content, Evicted, Found, Loaded, ObjShard, Obtained},
     spill::SpillFile,
     stats::Gather,
 };
+
+pub use self::{index::OTHER_POOLS, objects::MAX_CANDIDATES};
+
+/// Pools listed by name in each guest's stats; the rest are summed under
+/// [`OTHER_POOLS`], so a `stats` reply stays small whatever a guest does.
+pub const STATS_POOLS_PER_GUEST: usize = 32;
 
 pub use crate::protocol::PAGE_SIZE;
 
@@ -160,11 +175,20 @@ pub struct Counters {
     pub spill_reads: u64,
     pub spill_writes: u64,
     pub writebacks: u64,
+    /// Of `mem_used_bytes`, what the store holds to keep track of pages:
+    /// index tables and pool records, object records, dedup and fill table
+    /// entries, owner records. Per guest it is what its pages, pools and
+    /// objects cost beyond their payload.
+    #[serde(default)]
+    pub metadata_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestStats {
     pub total: Counters,
+    /// The guest's largest pools (by stored pages, at most
+    /// [`STATS_POOLS_PER_GUEST`]); pool [`OTHER_POOLS`] sums the rest, ops on
+    /// pools that hold nothing, and the counters of emptied pools.
     pub pools: BTreeMap<u32, Counters>,
 }
 
@@ -213,9 +237,9 @@ pub struct Store {
     objects: Box<[Padded<Mutex<ObjShard>>]>,
     obj_bits: u32,
     spill: Option<SpillFile>,
-    owners: Owners,
-    /// Random per store: keeps index placement unpredictable to guests.
-    seed: u64,
+    /// Secret per store: keeps content hashes and index placement
+    /// unpredictable to guests.
+    keys: Keys,
     /// Where general writeback starts next, so it spreads over the object shards.
     evict_hand: AtomicUsize,
     headroom: u64,
@@ -245,12 +269,7 @@ impl Store {
         let obj_bits = bits_for(obj_shards).min(MAX_OBJ_SHARD_BITS);
         let index_bits = bits_for((cpus * 8).clamp(16, 1024));
         let max_ids = 1u32 << (32 - obj_bits);
-        let seed = {
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u64(0x746d_656d);
-            h.finish()
-        };
+        let keys = Keys::new();
         let spill = match &config.spill {
             Some(s) => Some(SpillFile::open(&s.path, s.limit)?),
             None => None,
@@ -261,16 +280,15 @@ impl Store {
             dedup: config.dedup,
             budget: Budget::new(config.mem_limit),
             index: (0..1usize << index_bits)
-                .map(|_| Padded(Mutex::new(IndexShard::new(seed))))
+                .map(|_| Padded(Mutex::new(IndexShard::new(&keys))))
                 .collect(),
             index_bits,
             objects: (0..1usize << obj_bits)
-                .map(|_| Padded(Mutex::new(ObjShard::new(max_ids))))
+                .map(|_| Padded(Mutex::new(ObjShard::new(max_ids, &keys))))
                 .collect(),
             obj_bits,
             spill,
-            owners: Owners::new(),
-            seed,
+            keys,
             evict_hand: AtomicUsize::new(0),
             headroom: config.writeback_headroom,
             pressure: pressure::Pressure::default(),
@@ -285,16 +303,30 @@ impl Store {
         Ok(store)
     }
 
-    fn index_shard(&self, guest: GuestId, pool: u32, index: u64) -> MutexGuard<'_, IndexShard> {
-        // A run of neighbouring indices shares a shard (see index::RUN_BITS).
-        let key = (u64::from(guest.0) << 32 | u64::from(pool)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            ^ (index >> index::RUN_BITS)
-            ^ self.seed;
-        let x = (key ^ (key >> 31)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        let x = x ^ (x >> 29);
-        self.index[(x >> (64 - self.index_bits)) as usize & (self.index.len() - 1)]
+    /// Where a page is, with its run's keyed hash (see `keys::Keys::run`).
+    fn at(&self, guest: GuestId, pool: u32, index: u64) -> At {
+        At {
+            guest: guest.0,
+            pool,
+            index,
+            run: self.keys.run(guest.0, pool, index),
+        }
+    }
+
+    /// The index shard of a page: a run of neighbouring indices shares one
+    /// (see index::RUN_BITS), picked by the top bits of the run's keyed hash.
+    fn index_shard(&self, at: At) -> MutexGuard<'_, IndexShard> {
+        self.index[(at.run >> (64 - self.index_bits)) as usize & (self.index.len() - 1)]
             .0
             .lock()
+    }
+
+    fn by(&self, guest: GuestId, pool: u32) -> By {
+        By {
+            guest: guest.0,
+            pool,
+            private: self.dedup != DedupDomain::Global,
+        }
     }
 
     fn split_handle(&self, handle: u32) -> (usize, u32) {
@@ -313,21 +345,25 @@ impl Store {
     /// domain) is found before compression, by a hash of the page itself, and
     /// then costs a decompression to confirm instead of a compression.
     pub fn put(&self, guest: GuestId, pool: u32, index: u64, page: &Page) -> Result<PutOutcome, StoreError> {
-        let domain = self.domain(guest);
         if let Some(word) = codec::fill_value(page) {
-            return self.put_content(guest, pool, index, &Content::Fill { word, domain });
+            return self.put_fill(guest, pool, index, word);
         }
-        let h = xxhash_rust::xxh3::xxh3_128_with_seed(&page[..], u64::from(domain));
-        let (key, shard_hash) = (h as u32, (h >> 64) as u64);
-        let dedup = self.dedup != DedupDomain::Off;
-        if dedup {
+        let (key, shard_hash) = self.keys.page(page, self.domain(guest));
+        let mut candidates = 0;
+        if self.dedup != DedupDomain::Off {
             let shard = self.shard_of_hash(shard_hash);
-            let twin = self.objects[shard]
-                .0
-                .lock()
-                .find_page(key, page, self.spill.as_ref());
-            if let Some(id) = twin {
-                return self.link(guest, pool, index, shard, id, true, false);
+            let (twin, compared) =
+                self.objects[shard]
+                    .0
+                    .lock()
+                    .find_page(key, page, self.by(guest, pool), self.spill.as_ref());
+            match twin {
+                Found::Hit(id) => return self.link(guest, pool, index, shard, id, true, false),
+                // The lookup after compression (which catches a twin stored
+                // meanwhile) gets what this one left of the bound.
+                Found::Miss => candidates = MAX_CANDIDATES - compared,
+                // Too many candidates share the key: this page goes without dedup.
+                Found::TooMany => {}
             }
         }
         codec::with_scratch(|frame| {
@@ -343,7 +379,7 @@ impl Store {
                 key,
                 shard_hash,
                 payload,
-                dedup,
+                candidates,
             };
             self.put_content(guest, pool, index, &content)
         })
@@ -357,16 +393,18 @@ impl Store {
         index: u64,
         fill: u64,
     ) -> Result<PutOutcome, StoreError> {
+        let domain = self.domain(guest);
         let content = Content::Fill {
             word: fill,
-            domain: self.domain(guest),
+            domain,
+            hash: self.keys.fill(fill, domain),
         };
         self.put_content(guest, pool, index, &content)
     }
 
     fn obj_shard_of(&self, content: &Content<'_>) -> usize {
         self.shard_of_hash(match *content {
-            Content::Fill { word, domain } => slab::fill_hash(word, domain),
+            Content::Fill { hash, .. } => hash,
             Content::Data { shard_hash, .. } => shard_hash,
         })
     }
@@ -383,7 +421,7 @@ impl Store {
         content: &Content<'_>,
     ) -> Result<PutOutcome, StoreError> {
         let shard = self.obj_shard_of(content);
-        let owner = self.owners.id(guest.0, pool);
+        let owner = self.by(guest, pool);
         let fill = matches!(content, Content::Fill { .. });
         // Object first, with no index lock held: the object shard lock is never
         // held while taking an index lock.
@@ -412,16 +450,16 @@ impl Store {
         fill: bool,
     ) -> Result<PutOutcome, StoreError> {
         let handle = ((shard as u32) << (32 - self.obj_bits)) | id;
+        let at = self.at(guest, pool, index);
         loop {
-            let mut ix = self.index_shard(guest, pool, index);
-            match ix.insert(guest.0, pool, index, handle, &self.budget) {
+            let mut ix = self.index_shard(at);
+            match ix.insert(&self.keys, at, handle, &self.budget) {
                 Ok(old) => {
                     let old_fill = old.map(|h| self.release(h));
                     let c = ix.counters(guest.0, pool);
                     c.succ_stores += 1;
                     if old.is_none() {
                         c.stored_pages += 1;
-                        c.orig_data_bytes += PAGE_SIZE as u64;
                     }
                     if old_fill == Some(true) {
                         c.same_filled_pages -= 1;
@@ -454,7 +492,7 @@ impl Store {
         &self,
         shard: usize,
         content: &Content<'_>,
-        owner: u16,
+        owner: By,
     ) -> Result<Option<(u32, bool)>, StoreError> {
         let spill = self.spill.as_ref();
         loop {
@@ -494,15 +532,17 @@ impl Store {
 
     /// Removes whatever is stored at (guest, pool, index), counts the removal
     /// with `count`, and returns whether a page was there.
-    fn remove_page(&self, guest: GuestId, pool: u32, index: u64, count: fn(&mut Counters)) -> bool {
-        let mut ix = self.index_shard(guest, pool, index);
-        let old = ix.remove(guest.0, pool, index, &self.budget);
+    fn remove_page(&self, guest: GuestId, pool: u32, index: u64, count: fn(&mut PageCounters)) -> bool {
+        let at = self.at(guest, pool, index);
+        let mut ix = self.index_shard(at);
+        let old = ix.remove(&self.keys, at, &self.budget);
         let old_fill = old.map(|h| self.release(h));
         let c = ix.counters(guest.0, pool);
         count(c);
         if let Some(was_fill) = old_fill {
             c.forget_page(was_fill);
         }
+        ix.tidy(guest.0, pool, &self.budget);
         old.is_some()
     }
 
@@ -571,11 +611,12 @@ impl Store {
         exclusive: bool,
         frame: &mut [u8],
     ) -> Result<GetOutcome, StoreError> {
-        let mut ix = self.index_shard(guest, pool, index);
+        let at = self.at(guest, pool, index);
+        let mut ix = self.index_shard(at);
         let handle = if exclusive {
-            ix.remove(guest.0, pool, index, &self.budget)
+            ix.remove(&self.keys, at, &self.budget)
         } else {
-            ix.get(guest.0, pool, index)
+            ix.get(at)
         };
         let Some(handle) = handle else {
             ix.counters(guest.0, pool).failed_loads += 1;
@@ -596,6 +637,7 @@ impl Store {
         }
         if let Some(was_fill) = was_fill {
             c.forget_page(was_fill);
+            ix.tidy(guest.0, pool, &self.budget);
         }
         drop(ix);
         // Decompression runs with no lock held.
@@ -612,29 +654,41 @@ impl Store {
         self.remove_page(guest, pool, index, |c| c.invalidates += 1)
     }
 
-    /// Drops every page of the pools `which` selects; returns how many.
-    fn drop_pools(&self, which: impl Fn(u32, u32) -> bool + Copy) -> u64 {
-        let mut dropped = 0;
-        for shard in self.index.iter() {
-            let mut ix = shard.0.lock();
-            let taken = ix.take_pools(which, &self.budget);
-            dropped += taken.len() as u64;
-            for (guest, pool, handle) in taken {
-                let was_fill = self.release(handle);
-                ix.counters(guest, pool).forget_page(was_fill);
-            }
-        }
-        dropped
-    }
-
     /// Drops every page of one pool (swapoff). Returns how many were dropped.
+    /// Each index shard finds the pool's tables through its own record, so
+    /// the cost is one lookup per index shard plus the pool's pages.
     pub fn invalidate_pool(&self, guest: GuestId, pool: u32) -> u64 {
-        self.drop_pools(|g, p| g == guest.0 && p == pool)
+        self.index
+            .iter()
+            .map(|shard| {
+                shard.0.lock().take_pool(guest.0, pool, &self.budget, |h| {
+                    self.release(h);
+                })
+            })
+            .sum()
     }
 
-    /// Drops every page of one guest (device reset, disconnect).
+    /// Drops every page of one guest (device reset, disconnect): the cost
+    /// follows that guest's pools and pages.
     pub fn drop_guest(&self, guest: GuestId) -> u64 {
-        self.drop_pools(|g, _| g == guest.0)
+        self.index
+            .iter()
+            .map(|shard| {
+                shard.0.lock().take_guest(guest.0, &self.budget, |h| {
+                    self.release(h);
+                })
+            })
+            .sum()
+    }
+
+    /// Host bytes of metadata the store holds for one guest: its index
+    /// tables and pool records, and its objects' records, dedup and fill
+    /// entries and owner records (part of the budget; what a per-guest cap
+    /// on metadata would be checked against).
+    pub fn guest_metadata_bytes(&self, guest: GuestId) -> u64 {
+        let index: u64 = self.index.iter().map(|s| s.0.lock().guest_bytes(guest.0)).sum();
+        let objects: u64 = self.objects.iter().map(|s| s.0.lock().guest_meta(guest.0)).sum();
+        index + objects
     }
 
     pub fn mem_limit(&self) -> u64 {
@@ -743,7 +797,7 @@ impl Store {
         for shard in self.index.iter() {
             let shard = shard.0.lock();
             index_bytes += shard.heap_bytes();
-            shard.add_stats(|_, _, c, _| stored_pages += c.stored_pages);
+            shard.pool_pages(|_, _, pages| stored_pages += pages);
         }
         let total_bytes = self.budget.used();
         MemoryUse {
@@ -757,24 +811,73 @@ impl Store {
         }
     }
 
+    /// Counters of the whole store, per guest and per pool, with each
+    /// guest's [`STATS_POOLS_PER_GUEST`] largest pools by name.
     pub fn stats(&self) -> StoreStats {
-        let mut gather = Gather::default();
+        self.stats_top(STATS_POOLS_PER_GUEST)
+    }
+
+    /// [`Store::stats`] with at most `top` pools per guest by name (the
+    /// largest by stored pages); the rest are summed under [`OTHER_POOLS`].
+    ///
+    /// Two passes, one shard locked at a time, in memory bounded by `top`,
+    /// the shard count and the guest count, whatever the number of pools:
+    /// the first takes each shard's `top` largest pools of each guest as
+    /// candidates (any pool among a guest's `top` largest in total is among
+    /// them, unless its pages are spread thinner than `top` other pools'
+    /// in every shard); the second sums the candidates' counters and each
+    /// guest's other pools, and keeps the `top` candidates with the most
+    /// pages.
+    pub fn stats_top(&self, top: usize) -> StoreStats {
+        let mut candidates: HashSet<(u32, u32)> = HashSet::new();
         for shard in self.index.iter() {
-            shard.0.lock().add_stats(|guest, pool, c, bytes| {
-                gather.add(guest, pool, c);
-                gather.add_mem(guest, pool, bytes);
+            shard.0.lock().top_pools(top, |guest, pool| {
+                candidates.insert((guest, pool));
             });
         }
         for shard in self.objects.iter() {
-            shard.0.lock().add_stats(|owner, c| {
-                let (guest, pool) = self.owners.pair(owner);
-                gather.add(guest, pool, c);
+            shard.0.lock().pools(top, |guest, pool| {
+                candidates.insert((guest, pool));
             });
         }
+        let name = |guest: u32, pool: u32| {
+            if candidates.contains(&(guest, pool)) {
+                pool
+            } else {
+                OTHER_POOLS
+            }
+        };
+        let mut gather = Gather::default();
+        for shard in self.index.iter() {
+            shard.0.lock().add_stats(|guest, pool, c, bytes| {
+                gather.add_pages(guest, name(guest, pool), c, bytes);
+            });
+        }
+        for shard in self.objects.iter() {
+            shard.0.lock().add_stats(OTHER_POOLS, |guest, pool, c| {
+                gather.add_objects(guest, name(guest, pool), c);
+            });
+        }
+        gather.keep_largest(top, OTHER_POOLS);
         let spill_file = self.spill.as_ref().map_or(0, SpillFile::file_bytes);
         let mut stats = gather.finish(self.budget.used(), self.budget.limit(), spill_file);
         stats.background_writebacks = self.background_writebacks.load(Ordering::Relaxed);
         stats
+    }
+
+    /// Dedup candidates compared by all puts so far, and puts that stopped
+    /// at [`MAX_CANDIDATES`] and were stored without dedup.
+    pub fn dedup_compares(&self) -> (u64, u64) {
+        self.objects.iter().fold((0, 0), |(c, t), shard| {
+            let (dc, dt) = shard.0.lock().dedup_compares();
+            (c + dc, t + dt)
+        })
+    }
+
+    /// Index tables looked at by all operations so far (benchmarks and
+    /// tests of what one operation touches).
+    pub fn index_tables_visited(&self) -> u64 {
+        self.index.iter().map(|s| s.0.lock().visited()).sum()
     }
 }
 
@@ -1329,5 +1432,160 @@ mod tests {
                 assert_eq!(get(&s, 0, t, i), Some(page_for(t, i)));
             }
         }
+    }
+
+    // Hostile input (issue 9, section 3): one test per attack, each asserting its bound.
+
+    /// 20,000 x (PUT_FILL or PUT to a new pool, then INVALIDATE_PAGE) leaves
+    /// the budget, the guest's metadata and the stats where they started.
+    #[test]
+    fn pool_churn_leaves_no_metadata_behind() {
+        let s = store(64 << 20);
+        let g = GuestId(4);
+        s.put_fill(g, 0, 0, 9).unwrap();
+        s.invalidate_page(g, 0, 0);
+        let (used, meta) = (s.mem_used(), s.guest_metadata_bytes(g));
+        assert_eq!(meta, 0);
+        for pool in 1..=20_000u32 {
+            if pool % 10 == 0 {
+                put(&s, 4, pool, u64::from(pool), &text_page(u64::from(pool)));
+            } else {
+                s.put_fill(g, pool, u64::from(pool), u64::from(pool)).unwrap();
+            }
+            assert!(s.guest_metadata_bytes(g) > 0);
+            assert!(s.invalidate_page(g, pool, u64::from(pool)));
+            assert_eq!(s.mem_used(), used, "pool {pool}");
+        }
+        assert_eq!(s.guest_metadata_bytes(g), meta);
+        let st = s.stats();
+        assert_eq!(st.guests[&4].pools.keys().collect::<Vec<_>>(), vec![&OTHER_POOLS]);
+        let other = &st.guests[&4].pools[&OTHER_POOLS];
+        assert_eq!(
+            (other.succ_stores, other.invalidates, other.stored_pages),
+            (20_001, 20_001, 0)
+        );
+        assert!(serde_json::to_string(&st).unwrap().len() < 4096);
+    }
+
+    /// Metadata is counted while it lives: pools holding pages cost their
+    /// guest budget, are listed at most 32 by name, and go with their pages.
+    #[test]
+    fn live_pools_are_counted_listed_within_a_bound_and_freed() {
+        let s = store(64 << 20);
+        let (g, other) = (GuestId(5), GuestId(6));
+        put(&s, 6, 0, 0, &text_page(1));
+        let (used, victim_meta) = (s.mem_used(), s.guest_metadata_bytes(other));
+        assert!(victim_meta > 0);
+        for pool in 0..3000u32 {
+            s.put_fill(g, pool, 0, 1).unwrap();
+            s.put_fill(g, pool, 1 << 40, 2).unwrap();
+        }
+        let meta = s.guest_metadata_bytes(g);
+        // Two tables and a pool record per pool: at least 100 bytes each.
+        assert!(meta > 3000 * 100, "{meta}");
+        assert!(s.mem_used() >= used + meta, "{} vs {used} + {meta}", s.mem_used());
+        assert_eq!(s.guest_metadata_bytes(other), victim_meta);
+        let st = s.stats();
+        let pools = &st.guests[&5].pools;
+        assert_eq!(pools.len(), STATS_POOLS_PER_GUEST + 1);
+        assert_eq!(pools[&OTHER_POOLS].stored_pages, 2 * (3000 - 32));
+        assert_eq!(st.guests[&5].total.stored_pages, 6000);
+        assert_eq!(st.guests[&5].total.metadata_bytes, meta);
+        assert!(serde_json::to_string(&st).unwrap().len() < 32 << 10);
+        for pool in 0..3000u32 {
+            assert_eq!(s.invalidate_pool(g, pool), 2);
+        }
+        assert_eq!((s.mem_used(), s.guest_metadata_bytes(g)), (used, 0));
+        assert_eq!(get(&s, 6, 0, 0), Some(text_page(1)));
+    }
+
+    /// With every page and fill hashing to one value (the test hook), each
+    /// put compares at most MAX_CANDIDATES stored objects, then stores its
+    /// page without dedup; every page still reads back as written.
+    #[test]
+    fn colliding_hashes_cost_each_put_at_most_the_candidate_bound() {
+        let mut s = store(64 << 20);
+        s.keys.collide = true;
+        let n = 300u64;
+        for i in 0..n {
+            let (before, _) = s.dedup_compares();
+            if i % 3 == 0 {
+                s.put_fill(GuestId(1), 0, i, i + 1).unwrap();
+            } else {
+                put(&s, 1, 0, i, &text_page(i));
+            }
+            let (after, _) = s.dedup_compares();
+            assert!(
+                after - before <= u64::from(MAX_CANDIDATES),
+                "put {i}: {} compares",
+                after - before
+            );
+        }
+        let (_, too_many) = s.dedup_compares();
+        assert!(too_many >= n - 2 * u64::from(MAX_CANDIDATES), "{too_many}");
+        for i in 0..n {
+            let want = if i % 3 == 0 {
+                let mut p = [0u8; PAGE_SIZE];
+                codec::write_fill(&mut p, i + 1);
+                p
+            } else {
+                text_page(i)
+            };
+            assert_eq!(get(&s, 1, 0, i), Some(want), "page {i}");
+        }
+        assert_eq!(s.stats().total.unique_pages, n - n / 3);
+        // Another guest's puts and gets on the same (flooded) key still work.
+        put(&s, 2, 0, 0, &text_page(5));
+        assert_eq!(get(&s, 2, 0, 0), Some(text_page(5)));
+        s.drop_guest(GuestId(1));
+        s.drop_guest(GuestId(2));
+        assert_eq!(s.memory().objects, 0);
+    }
+
+    /// In the Guest domain the owner is checked too: a page equal to another
+    /// guest's, with an equal hash, is not shared.
+    #[test]
+    fn equal_hashes_never_share_across_guests_in_the_guest_domain() {
+        let mut s = store(64 << 20);
+        s.keys.collide = true;
+        let p = text_page(3);
+        put(&s, 0, 0, 0, &p);
+        put(&s, 1, 0, 0, &p);
+        put(&s, 0, 1, 0, &p);
+        let t = s.stats().total;
+        assert_eq!((t.unique_pages, t.dedup_hits), (2, 1));
+    }
+
+    /// A new index group costs the same whatever other guests hold, and
+    /// INVALIDATE_POOL looks only at that pool's tables.
+    #[test]
+    fn a_new_group_costs_the_same_beside_any_number_of_groups() {
+        let s = store(1 << 30);
+        let victim = GuestId(9);
+        let cost = |pool: u32| {
+            let v = s.index_tables_visited();
+            s.put_fill(victim, pool, 0, 1).unwrap();
+            s.index_tables_visited() - v
+        };
+        let alone = cost(0);
+        for pool in 0..30_000u32 {
+            s.put_fill(GuestId(8), pool, u64::from(pool) << 32, 3).unwrap();
+        }
+        assert_eq!(cost(1), alone, "tables visited by a new group's put");
+        let v = s.index_tables_visited();
+        assert_eq!(s.invalidate_pool(victim, 77), 0);
+        assert_eq!(
+            s.index_tables_visited(),
+            v,
+            "an empty pool's invalidate looks at nothing"
+        );
+        for i in 0..200 {
+            s.put_fill(victim, 2, i, 1).unwrap();
+        }
+        let v = s.index_tables_visited();
+        assert_eq!(s.invalidate_pool(victim, 2), 200);
+        // One table per index shard holding the pool's pages at most.
+        assert!(s.index_tables_visited() - v <= s.index.len() as u64);
+        assert_eq!(s.drop_guest(GuestId(8)), 30_000);
     }
 }

@@ -16,16 +16,47 @@ use super::{
     alloc::{ChunkAlloc, Loc, CHUNK, HDR},
     budget::Budget,
     codec,
-    slab::{fill_hash, key_hash, Obj, Slab, Tier, INDEXED, MAX_REFS, REFERENCED},
+    keys::Keys,
+    owners::{ObjCounters, Owners},
+    slab::{key_hash, Obj, Slab, Tier, INDEXED, MAX_REFS, REFERENCED},
     spill::{units_for, SpillFile, UNIT},
-    Counters, Page, StoreError, PAGE_SIZE,
+    Page, StoreError, PAGE_SIZE,
 };
+
+/// Most candidates (stored objects whose record key matches) one put
+/// compares with its page. Past it the page is stored without dedup and
+/// left out of the dedup table, so no chain grows past it either: a guest
+/// that finds (or forges) many pages with one key costs itself its dedup,
+/// and each of its puts at most this many compares under the shard lock.
+/// With keyed 32-bit keys a second candidate is a one-in-4-billion event.
+pub const MAX_CANDIDATES: u32 = 4;
+
+/// Who stores: the object's owner, and whether only that guest's objects
+/// may be its twins (the `Guest` and `Off` dedup domains).
+#[derive(Clone, Copy, Debug)]
+pub struct By {
+    pub guest: u32,
+    pub pool: u32,
+    pub private: bool,
+}
+
+/// What a dedup lookup found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Found {
+    /// A twin, on which a reference was taken.
+    Hit(u32),
+    Miss,
+    /// [`MAX_CANDIDATES`] compared without a match: store without dedup.
+    TooMany,
+}
 
 /// What a put wants stored.
 pub enum Content<'a> {
     Fill {
         word: u64,
         domain: u32,
+        /// `Keys::fill(word, domain)`: record key and shard.
+        hash: u64,
     },
     /// `payload` is a zstd frame, or the page itself when `PAGE_SIZE` long.
     /// `key` is the low 32 bits of its 128-bit content hash, the only part
@@ -35,7 +66,10 @@ pub enum Content<'a> {
         /// The high half of the hash, which chose the shard.
         shard_hash: u64,
         payload: &'a [u8],
-        dedup: bool,
+        /// Most candidates its lookup may compare: what the put's lookup
+        /// before compression left of [`MAX_CANDIDATES`]. 0: stored without
+        /// dedup (dedup off, or that lookup used them all).
+        candidates: u32,
     },
 }
 
@@ -73,8 +107,12 @@ pub struct ObjShard {
     /// record, and distinct fills are few (zero pages are almost all of them).
     fills: HashMap<u32, (u64, u32)>,
     alloc: ChunkAlloc,
-    /// Object counters by owner id.
-    owners: Vec<Counters>,
+    /// Owner records: object counters by (guest, pool).
+    owners: Owners,
+    /// Candidates compared by dedup lookups, and lookups that gave up at
+    /// [`MAX_CANDIDATES`].
+    compared: u64,
+    too_many: u64,
     /// Bytes this shard has counted in the budget.
     counted: u64,
     /// Objects with a payload in RAM: writeback gives up at once when none.
@@ -87,13 +125,15 @@ pub struct ObjShard {
 }
 
 impl ObjShard {
-    pub fn new(max_ids: u32) -> Self {
+    pub fn new(max_ids: u32, keys: &Keys) -> Self {
         ObjShard {
             slab: Slab::new(),
             dedup: HashTable::new(),
             fills: HashMap::new(),
             alloc: ChunkAlloc::new(),
-            owners: Vec::new(),
+            owners: Owners::new(keys.map_hasher()),
+            compared: 0,
+            too_many: 0,
             counted: 0,
             in_ram: 0,
             compact_floor: 0,
@@ -110,6 +150,18 @@ impl ObjShard {
         (self.dedup.allocation_size() + self.fills.allocation_size()) as u64
             + self.slab.heap_bytes()
             + self.alloc.heap_bytes()
+            + self.owners.heap_bytes()
+    }
+
+    /// Metadata bytes held here for one guest (see [`obj_meta`] and
+    /// [`super::owners::OWNER_META`]).
+    pub fn guest_meta(&self, guest: u32) -> u64 {
+        self.owners.guest_meta(guest)
+    }
+
+    /// Candidates compared so far, and lookups that stopped at the bound.
+    pub fn dedup_compares(&self) -> (u64, u64) {
+        (self.compared, self.too_many)
     }
 
     pub fn live_objects(&self) -> u32 {
@@ -130,12 +182,20 @@ impl ObjShard {
         budget.settle(&mut self.counted, now);
     }
 
-    fn owner(&mut self, owner: u16) -> &mut Counters {
-        let i = usize::from(owner);
-        if i >= self.owners.len() {
-            self.owners.resize(i + 1, Counters::default());
-        }
-        &mut self.owners[i]
+    /// The counters object `id` counts in (its owner's).
+    fn counters(&mut self, id: u32) -> &mut ObjCounters {
+        let owner = self.slab.get(id).owner();
+        self.owners.counters(owner, id)
+    }
+
+    /// A new record for `obj`, with one reference, owned by `by`.
+    fn insert_obj(&mut self, obj: Obj, by: By) -> u32 {
+        let id = self.slab.insert(obj);
+        let owner = self.owners.acquire(by.guest, by.pool, id);
+        self.slab.get_mut(id).set_owner(owner);
+        let meta = obj_meta(obj.tier(), obj.has(INDEXED));
+        self.owners.charge(owner, id, meta, true);
+        id
     }
 
     /// Finds an equal object in the dedup table or stores a new one, taking a reference.
@@ -147,14 +207,16 @@ impl ObjShard {
     pub fn obtain(
         &mut self,
         content: &Content<'_>,
-        owner: u16,
+        by: By,
         budget: &Budget,
         spill: Option<&SpillFile>,
     ) -> Obtained {
-        let (key, dedup) = content_key(content);
-        if let Some(hit) = self.lookup(content, spill) {
-            return hit;
-        }
+        let (key, limit) = content_key(content);
+        let dedup = match self.lookup(content, by, spill) {
+            Found::Hit(id) => return Obtained::Ref { id, hit: true },
+            Found::Miss => limit > 0,
+            Found::TooMany => false,
+        };
         let payload_len = match *content {
             Content::Fill { .. } => 0,
             Content::Data { payload, .. } => payload.len(),
@@ -170,7 +232,8 @@ impl ObjShard {
             }
             _ => 0,
         };
-        let growth = (alloc_growth + self.dedup_growth(dedup) + fill_growth + self.slab.growth()) as u64;
+        let growth = (alloc_growth + self.dedup_growth(dedup) + fill_growth + self.slab.growth()) as u64
+            + self.owners.growth(by.guest, by.pool);
         // New chunks for puts leave one chunk of headroom, for compaction to move into.
         let keep = if alloc_growth > 0 { CHUNK as u64 } else { 0 };
         if !self.slab.has_room(self.max_ids)
@@ -186,14 +249,14 @@ impl ObjShard {
             Content::Data { .. } => Tier::Ram,
         };
         let flags = REFERENCED | if dedup { INDEXED } else { 0 };
-        let id = self.slab.insert(Obj::new(key, tier, payload_len, owner, flags));
+        let id = self.insert_obj(Obj::new(key, tier, payload_len, 0, flags), by);
         match *content {
             Content::Data { payload, .. } => {
                 let loc = self.alloc.alloc(payload.len(), id);
                 self.alloc.bytes_mut(loc, payload.len()).copy_from_slice(payload);
                 self.slab.get_mut(id).set_loc(loc.pack());
             }
-            Content::Fill { word, domain } => {
+            Content::Fill { word, domain, .. } => {
                 self.fills.insert(id, (word, domain));
             }
         }
@@ -205,7 +268,7 @@ impl ObjShard {
         if tier == Tier::Ram {
             self.in_ram += 1;
         }
-        let c = self.owner(owner);
+        let c = self.counters(id);
         c.mem_used_bytes += obj_ram_bytes(tier, payload_len);
         if tier == Tier::Ram {
             c.unique_pages += 1;
@@ -215,69 +278,92 @@ impl ObjShard {
         Obtained::Ref { id, hit: false }
     }
 
-    /// Finds an object equal to `content` and takes a reference on it.
-    fn lookup(&mut self, content: &Content<'_>, spill: Option<&SpillFile>) -> Option<Obtained> {
-        let (key, dedup) = content_key(content);
-        if !dedup {
-            return None;
+    /// Finds an object equal to `content` and takes a reference on it,
+    /// comparing at most [`MAX_CANDIDATES`].
+    fn lookup(&mut self, content: &Content<'_>, by: By, spill: Option<&SpillFile>) -> Found {
+        let (key, limit) = content_key(content);
+        if limit == 0 {
+            return Found::Miss;
         }
-        {
-            let found = self.dedup.find(key_hash(key), |&id| {
-                let o = self.slab.get(id);
-                // A record at its reference limit is passed over: the page gets a new copy.
-                if o.refs() == MAX_REFS {
-                    return false;
-                }
-                match *content {
-                    Content::Fill { word, domain } => {
-                        o.tier() == Tier::Fill && self.fills.get(&id) == Some(&(word, domain))
-                    }
-                    Content::Data { payload, .. } if o.key() == key && o.len() == payload.len() => {
-                        let mut read = [0u8; PAGE_SIZE];
-                        self.candidate_payload(o, spill, &mut read) == Some(payload)
-                    }
-                    Content::Data { .. } => false,
-                }
-            });
-            if let Some(&id) = found {
-                self.take_ref(id);
-                return Some(Obtained::Ref { id, hit: true });
+        let (found, _) = self.candidates(key, by, limit, |shard, id, o| match *content {
+            Content::Fill { word, domain, .. } => {
+                o.tier() == Tier::Fill && shard.fills.get(&id) == Some(&(word, domain))
             }
-        }
-        None
-    }
-
-    /// Finds an object holding exactly `page`, before the page is compressed:
-    /// candidates share its key (the low bits of a hash of the page), and each
-    /// is decoded (read back from the file if spilled) and compared whole.
-    /// Takes a reference on the one found. A read or decode that fails counts
-    /// as "not equal".
-    ///
-    /// The decode runs under this shard's lock, but only for candidates whose
-    /// 32-bit key matches: all but about one in 4 billion are true twins.
-    pub fn find_page(&mut self, key: u32, page: &Page, spill: Option<&SpillFile>) -> Option<u32> {
-        let found = self
-            .dedup
-            .find(key_hash(key), |&id| {
-                let o = self.slab.get(id);
-                if o.key() != key || o.refs() == MAX_REFS {
-                    return false;
-                }
+            Content::Data { payload, .. } if o.len() == payload.len() => {
                 let mut read = [0u8; PAGE_SIZE];
-                let Some(payload) = self.candidate_payload(o, spill, &mut read) else {
-                    return false;
-                };
-                if o.is_raw() {
-                    return payload == &page[..];
-                }
-                let mut decoded = [0u8; PAGE_SIZE];
-                codec::decompress(payload, &mut decoded).is_ok() && decoded == *page
-            })
-            .copied();
-        if let Some(id) = found {
+                shard.candidate_payload(o, spill, &mut read) == Some(payload)
+            }
+            Content::Data { .. } => false,
+        });
+        if let Found::Hit(id) = found {
             self.take_ref(id);
         }
         found
+    }
+
+    /// Walks the dedup table's entries with record key `key`, calling
+    /// `equal` on each that may be a twin (not at its reference limit, and
+    /// `by`'s guest's own when the domain is private), until one is equal or
+    /// `limit` have been looked at. Returns how many were.
+    fn candidates(
+        &mut self,
+        key: u32,
+        by: By,
+        limit: u32,
+        mut equal: impl FnMut(&Self, u32, &Obj) -> bool,
+    ) -> (Found, u32) {
+        let mut compared = 0;
+        let mut found = Found::Miss;
+        for &id in self.dedup.iter_hash(key_hash(key)) {
+            let o = self.slab.get(id);
+            if o.key() != key {
+                continue;
+            }
+            if compared == limit {
+                found = Found::TooMany;
+                break;
+            }
+            compared += 1;
+            // A record at its reference limit is passed over: the page gets a new copy.
+            if o.refs() == MAX_REFS || (by.private && self.owners.guest_of(o.owner(), id) != Some(by.guest)) {
+                continue;
+            }
+            if equal(self, id, o) {
+                found = Found::Hit(id);
+                break;
+            }
+        }
+        self.compared += u64::from(compared);
+        self.too_many += u64::from(found == Found::TooMany);
+        (found, compared)
+    }
+
+    /// Finds an object holding exactly `page`, before the page is compressed:
+    /// candidates share its key (the low bits of a keyed hash of the page),
+    /// and each is decoded (read back from the file if spilled) and compared
+    /// whole. Takes a reference on the one found. A read or decode that fails
+    /// counts as "not equal".
+    ///
+    /// The decode runs under this shard's lock, for at most
+    /// [`MAX_CANDIDATES`] candidates; with a keyed hash all but about one in
+    /// 4 billion of them are true twins.
+    /// Returns what it found and how many candidates it compared.
+    pub fn find_page(&mut self, key: u32, page: &Page, by: By, spill: Option<&SpillFile>) -> (Found, u32) {
+        let (found, compared) = self.candidates(key, by, MAX_CANDIDATES, |shard, _, o| {
+            let mut read = [0u8; PAGE_SIZE];
+            let Some(payload) = shard.candidate_payload(o, spill, &mut read) else {
+                return false;
+            };
+            if o.is_raw() {
+                return payload == &page[..];
+            }
+            let mut decoded = [0u8; PAGE_SIZE];
+            codec::decompress(payload, &mut decoded).is_ok() && decoded == *page
+        });
+        if let Found::Hit(id) = found {
+            self.take_ref(id);
+        }
+        (found, compared)
     }
 
     /// The stored payload of a dedup candidate: borrowed from RAM, or read
@@ -307,9 +393,8 @@ impl ObjShard {
         let o = self.slab.get_mut(id);
         o.set_refs(o.refs() + 1);
         o.set(REFERENCED, true);
-        let (tier, owner) = (o.tier(), o.owner());
-        if tier == Tier::Spilled {
-            self.owner(owner).spilled_pages += 1;
+        if o.tier() == Tier::Spilled {
+            self.counters(id).spilled_pages += 1;
         }
     }
 
@@ -319,20 +404,20 @@ impl ObjShard {
     pub fn obtain_spilled(
         &mut self,
         content: &Content<'_>,
-        owner: u16,
+        by: By,
         budget: &Budget,
         spill: &SpillFile,
     ) -> Result<Obtained, StoreError> {
-        let Content::Data {
-            key, payload, dedup, ..
-        } = *content
-        else {
-            return Ok(self.obtain(content, owner, budget, Some(spill)));
+        let Content::Data { key, payload, .. } = *content else {
+            return Ok(self.obtain(content, by, budget, Some(spill)));
         };
-        if let Some(hit) = self.lookup(content, Some(spill)) {
-            return Ok(hit);
-        }
-        let growth = (self.dedup_growth(dedup) + self.slab.growth()) as u64;
+        let dedup = match self.lookup(content, by, Some(spill)) {
+            Found::Hit(id) => return Ok(Obtained::Ref { id, hit: true }),
+            Found::Miss => content_key(content).1 > 0,
+            Found::TooMany => false,
+        };
+        let growth =
+            (self.dedup_growth(dedup) + self.slab.growth()) as u64 + self.owners.growth(by.guest, by.pool);
         if !self.slab.has_room(self.max_ids) || !budget.try_reserve(growth) {
             return Ok(Obtained::NeedRoom);
         }
@@ -342,15 +427,15 @@ impl ObjShard {
             return Ok(Obtained::NeedRoom);
         };
         let flags = REFERENCED | if dedup { INDEXED } else { 0 };
-        let mut obj = Obj::new(key, Tier::Spilled, payload.len(), owner, flags);
+        let mut obj = Obj::new(key, Tier::Spilled, payload.len(), 0, flags);
         obj.set_loc(offset / UNIT);
-        let id = self.slab.insert(obj);
+        let id = self.insert_obj(obj, by);
         if dedup {
             let slab = &self.slab;
             self.dedup
                 .insert_unique(key_hash(key), id, |&i| slab.get(i).table_hash());
         }
-        let c = self.owner(owner);
+        let c = self.counters(id);
         c.mem_used_bytes += obj_ram_bytes(Tier::Spilled, payload.len());
         c.unique_pages += 1;
         c.compr_data_bytes += payload.len() as u64;
@@ -369,7 +454,7 @@ impl ObjShard {
         let obj = *o;
         let fill = obj.tier() == Tier::Fill;
         if obj.tier() == Tier::Spilled {
-            self.owner(obj.owner()).spilled_pages -= 1;
+            self.counters(id).spilled_pages -= 1;
         }
         if obj.refs() > 0 {
             return fill;
@@ -395,7 +480,7 @@ impl ObjShard {
             }
             Tier::Free => {}
         }
-        let c = self.owner(obj.owner());
+        let c = self.counters(id);
         c.mem_used_bytes -= obj_ram_bytes(obj.tier(), len);
         if obj.tier() != Tier::Fill {
             c.unique_pages -= 1;
@@ -404,6 +489,9 @@ impl ObjShard {
         if obj.tier() == Tier::Spilled {
             c.spill_file_bytes -= units_for(len) as u64 * UNIT;
         }
+        self.owners
+            .charge(obj.owner(), id, obj_meta(obj.tier(), obj.has(INDEXED)), false);
+        self.owners.release(obj.owner(), id);
         self.slab.remove(id);
         if self.slab.live() == 0 {
             // Empty: give every table back, so the store returns to its start.
@@ -418,7 +506,9 @@ impl ObjShard {
                 let slab = &self.slab;
                 self.dedup.shrink_to(len * 2, |&i| slab.get(i).table_hash());
             }
-            if fill && self.fills.capacity() > 64 && self.fills.len() * 4 < self.fills.capacity() {
+            if fill && self.fills.is_empty() {
+                self.fills = HashMap::new();
+            } else if fill && self.fills.capacity() > 64 && self.fills.len() * 4 < self.fills.capacity() {
                 self.fills.shrink_to(self.fills.len() * 2);
             }
             self.tidy(budget);
@@ -500,7 +590,7 @@ impl ObjShard {
             Tier::Spilled => {
                 let offset = obj.loc() * UNIT;
                 let spill = spill.ok_or(StoreError::Corrupt { offset })?;
-                self.owner(obj.owner()).spill_reads += 1;
+                self.counters(id).spill_reads += 1;
                 spill.read(offset, len, u64::from(obj.key()), &mut dest[..])?;
                 Ok(loaded)
             }
@@ -530,7 +620,7 @@ impl ObjShard {
         o.set_tier(Tier::Spilled);
         self.in_ram -= 1;
         o.set_loc(offset / UNIT);
-        let c = self.owner(obj.owner());
+        let c = self.counters(id);
         c.mem_used_bytes -= obj_ram_bytes(Tier::Ram, len) - obj_ram_bytes(Tier::Spilled, len);
         c.spilled_pages += u64::from(obj.refs());
         c.spill_file_bytes += units_for(len) as u64 * UNIT;
@@ -540,38 +630,84 @@ impl ObjShard {
         Ok(Evicted::One)
     }
 
-    /// Hands this shard's object counters to `into`, by owner id.
-    pub fn add_stats(&self, mut into: impl FnMut(u16, &Counters)) {
-        for (owner, c) in self.owners.iter().enumerate() {
-            into(owner as u16, c);
-        }
+    /// Hands this shard's object counters to `into`, by (guest, pool); each
+    /// guest's other pools report under `other_pool`.
+    pub fn add_stats(&self, other_pool: u32, into: impl FnMut(u32, u32, &ObjCounters)) {
+        self.owners.add_stats(other_pool, into);
+    }
+
+    /// Calls `f` with up to `n` (guest, pool) pairs of each guest that own
+    /// objects here.
+    pub fn pools(&self, n: usize, f: impl FnMut(u32, u32)) {
+        self.owners.pools(n, f);
     }
 }
 
-/// The record key of what a put wants stored, and whether it is looked up at all.
-fn content_key(content: &Content<'_>) -> (u32, bool) {
+/// The record key of what a put wants stored, and how many candidates its
+/// lookup may compare (0: none, and it is stored without dedup).
+fn content_key(content: &Content<'_>) -> (u32, u32) {
     match *content {
-        Content::Fill { word, domain } => (fill_hash(word, domain) as u32, true),
-        Content::Data { key, dedup, .. } => (key, dedup),
+        Content::Fill { hash, .. } => (hash as u32, MAX_CANDIDATES),
+        Content::Data { key, candidates, .. } => (key, candidates),
     }
 }
 
-/// RAM attributed to one object: its record plus its payload and header.
+/// RAM payload attributed to one object: its slot (header and payload) in a chunk.
 fn obj_ram_bytes(tier: Tier, len: usize) -> u64 {
-    let slot = if tier == Tier::Ram { HDR + len } else { 0 };
-    (std::mem::size_of::<Obj>() + slot) as u64
+    if tier == Tier::Ram {
+        (HDR + len) as u64
+    } else {
+        0
+    }
+}
+
+/// Metadata charged to an object's owner: its record, its dedup-table
+/// entry, and a fill's entry in the fills table (entries with their control
+/// byte, at full load; the tables' slack is the shard's).
+pub fn obj_meta(tier: Tier, indexed: bool) -> u64 {
+    let record = std::mem::size_of::<Obj>();
+    let dedup = if indexed { 4 + 1 } else { 0 };
+    let fill = if tier == Tier::Fill {
+        std::mem::size_of::<(u32, (u64, u32))>() + 1
+    } else {
+        0
+    };
+    (record + dedup + fill) as u64
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Counters;
 
     fn data(key: u32, payload: &[u8], dedup: bool) -> Content<'_> {
         Content::Data {
             key,
             shard_hash: !u64::from(key),
             payload,
-            dedup,
+            candidates: if dedup { MAX_CANDIDATES } else { 0 },
+        }
+    }
+
+    fn by(pool: u32) -> By {
+        By {
+            guest: 0,
+            pool,
+            private: false,
+        }
+    }
+
+    fn fill(word: u64, domain: u32) -> Content<'static> {
+        Content::Fill {
+            word,
+            domain,
+            hash: (word ^ u64::from(domain) << 7).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        }
+    }
+
+    impl ObjShard {
+        fn find_page_found(&mut self, key: u32, page: &Page, by: By, spill: Option<&SpillFile>) -> Found {
+            self.find_page(key, page, by, spill).0
         }
     }
 
@@ -585,11 +721,11 @@ mod tests {
     #[test]
     fn dedup_refcounts_and_frees_on_last_release() {
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20);
+        let mut s = ObjShard::new(1 << 20, &Keys::new());
         let p = vec![7u8; 1000];
-        let (a, hit) = id_of(s.obtain(&data(1, &p, true), 0, &budget, None));
+        let (a, hit) = id_of(s.obtain(&data(1, &p, true), by(0), &budget, None));
         assert!(!hit);
-        let (b, hit) = id_of(s.obtain(&data(1, &p, true), 1, &budget, None));
+        let (b, hit) = id_of(s.obtain(&data(1, &p, true), by(1), &budget, None));
         assert!(hit);
         assert_eq!(a, b);
         assert_eq!(s.slab.get(a).refs(), 2);
@@ -602,32 +738,37 @@ mod tests {
         assert_eq!(s.alloc.garbage(), 0);
         assert_eq!(s.dedup.len(), 0);
         let mut total = Counters::default();
-        s.add_stats(|_, c| total.unique_pages += c.unique_pages + c.compr_data_bytes + c.mem_used_bytes);
+        s.add_stats(u32::MAX, |_, _, c| {
+            total.unique_pages += c.unique_pages + c.compr_data_bytes + c.mem_used_bytes
+        });
         assert_eq!(total.unique_pages, 0);
     }
 
     #[test]
     fn a_record_at_its_reference_limit_gets_a_twin() {
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20);
+        let mut s = ObjShard::new(1 << 20, &Keys::new());
         let p = [9u8; 300];
-        let (a, _) = id_of(s.obtain(&data(3, &p, true), 0, &budget, None));
+        let (a, _) = id_of(s.obtain(&data(3, &p, true), by(0), &budget, None));
         s.slab.get_mut(a).set_refs(MAX_REFS - 1);
-        assert_eq!(id_of(s.obtain(&data(3, &p, true), 0, &budget, None)), (a, true));
+        assert_eq!(
+            id_of(s.obtain(&data(3, &p, true), by(0), &budget, None)),
+            (a, true)
+        );
         assert_eq!(s.slab.get(a).refs(), MAX_REFS);
-        let (b, hit) = id_of(s.obtain(&data(3, &p, true), 0, &budget, None));
+        let (b, hit) = id_of(s.obtain(&data(3, &p, true), by(0), &budget, None));
         assert!(!hit && b != a, "a full record takes no more references");
         // Fills too: the zero page is the one most likely to get there.
-        let zero = Content::Fill { word: 0, domain: 1 };
-        let (f, _) = id_of(s.obtain(&zero, 0, &budget, None));
+        let zero = fill(0, 1);
+        let (f, _) = id_of(s.obtain(&zero, by(0), &budget, None));
         s.slab.get_mut(f).set_refs(MAX_REFS);
-        let (g, hit) = id_of(s.obtain(&zero, 0, &budget, None));
+        let (g, hit) = id_of(s.obtain(&zero, by(0), &budget, None));
         assert!(!hit && g != f);
         let (mut page, mut frame) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
         assert_eq!(s.load(g, &mut page, &mut frame, None).unwrap(), Loaded::Fill(0));
         // With one reference released, either copy may take the next one.
         s.release(a, None, &budget);
-        let (c, hit) = id_of(s.obtain(&data(3, &p, true), 0, &budget, None));
+        let (c, hit) = id_of(s.obtain(&data(3, &p, true), by(0), &budget, None));
         assert!(hit && (c == a || c == b));
     }
 
@@ -636,36 +777,40 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spill = SpillFile::open(&dir.path().join("s"), 1 << 20).unwrap();
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20);
+        let mut s = ObjShard::new(1 << 20, &Keys::new());
         let mut page = [0u8; PAGE_SIZE];
         for (i, b) in page.iter_mut().enumerate() {
             *b = (i % 7) as u8 ^ (i / 300) as u8;
         }
         let mut frame = [0u8; codec::COMPRESS_BOUND];
         let len = codec::compress(&page, 1, &mut frame).unwrap();
-        let (a, _) = id_of(s.obtain(&data(42, &frame[..len], true), 0, &budget, None));
-        assert_eq!(s.find_page(42, &page, None), Some(a));
+        let (a, _) = id_of(s.obtain(&data(42, &frame[..len], true), by(0), &budget, None));
+        assert_eq!(s.find_page_found(42, &page, by(0), None), Found::Hit(a));
         assert_eq!(s.slab.get(a).refs(), 2);
         // Same key, other bytes: decoded, compared, refused.
         let mut other = page;
         other[4000] ^= 1;
-        assert_eq!(s.find_page(42, &other, None), None);
-        assert_eq!(s.find_page(43, &page, None), None, "another key is another page");
+        assert_eq!(s.find_page_found(42, &other, by(0), None), Found::Miss);
+        assert_eq!(
+            s.find_page_found(43, &page, by(0), None),
+            Found::Miss,
+            "another key is another page"
+        );
         // A raw page is compared as it is.
         let noise: Vec<u8> = (0..PAGE_SIZE as u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
         let noise: Page = noise.try_into().unwrap();
-        let (r, _) = id_of(s.obtain(&data(7, &noise, true), 0, &budget, None));
-        assert_eq!(s.find_page(7, &noise, None), Some(r));
+        let (r, _) = id_of(s.obtain(&data(7, &noise, true), by(0), &budget, None));
+        assert_eq!(s.find_page_found(7, &noise, by(0), None), Found::Hit(r));
         // Spilled: read back from the file, only with the file at hand.
         while s.evict(&spill, &budget).unwrap() == Evicted::One {}
         assert_eq!(s.slab.get(a).tier(), Tier::Spilled);
-        assert_eq!(s.find_page(42, &page, None), None);
-        assert_eq!(s.find_page(42, &page, Some(&spill)), Some(a));
+        assert_eq!(s.find_page_found(42, &page, by(0), None), Found::Miss);
+        assert_eq!(s.find_page_found(42, &page, by(0), Some(&spill)), Found::Hit(a));
         assert_eq!(s.slab.get(a).refs(), 3);
         let mut total = Counters::default();
-        s.add_stats(|_, c| total.spilled_pages += c.spilled_pages);
+        s.add_stats(u32::MAX, |_, _, c| total.spilled_pages += c.spilled_pages);
         assert_eq!(
             total.spilled_pages,
             3 + 2,
@@ -676,9 +821,9 @@ mod tests {
     #[test]
     fn equal_hash_but_different_bytes_is_not_a_hit() {
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20);
-        let (a, _) = id_of(s.obtain(&data(5, &[1u8; 100], true), 0, &budget, None));
-        let (b, hit) = id_of(s.obtain(&data(5, &[2u8; 100], true), 0, &budget, None));
+        let mut s = ObjShard::new(1 << 20, &Keys::new());
+        let (a, _) = id_of(s.obtain(&data(5, &[1u8; 100], true), by(0), &budget, None));
+        let (b, hit) = id_of(s.obtain(&data(5, &[2u8; 100], true), by(0), &budget, None));
         assert!(!hit);
         assert_ne!(a, b);
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
@@ -689,17 +834,17 @@ mod tests {
     #[test]
     fn dedup_off_stores_copies_and_fills_are_shared() {
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20);
+        let mut s = ObjShard::new(1 << 20, &Keys::new());
         let p = [3u8; 64];
-        let (a, _) = id_of(s.obtain(&data(9, &p, false), 0, &budget, None));
-        let (b, hit) = id_of(s.obtain(&data(9, &p, false), 0, &budget, None));
+        let (a, _) = id_of(s.obtain(&data(9, &p, false), by(0), &budget, None));
+        let (b, hit) = id_of(s.obtain(&data(9, &p, false), by(0), &budget, None));
         assert!(!hit && a != b);
-        let fill = Content::Fill { word: 0, domain: 4 };
-        let (f1, _) = id_of(s.obtain(&fill, 4, &budget, None));
-        let (f2, hit) = id_of(s.obtain(&fill, 4, &budget, None));
+        let zero = fill(0, 4);
+        let (f1, _) = id_of(s.obtain(&zero, by(4), &budget, None));
+        let (f2, hit) = id_of(s.obtain(&zero, by(4), &budget, None));
         assert!(hit && f1 == f2);
-        let other_domain = Content::Fill { word: 0, domain: 5 };
-        assert_ne!(id_of(s.obtain(&other_domain, 5, &budget, None)).0, f1);
+        let other_domain = fill(0, 5);
+        assert_ne!(id_of(s.obtain(&other_domain, by(5), &budget, None)).0, f1);
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
         assert_eq!(s.load(f1, &mut page, &mut buf, None).unwrap(), Loaded::Fill(0));
         assert!(s.release(f1, None, &budget));
@@ -708,14 +853,14 @@ mod tests {
     #[test]
     fn budget_refuses_growth_and_counts_exactly() {
         let budget = Budget::new(0);
-        let mut s = ObjShard::new(1 << 20);
+        let mut s = ObjShard::new(1 << 20, &Keys::new());
         assert_eq!(
-            s.obtain(&data(1, &[1u8; 500], true), 0, &budget, None),
+            s.obtain(&data(1, &[1u8; 500], true), by(0), &budget, None),
             Obtained::NeedRoom
         );
         assert_eq!(budget.used(), 0);
         budget.set_limit(1 << 20);
-        let (_, _) = id_of(s.obtain(&data(1, &[1u8; 500], true), 0, &budget, None));
+        let (_, _) = id_of(s.obtain(&data(1, &[1u8; 500], true), by(0), &budget, None));
         assert_eq!(
             budget.used(),
             s.heap_bytes(),
@@ -728,10 +873,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spill = SpillFile::open(&dir.path().join("s"), 1 << 20).unwrap();
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20);
+        let mut s = ObjShard::new(1 << 20, &Keys::new());
         let p: Vec<u8> = (0..700u32).map(|i| i as u8).collect();
-        let (a, _) = id_of(s.obtain(&data(11, &p, true), 1, &budget, None));
-        s.obtain(&data(11, &p, true), 1, &budget, None);
+        let (a, _) = id_of(s.obtain(&data(11, &p, true), by(1), &budget, None));
+        s.obtain(&data(11, &p, true), by(1), &budget, None);
         // Referenced once on insert: CLOCK spares it on the first pass.
         assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::One);
         assert_eq!(s.chunk_bytes(), 0, "the payload left RAM");
@@ -742,13 +887,13 @@ mod tests {
         );
         assert_eq!(&buf[..700], &p[..]);
         // A spilled object is still a dedup candidate, compared from the file.
-        let (c, hit) = id_of(s.obtain(&data(11, &p, true), 1, &budget, Some(&spill)));
+        let (c, hit) = id_of(s.obtain(&data(11, &p, true), by(1), &budget, Some(&spill)));
         assert!(hit && c == a);
         // Without the file to compare against, equal hashes are not enough.
-        let (d, hit) = id_of(s.obtain(&data(11, &p, true), 1, &budget, None));
+        let (d, hit) = id_of(s.obtain(&data(11, &p, true), by(1), &budget, None));
         assert!(!hit && d != a);
         let mut total = Counters::default();
-        s.add_stats(|_, c| {
+        s.add_stats(u32::MAX, |_, _, c| {
             total.spilled_pages += c.spilled_pages;
             total.spill_reads += c.spill_reads;
         });
@@ -767,10 +912,10 @@ mod tests {
     #[test]
     fn compaction_moves_live_payloads_and_frees_chunks() {
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20);
+        let mut s = ObjShard::new(1 << 20, &Keys::new());
         let payload = |i: u32| -> Vec<u8> { (0..900).map(|k| (i as u8).wrapping_add(k as u8)).collect() };
         let ids: Vec<u32> = (0..800u32)
-            .map(|i| id_of(s.obtain(&data(i + 1, &payload(i), true), 0, &budget, None)).0)
+            .map(|i| id_of(s.obtain(&data(i + 1, &payload(i), true), by(0), &budget, None)).0)
             .collect();
         let full = s.chunk_bytes();
         // Free three in four: release() tidies up once holes pass an eighth.
@@ -791,7 +936,7 @@ mod tests {
             assert_eq!(&frame[..900], &payload(i as u32)[..]);
         }
         // Moved payloads are still found by dedup.
-        let (again, hit) = id_of(s.obtain(&data(1, &payload(0), true), 0, &budget, None));
+        let (again, hit) = id_of(s.obtain(&data(1, &payload(0), true), by(0), &budget, None));
         assert!(hit && again == ids[0]);
     }
 
@@ -800,8 +945,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spill = SpillFile::open(&dir.path().join("s"), 0).unwrap();
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20);
-        let (a, _) = id_of(s.obtain(&data(1, &[5u8; 300], true), 0, &budget, None));
+        let mut s = ObjShard::new(1 << 20, &Keys::new());
+        let (a, _) = id_of(s.obtain(&data(1, &[5u8; 300], true), by(0), &budget, None));
         assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::TierFull);
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
         assert_eq!(

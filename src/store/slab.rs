@@ -48,15 +48,16 @@ const REFS_HI_SHIFT: u32 = 25;
 /// 0.1% of the store's ratio on typical swap.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Obj {
-    /// Low 32 bits of the content hash (seeded by the dedup domain; the high
-    /// half chose the shard), or of [`fill_hash`] for fills. A dedup hit
+    /// Low 32 bits of the keyed content hash (of the page and its dedup
+    /// domain; the high half chose the shard), or of the keyed fill hash. A dedup hit
     /// always compares bytes, so the key only has to make false candidates rare.
     key: u32,
     loc_lo: u32,
     /// Location bits 32..40, payload length (13 bits, `PAGE_SIZE` = raw),
     /// tier (2), flags (2) and the upper 7 bits of the reference count.
     bits: u32,
-    /// The (guest, pool) that created it (see [`super::owners`]): object counters go there.
+    /// The shard-local id of the (guest, pool) that created it (see
+    /// [`super::owners`]): object counters go there.
     owner: u16,
     refs_lo: u16,
 }
@@ -84,6 +85,10 @@ impl Obj {
 
     pub fn owner(&self) -> u16 {
         self.owner
+    }
+
+    pub fn set_owner(&mut self, owner: u16) {
+        self.owner = owner;
     }
 
     pub fn len(&self) -> usize {
@@ -144,13 +149,6 @@ impl Obj {
 /// bottom, its 7-bit tag at the top).
 pub fn key_hash(key: u32) -> u64 {
     u64::from(key).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
-/// Where a fill sits in the shards and the dedup table: a mix of the word and
-/// the domain, so the same word in two domains lands apart.
-pub fn fill_hash(word: u64, domain: u32) -> u64 {
-    let x = (word ^ u64::from(domain).rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    x ^ (x >> 31)
 }
 
 #[derive(Default)]

@@ -4,20 +4,16 @@
 //! in the index shards, object counters per creating (guest, pool) in the
 //! object shards. Nothing on the per-page path touches a shared counter; the
 //! sum is built only when someone asks.
+//!
+//! The report is bounded: each guest's largest pools are listed by name and
+//! the rest summed under [`super::OTHER_POOLS`], so its size does not follow
+//! how many pools a guest opens.
 
 use std::collections::BTreeMap;
 
-use super::{Counters, GuestStats, StoreStats};
+use super::{index::PageCounters, owners::ObjCounters, Counters, GuestStats, StoreStats};
 
 impl Counters {
-    /// A page of this pool is gone from the index (invalidated, read
-    /// exclusively, overwritten by a rejected put, or dropped with its pool).
-    pub(super) fn forget_page(&mut self, was_fill: bool) {
-        self.stored_pages -= 1;
-        self.orig_data_bytes -= super::PAGE_SIZE as u64;
-        self.same_filled_pages -= u64::from(was_fill);
-    }
-
     /// Adds every field of `other` into `self`.
     pub fn add(&mut self, other: &Counters) {
         let Counters {
@@ -38,6 +34,7 @@ impl Counters {
             spill_reads,
             spill_writes,
             writebacks,
+            metadata_bytes,
         } = other;
         self.succ_stores += succ_stores;
         self.failed_stores += failed_stores;
@@ -56,6 +53,7 @@ impl Counters {
         self.spill_reads += spill_reads;
         self.spill_writes += spill_writes;
         self.writebacks += writebacks;
+        self.metadata_bytes += metadata_bytes;
     }
 }
 
@@ -66,12 +64,51 @@ pub struct Gather {
 }
 
 impl Gather {
+    #[cfg(test)]
     pub fn add(&mut self, guest: u32, pool: u32, c: &Counters) {
         self.pools.entry((guest, pool)).or_default().add(c);
     }
 
+    /// A pool's page counters and the index bytes it holds (metadata).
+    pub fn add_pages(&mut self, guest: u32, pool: u32, c: &PageCounters, bytes: u64) {
+        let sum = self.pools.entry((guest, pool)).or_default();
+        c.add_to(sum);
+        sum.mem_used_bytes += bytes;
+        sum.metadata_bytes += bytes;
+    }
+
+    /// A pool's object counters: its RAM is its payload slots plus its metadata.
+    pub fn add_objects(&mut self, guest: u32, pool: u32, c: &ObjCounters) {
+        let sum = self.pools.entry((guest, pool)).or_default();
+        c.add_to(sum);
+        sum.mem_used_bytes += c.metadata_bytes;
+    }
+
+    #[cfg(test)]
     pub fn add_mem(&mut self, guest: u32, pool: u32, bytes: u64) {
         self.pools.entry((guest, pool)).or_default().mem_used_bytes += bytes;
+    }
+
+    /// Keeps by name the `top` pools of each guest with the most stored
+    /// pages (ties: the lower pool id) and sums the others into `other`.
+    pub fn keep_largest(&mut self, top: usize, other: u32) {
+        let mut named: BTreeMap<u32, Vec<(u64, u32)>> = BTreeMap::new();
+        for (&(guest, pool), c) in &self.pools {
+            if pool != other {
+                named.entry(guest).or_default().push((c.stored_pages, pool));
+            }
+        }
+        for (guest, mut pools) in named {
+            if pools.len() <= top {
+                continue;
+            }
+            pools.sort_unstable_by_key(|&(n, pool)| (std::cmp::Reverse(n), pool));
+            for &(_, pool) in &pools[top..] {
+                if let Some(c) = self.pools.remove(&(guest, pool)) {
+                    self.pools.entry((guest, other)).or_default().add(&c);
+                }
+            }
+        }
     }
 
     /// Builds the report. Totals of `mem_used_bytes` and `spill_file_bytes`
@@ -118,6 +155,7 @@ mod tests {
             spill_reads: 1,
             spill_writes: 1,
             writebacks: 1,
+            metadata_bytes: 1,
         };
         let mut sum = one.clone();
         sum.add(&one);
@@ -148,5 +186,31 @@ mod tests {
         assert_eq!(s.guests[&0].total.stored_pages, 9);
         assert_eq!(s.guests[&0].pools[&1].stored_pages, 6);
         assert_eq!(s.guests[&5].pools[&1].mem_used_bytes, 17);
+    }
+}
+
+#[cfg(test)]
+mod top_tests {
+    use super::*;
+
+    #[test]
+    fn keep_largest_sums_the_rest_under_other() {
+        let mut g = Gather::default();
+        for pool in 0..100u32 {
+            let c = Counters {
+                stored_pages: u64::from(pool % 10),
+                succ_stores: 1,
+                ..Counters::default()
+            };
+            g.add(1, pool, &c);
+        }
+        g.add(2, 5, &Counters::default());
+        g.keep_largest(3, u32::MAX);
+        let s = g.finish(0, 0, 0);
+        let kept: Vec<_> = s.guests[&1].pools.keys().copied().collect();
+        assert_eq!(kept, vec![9, 19, 29, u32::MAX]);
+        assert_eq!(s.guests[&1].pools[&u32::MAX].succ_stores, 97);
+        assert_eq!(s.guests[&1].total.stored_pages, 450);
+        assert_eq!(s.guests[&2].pools.len(), 1);
     }
 }
