@@ -247,6 +247,25 @@ pub struct Store {
     background_writebacks: AtomicU64,
 }
 
+/// An object a put holds a reference on, about to be linked at its index.
+#[derive(Clone, Copy)]
+struct Placed {
+    shard: usize,
+    id: u32,
+    kind: Kind,
+}
+
+/// What the referenced object is to the put, for its counters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The page was stored anew.
+    Fresh,
+    /// An equal page was already stored (a dedup hit).
+    Twin,
+    /// A same-filled page, kept as its word.
+    Fill,
+}
+
 /// Why a put could not get room.
 enum Room {
     Made,
@@ -358,7 +377,18 @@ impl Store {
                     .lock()
                     .find_page(key, page, self.by(guest, pool), self.spill.as_ref());
             match twin {
-                Found::Hit(id) => return self.link(guest, pool, index, shard, id, true, false),
+                Found::Hit(id) => {
+                    return self.link(
+                        guest,
+                        pool,
+                        index,
+                        Placed {
+                            shard,
+                            id,
+                            kind: Kind::Twin,
+                        },
+                    )
+                }
                 // The lookup after compression (which catches a twin stored
                 // meanwhile) gets what this one left of the bound.
                 Found::Miss => candidates = MAX_CANDIDATES - compared,
@@ -371,7 +401,7 @@ impl Store {
                 Ok(Some(len)) => &frame[..len],
                 Ok(None) => &page[..],
                 Err(e) => {
-                    self.drop_old_copy(guest, pool, index);
+                    self.reject(guest, pool, index);
                     return Err(StoreError::Compress(e));
                 }
             };
@@ -422,7 +452,6 @@ impl Store {
     ) -> Result<PutOutcome, StoreError> {
         let shard = self.obj_shard_of(content);
         let owner = self.by(guest, pool);
-        let fill = matches!(content, Content::Fill { .. });
         // Object first, with no index lock held: the object shard lock is never
         // held while taking an index lock.
         let (id, hit) = match self.obtain(shard, content, owner) {
@@ -433,22 +462,18 @@ impl Store {
                 return Err(e);
             }
         };
-        self.link(guest, pool, index, shard, id, hit, fill)
+        let kind = match (content, hit) {
+            (Content::Fill { .. }, _) => Kind::Fill,
+            (Content::Data { .. }, true) => Kind::Twin,
+            (Content::Data { .. }, false) => Kind::Fresh,
+        };
+        self.link(guest, pool, index, Placed { shard, id, kind })
     }
 
-    /// Points (guest, pool, index) at object `id` of `shard`, on which the
-    /// caller holds a reference, and counts the store.
-    #[allow(clippy::too_many_arguments)]
-    fn link(
-        &self,
-        guest: GuestId,
-        pool: u32,
-        index: u64,
-        shard: usize,
-        id: u32,
-        hit: bool,
-        fill: bool,
-    ) -> Result<PutOutcome, StoreError> {
+    /// Points (guest, pool, index) at the placed object, on which the caller
+    /// holds a reference, and counts the store.
+    fn link(&self, guest: GuestId, pool: u32, index: u64, placed: Placed) -> Result<PutOutcome, StoreError> {
+        let Placed { shard, id, kind } = placed;
         let handle = ((shard as u32) << (32 - self.obj_bits)) | id;
         let at = self.at(guest, pool, index);
         loop {
@@ -464,10 +489,10 @@ impl Store {
                     if old_fill == Some(true) {
                         c.same_filled_pages -= 1;
                     }
-                    if fill {
-                        c.same_filled_pages += 1;
-                    } else if hit {
-                        c.dedup_hits += 1;
+                    match kind {
+                        Kind::Fill => c.same_filled_pages += 1,
+                        Kind::Twin => c.dedup_hits += 1,
+                        Kind::Fresh => {}
                     }
                     drop(ix);
                     self.note_pressure();
@@ -550,10 +575,6 @@ impl Store {
     fn reject(&self, guest: GuestId, pool: u32, index: u64) -> PutOutcome {
         self.remove_page(guest, pool, index, |c| c.failed_stores += 1);
         PutOutcome::Rejected
-    }
-
-    fn drop_old_copy(&self, guest: GuestId, pool: u32, index: u64) {
-        self.reject(guest, pool, index);
     }
 
     /// Makes progress towards free RAM: compacts a shard whose holes add up
