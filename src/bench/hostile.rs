@@ -1,5 +1,5 @@
 //! `tmem-bench hostile`: what one hostile guest's input costs the store, and
-//! the others. Each part is an attack from issue 9, section 3, driven against
+//! the others. Each part is an attack a guest can mount through its requests, driven against
 //! the page store in this process:
 //!
 //! - **churn**: N × (PUT_FILL to a new pool, then INVALIDATE_PAGE). Reports

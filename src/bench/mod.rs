@@ -16,7 +16,7 @@ pub enum BenchCommand {
     /// (N queues, depth D), and the store alone on the same pages, for comparison.
     Device(device::DeviceArgs),
     /// What one hostile guest's input costs: pool churn, dedup hash
-    /// flooding, index-group scans (issue 9, section 3), before and after.
+    /// flooding, index-group scans.
     Hostile(hostile::HostileArgs),
 }
 

@@ -1455,7 +1455,7 @@ mod tests {
         }
     }
 
-    // Hostile input (issue 9, section 3): one test per attack, each asserting its bound.
+    // Hostile input: one test per attack on the store, each asserting its bound.
 
     /// 20,000 x (PUT_FILL or PUT to a new pool, then INVALIDATE_PAGE) leaves
     /// the budget, the guest's metadata and the stats where they started.
