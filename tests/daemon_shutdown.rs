@@ -119,6 +119,25 @@ fn wait_for_thread(d: &Daemon, name: &str) {
     }
 }
 
+/// Waits until no thread of the daemon has `signal` pending any longer:
+/// one of them has taken it.
+fn wait_until_taken(d: &Daemon, signal: i32) {
+    let deadline = Instant::now() + common::TIMEOUT;
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+        let shared = status
+            .lines()
+            .find_map(|line| line.strip_prefix("ShdPnd:"))
+            .expect("ShdPnd in /proc/PID/status");
+        let pending = u64::from_str_radix(shared.trim(), 16).unwrap();
+        if pending & (1 << (signal - 1)) == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "signal {signal} still pending");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// The daemon's exit status, if it exits within `within`.
 fn exit_within(d: &mut Daemon, frozen: &mut Frozen, within: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + within;
@@ -212,9 +231,9 @@ fn a_second_signal_exits_at_once() {
         let mut d = daemon_with_writer();
         let mut frozen = Frozen::all_but_main(d.pid());
         d.signal(libc::SIGTERM);
-        // The first signal has been taken once the watchdog is up; sent
-        // before that, the second would be merged with the first.
-        wait_for_thread(&d, "tmem-shutdown");
+        // Sent while the first is still pending, the second would merge
+        // with it.
+        wait_until_taken(&d, libc::SIGTERM);
         let begun = Instant::now();
         d.signal(second);
         let status = exit_within(&mut d, &mut frozen, SHUTDOWN_GRACE);
