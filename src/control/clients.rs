@@ -144,8 +144,9 @@ pub struct Place {
 }
 
 impl Place {
-    /// A request has begun. `false` if the client has just been disconnected
-    /// to make room, in which case its socket is already shut down.
+    /// A request has begun. `false` if the client has just been disconnected,
+    /// to make room or because the server is stopping; its socket is shut
+    /// down already.
     pub fn busy(&self) -> bool {
         self.clients.set_idle(self.id, None)
     }

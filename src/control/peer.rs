@@ -6,7 +6,7 @@
 //! credentials cannot be forged: they are the connecting process's, taken
 //! by the kernel at `connect(2)`.
 
-use std::{io, os::unix::io::AsRawFd};
+use std::{fmt, io, os::unix::io::AsRawFd};
 
 use thiserror::Error;
 
@@ -24,8 +24,20 @@ pub enum PeerError {
     Credentials(#[source] io::Error),
     #[error("the kernel returned {len} bytes of credentials, expected {expected}")]
     ShortCredentials { len: usize, expected: usize },
-    #[error("uid {} (pid {}) may not use this control socket: only uid {daemon_uid} and root may", peer.uid, peer.pid)]
+    #[error("uid {} (pid {}) may not use this control socket: only {} may", peer.uid, peer.pid, Allowed(*daemon_uid))]
     Refused { peer: Peer, daemon_uid: u32 },
+}
+
+/// Who is admitted, in words.
+struct Allowed(u32);
+
+impl fmt::Display for Allowed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            0 => f.write_str("root"),
+            uid => write!(f, "uid {uid} and root"),
+        }
+    }
 }
 
 /// The peer's credentials, from `SO_PEERCRED`.
@@ -106,6 +118,11 @@ mod tests {
             assert_matches!(err, PeerError::Refused { peer: p, daemon_uid } if p.uid == uid && daemon_uid == daemon);
             let text = err.to_string();
             assert!(text.contains(&format!("uid {uid} (pid 4242)")), "{text}");
+            let allowed = match daemon {
+                0 => "only root may".to_owned(),
+                _ => format!("only uid {daemon} and root may"),
+            };
+            assert!(text.ends_with(&allowed), "{text}");
         }
     }
 

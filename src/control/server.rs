@@ -867,4 +867,48 @@ mod tests {
         server.stop(Instant::now() + Duration::from_secs(5));
         assert!(!path.exists());
     }
+
+    #[test]
+    fn stopping_needs_no_path_and_leaves_a_newcomers_socket_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let server = ControlServer::start(&path, context()).unwrap();
+        let _idle = UnixStream::connect(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let successor = UnixListener::bind(&path).unwrap();
+        let begun = Instant::now();
+        server.stop(Instant::now() + Duration::from_secs(5));
+        assert!(begun.elapsed() < Duration::from_secs(1), "{:?}", begun.elapsed());
+        assert!(path.exists(), "removed a socket that was not its own");
+        drop(successor);
+    }
+
+    #[test]
+    fn a_busy_place_is_given_back_when_its_time_is_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let limits = Limits {
+            max_clients: 1,
+            request: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let server = ControlServer::start_with(&path, context(), limits).unwrap();
+        let mut slow = UnixStream::connect(&path).unwrap();
+        slow.write_all(br#"{"cmd":"#).unwrap();
+        let err = ControlClient::connect(&path).unwrap().stats().unwrap_err();
+        assert!(
+            matches!(err, ClientError::Refused(ref m) if m.contains("too many control clients")),
+            "{err}"
+        );
+        let mut out = String::new();
+        BufReader::new(&slow).read_line(&mut out).unwrap();
+        assert!(out.contains("not finished within 300ms; closing"), "{out}");
+        // The place is given back once the slow client's thread has gone.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while ControlClient::connect(&path).unwrap().stats().is_err() {
+            assert!(Instant::now() < deadline, "the place was not given back");
+            thread::sleep(Duration::from_millis(10));
+        }
+        server.stop(Instant::now() + Duration::from_secs(5));
+    }
 }
