@@ -8,10 +8,21 @@
 //!
 //! Signals are blocked in every thread and taken synchronously by the main
 //! thread with `sigwait`, so no code runs in signal context.
+//!
+//! Shutdown never waits on anything that might not end. Every thread is
+//! woken without going through a path on disk (the sockets' files may be
+//! gone by then), and joined only until [`SHUTDOWN_GRACE`] is up; what has
+//! not ended by then (a writer blocked on a spill file whose filesystem
+//! hangs, say) is left to end with the process. A watchdog thread, started
+//! at the first signal, ends the process at [`SHUTDOWN_DEADLINE`] if the
+//! rest of shutdown is stuck too, and at once on a second signal.
 
 use std::{
     fmt, io,
-    os::unix::{fs::FileTypeExt, net::UnixStream},
+    os::unix::{
+        fs::FileTypeExt,
+        io::{AsRawFd, BorrowedFd, OwnedFd},
+    },
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -37,8 +48,13 @@ use crate::{
     telemetry::DeviceTelemetry,
 };
 
-/// How long shutdown waits for device threads before exiting anyway.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long shutdown waits, in all, for the threads it stops (the control
+/// server's, the devices', the background writer) before exiting, with
+/// status 0, without those that have not ended.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// From the first SIGINT or SIGTERM to the process's end, whatever is
+/// stuck: past it the watchdog exits with status 1.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 /// How often the background writer looks at the budget when no put has
 /// woken it; it also bounds how long shutdown waits for it.
 const WRITER_TICK: Duration = Duration::from_millis(100);
@@ -60,6 +76,12 @@ pub enum DaemonError {
         path: PathBuf,
         #[source]
         source: vhost::vhost_user::Error,
+    },
+    #[error("cannot keep a second descriptor of vhost-user socket {path}")]
+    DupListener {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
     },
     #[error("cannot start the control socket")]
     Control(#[source] ControlError),
@@ -92,6 +114,10 @@ struct DeviceHandle {
     telemetry: Arc<DeviceTelemetry>,
     /// The live connection, if any.
     conn: Arc<Mutex<Option<ShutdownHandle>>>,
+    /// The device's listening socket, also held by its thread: shutting it
+    /// down wakes the thread from accept, and works with the socket's file
+    /// gone, which connecting to it by path does not.
+    listener: OwnedFd,
     thread: JoinHandle<()>,
 }
 
@@ -141,6 +167,10 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     };
     let mut handles = Vec::with_capacity(devices.len());
     for (device, listener) in devices.iter().zip(listeners) {
+        let listener_fd = dup_listener(&listener).map_err(|source| DaemonError::DupListener {
+            path: device.socket.clone(),
+            source,
+        })?;
         let conn = Arc::new(Mutex::new(None));
         let serve = DeviceLoop {
             telemetry: device.clone(),
@@ -160,6 +190,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         handles.push(DeviceHandle {
             telemetry: device.clone(),
             conn,
+            listener: listener_fd,
             thread,
         });
     }
@@ -173,41 +204,116 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
 
     let signal = wait_for_signal(&signals);
     info!("received signal {signal}, shutting down");
+    let begun = Instant::now();
+    start_watchdog(signals, begun + SHUTDOWN_DEADLINE);
+    let deadline = begun + SHUTDOWN_GRACE;
     stopping.store(true, Ordering::SeqCst);
+    if let Some(control) = control {
+        control.stop(deadline);
+    }
     for handle in &handles {
-        match handle.conn.lock().as_ref() {
-            Some(conn) => conn.shutdown(),
-            // Blocked in accept: wake it with a connection of our own.
-            None => drop(UnixStream::connect(&handle.telemetry.socket)),
+        stop_accepting(&handle.listener);
+        // A thread that accepts a VMM after this look sees `stopping` once
+        // it has published the connection, and shuts it down itself.
+        if let Some(conn) = handle.conn.lock().as_ref() {
+            conn.shutdown();
         }
     }
-    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    let mut left = Vec::new();
     for handle in handles {
-        while !handle.thread.is_finished() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(10));
-        }
-        if handle.thread.is_finished() {
-            if handle.thread.join().is_err() {
-                error!("device {} thread panicked", handle.telemetry.id);
-            }
-        } else {
-            warn!(
-                "device {} did not stop within {SHUTDOWN_GRACE:?}; exiting anyway",
-                handle.telemetry.id
-            );
+        let name = format!("device {}", handle.telemetry.id);
+        if !join_by(handle.thread, deadline, &name) {
+            left.push(name);
         }
     }
     if let Some(writer) = writer {
-        // It notices `stopping` within one tick.
-        if writer.join().is_err() {
-            error!("the background writeback thread panicked");
+        // It notices `stopping` within one tick, unless a spill write holds it.
+        let name = "the background writer".to_owned();
+        if !join_by(writer, deadline, &name) {
+            left.push(name);
         }
     }
-    if let Some(control) = control {
-        control.stop();
+    if left.is_empty() {
+        info!("stopped");
+    } else {
+        warn!(
+            "{} did not stop within {SHUTDOWN_GRACE:?}; exiting without waiting for them",
+            left.join(", ")
+        );
     }
-    info!("stopped");
     Ok(())
+}
+
+/// Joins `thread` if it ends by `deadline`. `false` if it is still running
+/// then: it is left to end with the process.
+fn join_by(thread: JoinHandle<()>, deadline: Instant, name: &str) -> bool {
+    while !thread.is_finished() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    if thread.join().is_err() {
+        error!("{name} panicked");
+    }
+    true
+}
+
+/// A second descriptor of a listening socket, for [`stop_accepting`].
+fn dup_listener(listener: &Listener) -> io::Result<OwnedFd> {
+    // SAFETY: the descriptor is the listener's, open for as long as the
+    // borrow, which ends once the duplicate is made.
+    unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) }.try_clone_to_owned()
+}
+
+/// Makes a listening socket refuse new connections and fail `accept`,
+/// waking a thread blocked in it.
+fn stop_accepting(listener: &OwnedFd) {
+    // SAFETY: shutdown(2) on a descriptor we own; it changes the socket's
+    // state, not our memory.
+    let rc = unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+    if rc != 0 {
+        warn!(
+            "cannot shut down a listening socket: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Ends the process if shutdown has not finished by `deadline`, or at once
+/// on a second signal.
+fn start_watchdog(signals: libc::sigset_t, deadline: Instant) {
+    let spawned = thread::Builder::new()
+        .name("tmem-shutdown".into())
+        .spawn(move || {
+            // Made now: nothing may be allocated once shutdown is stuck.
+            let late = format!("shutdown did not finish within {SHUTDOWN_DEADLINE:?}");
+            match wait_for_signal_until(&signals, deadline) {
+                Some(libc::SIGINT) => exit_now("received SIGINT again"),
+                Some(_) => exit_now("received SIGTERM again"),
+                None => exit_now(&late),
+            }
+        });
+    if let Err(e) = spawned {
+        warn!("cannot start the shutdown watchdog ({e}): a second signal will go unnoticed");
+    }
+}
+
+/// Ends the process now, with status 1.
+fn exit_now(why: &str) -> ! {
+    // Straight to the descriptor, and _exit rather than exit: the logger's
+    // lock, or whatever exit would run, may be held by the stuck thread.
+    let parts = [
+        "vhost-user-tmem: ".as_bytes(),
+        why.as_bytes(),
+        "; exiting now\n".as_bytes(),
+    ];
+    for part in parts {
+        // SAFETY: write(2) reads `part.len()` bytes of a live slice.
+        unsafe { libc::write(libc::STDERR_FILENO, part.as_ptr().cast(), part.len()) };
+    }
+    // SAFETY: _exit(2) ends the process without returning or touching its memory.
+    unsafe { libc::_exit(1) }
 }
 
 /// Runs the store's background writer until shutdown.
@@ -247,6 +353,10 @@ impl DeviceLoop {
         let id = self.telemetry.id;
         while !self.stopping.load(Ordering::SeqCst) {
             if let Err(e) = self.serve_one(&mut listener) {
+                if self.stopping.load(Ordering::SeqCst) {
+                    // The listener was shut down to stop us.
+                    break;
+                }
                 error!("device {id}: {}", error_chain(&e));
                 thread::sleep(RETRY_PAUSE);
             }
@@ -321,6 +431,26 @@ fn block_signals() -> io::Result<libc::sigset_t> {
         return Err(io::Error::from_raw_os_error(rc));
     }
     Ok(set)
+}
+
+/// Waits for one of `set` until `deadline`; `None` once it has passed.
+fn wait_for_signal_until(set: &libc::sigset_t, deadline: Instant) -> Option<i32> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let timeout = libc::timespec {
+            tv_sec: left.as_secs() as libc::time_t,
+            tv_nsec: left.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `set` and `timeout` are initialised; a null info pointer is allowed.
+        let signal = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &timeout) };
+        if signal > 0 {
+            return Some(signal);
+        }
+        // EAGAIN (time is up, checked above) or EINTR.
+    }
 }
 
 fn wait_for_signal(set: &libc::sigset_t) -> i32 {

@@ -3,10 +3,19 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::{fs::PermissionsExt, io::AsRawFd, net::UnixStream, process::CommandExt},
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use common::{connect_socket_for_test, control_line, page, Daemon};
-use vhost_user_tmem::protocol::Status;
+use vhost_user_tmem::{
+    control::{ClientError, ControlClient, MAX_CLIENTS, REPLY_TIMEOUT, REQUEST_TIMEOUT},
+    protocol::Status,
+};
 
 const OK: Option<Status> = Some(Status::Ok);
 const NOT_FOUND: Option<Status> = Some(Status::NotFound);
@@ -223,4 +232,232 @@ fn bad_requests_get_json_errors() {
     let r = control_line(&mut s, r#"{"cmd":"stats"}"#);
     assert_eq!(r["ok"], true, "{r}");
     d.assert_alive();
+}
+
+/// Room for scheduling on a loaded machine, on top of the daemon's own limits.
+const SLACK: Duration = Duration::from_secs(3);
+
+/// A client that sends many requests and never reads: the daemon's replies
+/// fill the socket and the daemon is left mid-write. The requests it has not
+/// yet read stay queued, so this client is never the idle one.
+fn never_reads(control: &Path) -> UnixStream {
+    let mut s = connect_socket_for_test(control);
+    s.set_write_timeout(Some(common::TIMEOUT)).unwrap();
+    // Far more reply bytes than a socket buffers (a stats reply is hundreds
+    // of bytes), and few enough request bytes to be taken in one write.
+    s.write_all("{\"cmd\":\"stats\"}\n".repeat(4000).as_bytes())
+        .unwrap();
+    s
+}
+
+/// Whether the daemon has closed its end of `s`, waiting up to `within`,
+/// without reading (which would unblock a daemon stuck writing to `s`).
+fn hung_up_within(s: &UnixStream, within: Duration) -> bool {
+    let mut fd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // SAFETY: one live, initialised pollfd, and a count of one.
+        let rc = unsafe { libc::poll(&mut fd, 1, left.as_millis() as i32) };
+        if rc > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0 {
+            return true;
+        }
+        if left.is_zero() {
+            return false;
+        }
+    }
+}
+
+fn is_too_many(err: &ClientError) -> bool {
+    matches!(err, ClientError::Refused(m) if m.contains("too many control clients"))
+}
+
+/// Write timeout on replies: a client that sends request after request and
+/// never reads a reply does not hold up another client, and its connection
+/// is closed once a reply has waited REPLY_TIMEOUT.
+#[test]
+fn a_client_that_never_reads_does_not_hold_up_others() {
+    let d = Daemon::start();
+    let hog = never_reads(&d.control);
+    let begun = Instant::now();
+    let mut client = ControlClient::connect(&d.control).unwrap();
+    for _ in 0..3 {
+        client.stats().unwrap();
+    }
+    assert!(
+        begun.elapsed() < SLACK,
+        "another client waited {:?} behind one that never reads",
+        begun.elapsed()
+    );
+    assert!(
+        hung_up_within(&hog, REPLY_TIMEOUT + SLACK),
+        "a client that never reads was still connected {:?} after its replies stopped",
+        REPLY_TIMEOUT + SLACK
+    );
+    client.stats().unwrap();
+}
+
+/// Every place taken by a client that never reads: a newcomer is turned away
+/// with a reason, and served once the stuck clients have been dropped, which
+/// is within REPLY_TIMEOUT, not never.
+#[test]
+fn clients_that_never_read_give_their_places_back() {
+    let d = Daemon::start();
+    let hogs: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| never_reads(&d.control)).collect();
+    let err = ControlClient::connect(&d.control).unwrap().stats().unwrap_err();
+    assert!(is_too_many(&err), "{}", vhost_user_tmem::error_chain(&err));
+    let begun = Instant::now();
+    loop {
+        match ControlClient::connect(&d.control).unwrap().stats() {
+            Ok(_) => break,
+            Err(e) if is_too_many(&e) && begun.elapsed() < REPLY_TIMEOUT + SLACK => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!(
+                "still refused {:?} after the clients stopped reading: {}",
+                begun.elapsed(),
+                vhost_user_tmem::error_chain(&e)
+            ),
+        }
+    }
+    for hog in &hogs {
+        assert!(hung_up_within(hog, SLACK));
+    }
+}
+
+/// Cap on concurrent clients: with every place held by a client in the middle
+/// of a request, one more is told so, in words tmemctl prints; the others
+/// finish their requests and are answered.
+#[test]
+fn too_many_clients_get_a_clear_error_and_the_others_go_on() {
+    let d = Daemon::start();
+    let mut busy: Vec<UnixStream> = (0..MAX_CLIENTS)
+        .map(|_| {
+            let mut s = connect_socket_for_test(&d.control);
+            s.write_all(br#"{"cmd":"#).unwrap();
+            s
+        })
+        .collect();
+    let err = ControlClient::connect(&d.control).unwrap().stats().unwrap_err();
+    assert!(is_too_many(&err), "{}", vhost_user_tmem::error_chain(&err));
+    let out = Command::new(env!("CARGO_BIN_EXE_tmemctl"))
+        .arg("--control")
+        .arg(&d.control)
+        .arg("stats")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("too many control clients") && stderr.contains("try again"),
+        "tmemctl said: {stderr}"
+    );
+    for s in &mut busy {
+        let r = control_line(s, r#""stats"}"#);
+        assert_eq!(r["ok"], true, "{r}");
+    }
+}
+
+/// Cap on concurrent clients: connections left open and silent do not lock
+/// tmemctl out; the one idle longest is closed to make room.
+#[test]
+fn idle_connections_make_room() {
+    let d = Daemon::start();
+    // The daemon takes connections in the order they were made, so the
+    // first is the one idle longest.
+    let idle: Vec<UnixStream> = (0..MAX_CLIENTS)
+        .map(|_| connect_socket_for_test(&d.control))
+        .collect();
+    let mut first = connect_socket_for_test(&d.control);
+    let r = control_line(&mut first, r#"{"cmd":"stats"}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(
+        hung_up_within(&idle[0], SLACK),
+        "the oldest idle connection is still open"
+    );
+    // `first` stays connected, and was answered last: the next oldest goes.
+    let mut second = ControlClient::connect(&d.control).unwrap();
+    second.stats().unwrap();
+    assert!(
+        hung_up_within(&idle[1], SLACK),
+        "the next oldest did not make room"
+    );
+    assert!(!hung_up_within(&idle[MAX_CLIENTS - 1], Duration::ZERO));
+    assert_eq!(control_line(&mut first, r#"{"cmd":"stats"}"#)["ok"], true);
+}
+
+/// A client that starts a request and never finishes it is answered why
+/// and disconnected after REQUEST_TIMEOUT.
+#[test]
+fn a_request_line_that_never_ends_is_cut_off() {
+    let d = Daemon::start();
+    let mut s = connect_socket_for_test(&d.control);
+    let begun = Instant::now();
+    s.write_all(br#"{"cmd":"st"#).unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    let waited = begun.elapsed();
+    let r: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(r["ok"], false, "{r}");
+    let msg = r["error"].as_str().unwrap();
+    assert!(
+        msg.contains("not finished within") && msg.contains("closing"),
+        "{msg}"
+    );
+    assert!(
+        waited >= REQUEST_TIMEOUT - Duration::from_millis(100) && waited < REQUEST_TIMEOUT + SLACK,
+        "cut off after {waited:?}"
+    );
+    assert!(hung_up_within(&s, SLACK));
+    d.stats();
+}
+
+/// SO_PEERCRED: with the socket's mode opened up, a process of another uid
+/// can connect, and is refused by the daemon with a reason it logs; the
+/// daemon's own user is still served.
+#[test]
+fn another_uid_is_refused() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "another_uid_is_refused: needs root to run a client as another uid; \
+             the credential check itself is tested in src/control/peer.rs"
+        );
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let d = Daemon::start();
+    // Everything the other user needs to reach the socket, and tmemctl in a
+    // place it can run from.
+    let tmemctl = d.dir().join("tmemctl");
+    std::fs::copy(env!("CARGO_BIN_EXE_tmemctl"), &tmemctl).unwrap();
+    std::fs::set_permissions(&tmemctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(d.dir(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&d.control, std::fs::Permissions::from_mode(0o666)).unwrap();
+
+    let out = Command::new(&tmemctl)
+        .arg("--control")
+        .arg(&d.control)
+        .arg("stats")
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "uid {NOBODY} was served:\n{stdout}");
+    assert!(
+        stderr.contains(&format!("uid {NOBODY}")) && stderr.contains("may not use this control socket"),
+        "tmemctl said: {stderr}"
+    );
+    let log = d.log();
+    assert!(
+        log.contains("refused a client") && log.contains(&format!("uid {NOBODY}")),
+        "daemon log: {log}"
+    );
+    assert_eq!(d.control(r#"{"cmd":"stats"}"#)["ok"], true);
 }

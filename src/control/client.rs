@@ -58,7 +58,16 @@ impl ControlClient {
     pub fn call(&mut self, request: &Request) -> Result<Answer, ClientError> {
         let mut line = serde_json::to_string(request).map_err(ClientError::Encode)?;
         line.push('\n');
-        self.writer.write_all(line.as_bytes()).map_err(ClientError::Io)?;
+        if let Err(e) = self.writer.write_all(line.as_bytes()) {
+            // A daemon that turns a client away says why and closes, maybe
+            // before the request is through; the reason is still there to read.
+            if !matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) {
+                return Err(ClientError::Io(e));
+            }
+        }
         let mut reply = String::new();
         if self.reader.read_line(&mut reply).map_err(ClientError::Io)? == 0 {
             return Err(ClientError::Closed);

@@ -6,7 +6,7 @@
 //! `"ok":true` with the command's one result key ([`Answer`]), or `"ok":false`
 //! with an `"error"` ([`Reply`]).
 
-use std::{fmt, str::Utf8Error};
+use std::{fmt, str::Utf8Error, time::Duration};
 
 use serde::{
     de::{
@@ -144,6 +144,8 @@ fn culprit(object: &Map<String, Value>) -> Option<String> {
 pub enum RequestError {
     #[error("request line longer than {MAX_LINE} bytes")]
     TooLong,
+    #[error("request line not finished within {0:?}")]
+    TooSlow(Duration),
     #[error("request is not UTF-8")]
     NotUtf8(#[source] Utf8Error),
     #[error("empty request: expected a JSON object such as {{\"cmd\":\"stats\"}}")]

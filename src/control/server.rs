@@ -4,28 +4,35 @@
 //! [`MAX_LINE`] (answered, then the connection is closed), or a client
 //! vanishing mid-line. A request only reaches the store once it has parsed
 //! whole into a [`Request`].
+//!
+//! No client can hold the server up for others. Peers other than the
+//! daemon's user and root are refused (`peer.rs`). Each client has a thread
+//! of its own and one of [`MAX_CLIENTS`] places (`clients.rs`); a place is
+//! busy only while a request is under way, and both halves of that are
+//! bounded in time: [`REQUEST_TIMEOUT`] for the request line to arrive and
+//! [`REPLY_TIMEOUT`] for the reply to be taken. The accept loop itself never
+//! waits on a client.
 
 use std::{
-    io::{self, BufRead, BufReader, Write},
+    io::{self, BufRead, BufReader, Read, Write},
     os::unix::{
-        fs::{FileTypeExt, PermissionsExt},
+        fs::{FileTypeExt, MetadataExt, PermissionsExt},
+        io::{AsRawFd, RawFd},
         net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc,
-    },
+    sync::Arc,
     thread::{self, JoinHandle},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use log::{info, warn};
 use thiserror::Error;
 
 use super::{
+    clients::{Clients, Place},
     message::{Answer, ConfigView, DeviceStats, Reply, Request, RequestError, Stats},
-    MAX_LINE,
+    peer, IDLE_TIMEOUT, MAX_CLIENTS, MAX_LINE, REPLY_TIMEOUT, REQUEST_TIMEOUT,
 };
 use crate::{
     config::Config,
@@ -33,10 +40,9 @@ use crate::{
     store::{GuestId, Store, StoreError},
 };
 
-/// Clients served at once; more are told to come back later.
-const MAX_CLIENTS: usize = 16;
-/// A client silent this long is disconnected (`tmemctl watch` asks every second).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Pause after a failed accept (out of file descriptors, say), so that a
+/// persistent failure does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// What the control socket sees of one device: a snapshot of its identity
 /// and telemetry, and nothing it could change.
@@ -156,20 +162,56 @@ pub enum ControlError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot set up control socket {path}")]
+    Setup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot start the control thread")]
     Spawn(#[source] io::Error),
+}
+
+/// How much a client may cost; [`Limits::default`] is what the daemon uses.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_clients: usize,
+    idle: Duration,
+    request: Duration,
+    reply: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_clients: MAX_CLIENTS,
+            idle: IDLE_TIMEOUT,
+            request: REQUEST_TIMEOUT,
+            reply: REPLY_TIMEOUT,
+        }
+    }
 }
 
 /// The running control socket server.
 pub struct ControlServer {
     path: PathBuf,
-    stop: Arc<AtomicBool>,
+    /// The socket file's device and inode: stopping removes this server's
+    /// socket, never one that has since been put at the same path.
+    file: (u64, u64),
+    /// The accept loop watches the other end; closing this one wakes it,
+    /// which needs no path (the socket file may be gone by then).
+    wake: UnixStream,
+    clients: Arc<Clients>,
     thread: JoinHandle<()>,
 }
 
 impl ControlServer {
     /// Binds `path` (mode 0600 from the start) and serves it on a new thread.
     pub fn start(path: &Path, ctx: ControlContext) -> Result<Self, ControlError> {
+        Self::start_with(path, ctx, Limits::default())
+    }
+
+    fn start_with(path: &Path, ctx: ControlContext, limits: Limits) -> Result<Self, ControlError> {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
                 return Err(ControlError::NotASocket(path.to_owned()));
@@ -183,29 +225,72 @@ impl ControlServer {
             })?;
         }
         let listener = bind_private(path)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread_stop = stop.clone();
+        let setup = |source| ControlError::Setup {
+            path: path.to_owned(),
+            source,
+        };
+        let meta = std::fs::symlink_metadata(path).map_err(setup)?;
+        // A client that gives up between poll and accept must not leave
+        // the loop blocked in accept.
+        listener.set_nonblocking(true).map_err(setup)?;
+        let (wake, woken) = UnixStream::pair().map_err(setup)?;
+        let clients = Clients::new(limits.max_clients);
+        let thread_clients = clients.clone();
         let thread = thread::Builder::new()
             .name("tmem-control".into())
-            .spawn(move || accept_loop(listener, ctx, thread_stop))
+            .spawn(move || accept_loop(&listener, &woken, &ctx, &thread_clients, limits))
             .map_err(ControlError::Spawn)?;
         info!("control socket at {}", path.display());
         Ok(ControlServer {
             path: path.to_owned(),
-            stop,
+            file: (meta.dev(), meta.ino()),
+            wake,
+            clients,
             thread,
         })
     }
 
-    /// Stops accepting, and removes the socket file.
-    pub fn stop(self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop.
-        drop(UnixStream::connect(&self.path));
-        if self.thread.join().is_err() {
-            warn!("control thread panicked");
+    /// Stops accepting, disconnects every client, and removes the socket
+    /// file if it is still this server's. Waits for the accept thread until
+    /// `deadline` at most, and for client threads not at all: one may be in
+    /// a store call that waits on a spill file whose filesystem hangs.
+    pub fn stop(self, deadline: Instant) {
+        drop(self.wake);
+        self.clients.close_all();
+        if !join_by(self.thread, deadline) {
+            warn!("control: the accept thread did not stop in time; leaving it");
         }
-        let _ = std::fs::remove_file(&self.path);
+        remove_if_ours(&self.path, self.file);
+    }
+}
+
+/// Joins `thread` if it ends by `deadline`; `false` if it is still running.
+fn join_by(thread: JoinHandle<()>, deadline: Instant) -> bool {
+    while !thread.is_finished() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    if thread.join().is_err() {
+        warn!("control: the accept thread panicked");
+    }
+    true
+}
+
+fn remove_if_ours(path: &Path, file: (u64, u64)) {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if (meta.dev(), meta.ino()) == file => {
+            if let Err(e) = std::fs::remove_file(path) {
+                warn!("control: cannot remove {}: {e}", path.display());
+            }
+        }
+        Ok(_) => info!(
+            "control: {} is no longer this daemon's socket; leaving it",
+            path.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => warn!("control: cannot look at {}: {e}", path.display()),
     }
 }
 
@@ -231,47 +316,154 @@ fn bind_private(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-fn accept_loop(listener: UnixListener, ctx: ControlContext, stop: Arc<AtomicBool>) {
-    let active = Arc::new(AtomicUsize::new(0));
-    for stream in listener.incoming() {
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let mut stream = match stream {
-            Ok(stream) => stream,
+fn accept_loop(
+    listener: &UnixListener,
+    woken: &UnixStream,
+    ctx: &ControlContext,
+    clients: &Arc<Clients>,
+    limits: Limits,
+) {
+    let daemon_uid = peer::daemon_uid();
+    loop {
+        match wait_for_client(listener, woken) {
+            Ok(true) => {}
+            Ok(false) => return,
             Err(e) => {
-                warn!("control socket accept failed: {e}");
-                thread::sleep(Duration::from_millis(50));
+                warn!("control: poll failed: {e}");
+                thread::sleep(ACCEPT_BACKOFF);
                 continue;
             }
-        };
-        if active.load(Ordering::SeqCst) >= MAX_CLIENTS {
-            let _ = write_reply(
-                &mut stream,
-                &Reply::Error(format!("too many control clients (max {MAX_CLIENTS}); try again")),
-            );
-            continue;
         }
-        active.fetch_add(1, Ordering::SeqCst);
-        let ctx = ctx.clone();
-        let client_active = active.clone();
-        let spawned = thread::Builder::new()
-            .name("tmem-control-client".into())
-            .spawn(move || {
-                serve_client(stream, &ctx);
-                client_active.fetch_sub(1, Ordering::SeqCst);
-            });
-        if let Err(e) = spawned {
-            active.fetch_sub(1, Ordering::SeqCst);
-            warn!("cannot start a control client thread: {e}");
+        match listener.accept() {
+            Ok((stream, _)) => take_client(stream, ctx, clients, daemon_uid, limits),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+            Err(e) => {
+                warn!("control socket accept failed: {e}");
+                thread::sleep(ACCEPT_BACKOFF);
+            }
         }
     }
 }
 
-fn write_reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
-    let mut out = encode(reply);
-    out.push('\n');
-    stream.write_all(out.as_bytes())
+/// Waits until a client is waiting on `listener` (`true`) or the other end
+/// of `woken` has been closed (`false`).
+fn wait_for_client(listener: &UnixListener, woken: &UnixStream) -> io::Result<bool> {
+    let [client, stop] = poll_readable([listener.as_raw_fd(), woken.as_raw_fd()], None)?;
+    // Stopping comes first, even with clients waiting.
+    Ok(client && !stop)
+}
+
+/// Waits until one of `fds` is readable (or hung up), or until `deadline`;
+/// says which are.
+fn poll_readable<const N: usize>(fds: [RawFd; N], deadline: Option<Instant>) -> io::Result<[bool; N]> {
+    let mut polled = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    loop {
+        let timeout = match deadline {
+            None => -1,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                // Rounded up, so that a wake-up is never early.
+                i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+            }
+        };
+        // SAFETY: `polled` is a live array of initialised pollfds, and its
+        // length is the count passed with it.
+        let rc = unsafe { libc::poll(polled.as_mut_ptr(), N as libc::nfds_t, timeout) };
+        if rc >= 0 {
+            return Ok(polled.map(|p| p.revents != 0));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Checks who a new client is and finds it a place, then serves it on a
+/// thread of its own.
+fn take_client(
+    stream: UnixStream,
+    ctx: &ControlContext,
+    clients: &Arc<Clients>,
+    daemon_uid: u32,
+    limits: Limits,
+) {
+    // Accepted sockets do not inherit the listener's O_NONBLOCK on Linux,
+    // but the timeouts below rely on blocking I/O, so do not depend on it.
+    if let Err(e) = stream.set_nonblocking(false) {
+        warn!("control: cannot set up a client's socket: {e}");
+        return;
+    }
+    let peer = match peer::peer_of(&stream).and_then(|peer| peer::admit(peer, daemon_uid)) {
+        Ok(peer) => peer,
+        Err(e) => {
+            warn!("control: refused a client: {}", error_chain(&e));
+            turn_away(&stream, &e);
+            return;
+        }
+    };
+    let place = match clients.admit(&stream) {
+        Ok(place) => place,
+        Err(e) => {
+            info!("control: turned away pid {}: {}", peer.pid, error_chain(&e));
+            turn_away(&stream, &e);
+            return;
+        }
+    };
+    let ctx = ctx.clone();
+    let spawned = thread::Builder::new()
+        .name("tmem-ctl-client".into())
+        .spawn(move || serve_client(stream, &ctx, &place, limits));
+    if let Err(e) = spawned {
+        warn!("control: cannot start a client thread: {e}");
+    }
+}
+
+/// Tells a client why it is not served, on the accept loop's thread and so
+/// without waiting: the line goes into the empty buffer of a socket just
+/// accepted, or not at all.
+fn turn_away(mut stream: &UnixStream, why: &(dyn std::error::Error + 'static)) {
+    let mut line = encode(&Reply::Error(error_chain(why)));
+    line.push('\n');
+    if stream.set_nonblocking(true).is_ok() {
+        let _ = stream.write(line.as_bytes());
+    }
+}
+
+/// Writes one reply line, giving up at `deadline`. The deadline covers the
+/// whole line, so a client reading a byte at a time cannot stretch it.
+fn write_reply(mut stream: &UnixStream, reply: &Reply, deadline: Instant) -> io::Result<()> {
+    let mut line = encode(reply);
+    line.push('\n');
+    let mut rest = line.as_bytes();
+    while !rest.is_empty() {
+        stream.set_write_timeout(Some(time_left(deadline)?))?;
+        match stream.write(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The time until `deadline`, or a timeout error once it has passed.
+fn time_left(deadline: Instant) -> io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::ErrorKind::TimedOut.into());
+    }
+    Ok(left)
+}
+
+/// Whether an I/O error is a socket timeout running out.
+fn timed_out(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
 /// One reply as a line of JSON, keys sorted at every level.
@@ -323,35 +515,79 @@ fn read_line_capped(reader: &mut impl BufRead, line: &mut Vec<u8>, cap: usize) -
     }
 }
 
-fn serve_client(stream: UnixStream, ctx: &ControlContext) {
-    if let Err(e) = stream.set_read_timeout(Some(IDLE_TIMEOUT)) {
-        warn!("control client: cannot set a read timeout: {e}");
-        return;
+/// A client's socket, read against a deadline rather than a per-read
+/// timeout: each read waits only for what is left, so a client that sends a
+/// byte now and then cannot stretch the time it is given.
+struct Timed {
+    stream: UnixStream,
+    deadline: Instant,
+}
+
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.set_read_timeout(Some(time_left(self.deadline)?))?;
+        self.stream.read(buf)
     }
-    let mut writer = match stream.try_clone() {
-        Ok(w) => w,
-        Err(e) => {
-            warn!("control client: {e}");
-            return;
-        }
-    };
-    let mut reader = BufReader::new(stream);
+}
+
+fn serve_client(stream: UnixStream, ctx: &ControlContext, place: &Place, limits: Limits) {
+    let mut reader = BufReader::new(Timed {
+        stream,
+        deadline: Instant::now() + limits.request,
+    });
     let mut line = Vec::new();
     loop {
-        let reply = match read_line_capped(&mut reader, &mut line, MAX_LINE) {
-            Ok(Line::Complete) => ctx.handle_line(&line),
-            Ok(Line::TooLong) => {
-                let message = format!("{}; closing the connection", RequestError::TooLong);
-                let _ = write_reply(&mut writer, &Reply::Error(message));
+        // A request already read ahead keeps the client busy. Otherwise it
+        // is idle until a byte arrives, and turns busy before reading it:
+        // while the byte sits in the socket, the table sees it there and
+        // does not close the client to make room, so no request that has
+        // reached the daemon is dropped that way.
+        if reader.buffer().is_empty() {
+            place.idle();
+            let fd = reader.get_ref().stream.as_raw_fd();
+            match poll_readable([fd], Some(Instant::now() + limits.idle)) {
+                Ok([true]) => {}
+                // Idle too long: nothing to answer.
+                Ok([false]) | Err(_) => return,
+            }
+            if !place.busy() {
                 return;
             }
-            // Gone, timed out, or reset: nothing to answer.
+        }
+        reader.get_mut().deadline = Instant::now() + limits.request;
+        let reply = match read_line_capped(&mut reader, &mut line, MAX_LINE) {
+            Ok(Line::Complete) => ctx.handle_line(&line),
+            Ok(Line::TooLong) => return farewell(reader.get_ref(), RequestError::TooLong, limits),
+            Err(e) if timed_out(&e) => {
+                info!(
+                    "control: a client took over {:?} to send a request line",
+                    limits.request
+                );
+                return farewell(reader.get_ref(), RequestError::TooSlow(limits.request), limits);
+            }
+            // Gone mid-line, or reset: nothing to answer.
             Ok(Line::Eof) | Err(_) => return,
         };
-        if write_reply(&mut writer, &reply).is_err() {
+        if let Err(e) = write_reply(&reader.get_ref().stream, &reply, Instant::now() + limits.reply) {
+            if timed_out(&e) {
+                info!(
+                    "control: a client did not take its reply within {:?}",
+                    limits.reply
+                );
+            }
             return;
         }
     }
+}
+
+/// The last reply on a connection the server is about to close: why.
+fn farewell(client: &Timed, why: RequestError, limits: Limits) {
+    let message = format!("{}; closing the connection", error_chain(&why));
+    let _ = write_reply(
+        &client.stream,
+        &Reply::Error(message),
+        Instant::now() + limits.reply,
+    );
 }
 
 #[cfg(test)]
@@ -628,7 +864,51 @@ mod tests {
         assert_eq!(client.drop_pool(1, 0).unwrap(), 0);
         let err = client.drop_pool(9, 0).unwrap_err();
         assert!(matches!(err, ClientError::Refused(ref m) if m.contains("no device 9")));
-        server.stop();
+        server.stop(Instant::now() + Duration::from_secs(5));
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn stopping_needs_no_path_and_leaves_a_newcomers_socket_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let server = ControlServer::start(&path, context()).unwrap();
+        let _idle = UnixStream::connect(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let successor = UnixListener::bind(&path).unwrap();
+        let begun = Instant::now();
+        server.stop(Instant::now() + Duration::from_secs(5));
+        assert!(begun.elapsed() < Duration::from_secs(1), "{:?}", begun.elapsed());
+        assert!(path.exists(), "removed a socket that was not its own");
+        drop(successor);
+    }
+
+    #[test]
+    fn a_busy_place_is_given_back_when_its_time_is_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let limits = Limits {
+            max_clients: 1,
+            request: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let server = ControlServer::start_with(&path, context(), limits).unwrap();
+        let mut slow = UnixStream::connect(&path).unwrap();
+        slow.write_all(br#"{"cmd":"#).unwrap();
+        let err = ControlClient::connect(&path).unwrap().stats().unwrap_err();
+        assert!(
+            matches!(err, ClientError::Refused(ref m) if m.contains("too many control clients")),
+            "{err}"
+        );
+        let mut out = String::new();
+        BufReader::new(&slow).read_line(&mut out).unwrap();
+        assert!(out.contains("not finished within 300ms; closing"), "{out}");
+        // The place is given back once the slow client's thread has gone.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while ControlClient::connect(&path).unwrap().stats().is_err() {
+            assert!(Instant::now() < deadline, "the place was not given back");
+            thread::sleep(Duration::from_millis(10));
+        }
+        server.stop(Instant::now() + Duration::from_secs(5));
     }
 }

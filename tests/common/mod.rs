@@ -80,6 +80,21 @@ impl Daemon {
         }
     }
 
+    /// Sends `signal` (SIGTERM, say) and returns at once.
+    pub fn signal(&self, signal: i32) {
+        let pid = self.pid();
+        assert!(pid > 0, "the daemon has already been stopped");
+        // SAFETY: kill(2) on our own child; tests signal it only before they
+        // have seen it exit, so it has not been reaped and the pid is its own.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
         match self.process.terminate(TIMEOUT) {
