@@ -17,7 +17,7 @@ use super::{
     budget::Budget,
     codec,
     slab::{fill_hash, key_hash, Obj, Slab, Tier, INDEXED, MAX_REFS, REFERENCED},
-    spill::{units_for, SpillFile, UNIT},
+    spill::{units_for, Label, SpillFile, UNIT},
     Counters, Page, StoreError, PAGE_SIZE,
 };
 
@@ -84,10 +84,13 @@ pub struct ObjShard {
     /// rescanned on every free.
     compact_floor: u64,
     max_ids: u32,
+    /// This shard's part of an object handle: handle = `handle_base | id`.
+    handle_base: u32,
 }
 
 impl ObjShard {
-    pub fn new(max_ids: u32) -> Self {
+    /// A shard whose objects' handles are `handle_base | id`, with ids below `max_ids`.
+    pub fn new(handle_base: u32, max_ids: u32) -> Self {
         ObjShard {
             slab: Slab::new(),
             dedup: HashTable::new(),
@@ -98,6 +101,17 @@ impl ObjShard {
             in_ram: 0,
             compact_floor: 0,
             max_ids,
+            handle_base,
+        }
+    }
+
+    /// What the spill file binds the slot of object `id` to: a slot opens only
+    /// for the object that wrote it.
+    fn label(&self, id: u32, key: u32, owner: u16) -> Label {
+        Label {
+            handle: self.handle_base | id,
+            key,
+            owner,
         }
     }
 
@@ -234,7 +248,7 @@ impl ObjShard {
                     }
                     Content::Data { payload, .. } if o.key() == key && o.len() == payload.len() => {
                         let mut read = [0u8; PAGE_SIZE];
-                        self.candidate_payload(o, spill, &mut read) == Some(payload)
+                        self.candidate_payload(id, o, spill, &mut read) == Some(payload)
                     }
                     Content::Data { .. } => false,
                 }
@@ -264,7 +278,7 @@ impl ObjShard {
                     return false;
                 }
                 let mut read = [0u8; PAGE_SIZE];
-                let Some(payload) = self.candidate_payload(o, spill, &mut read) else {
+                let Some(payload) = self.candidate_payload(id, o, spill, &mut read) else {
                     return false;
                 };
                 if o.is_raw() {
@@ -285,6 +299,7 @@ impl ObjShard {
     /// at hand or the read fails: the candidate then counts as "not equal".
     fn candidate_payload<'a>(
         &'a self,
+        id: u32,
         o: &Obj,
         spill: Option<&SpillFile>,
         read: &'a mut [u8; PAGE_SIZE],
@@ -294,7 +309,12 @@ impl ObjShard {
             Tier::Ram => Some(self.alloc.bytes(Loc::unpack(o.loc()), len)),
             Tier::Spilled => {
                 spill?
-                    .read(o.loc() * UNIT, len, u64::from(o.key()), &mut read[..])
+                    .read(
+                        o.loc() * UNIT,
+                        len,
+                        self.label(id, o.key(), o.owner()),
+                        &mut read[..],
+                    )
                     .ok()?;
                 Some(&read[..len])
             }
@@ -337,14 +357,17 @@ impl ObjShard {
             return Ok(Obtained::NeedRoom);
         }
         self.counted += growth;
-        let Some(offset) = spill.write(payload, u64::from(key))? else {
+        // The record is inserted after the write; nothing else takes an id in between.
+        let id = self.slab.next_id();
+        let Some(offset) = spill.write(payload, self.label(id, key, owner))? else {
             self.settle(budget);
             return Ok(Obtained::NeedRoom);
         };
         let flags = REFERENCED | if dedup { INDEXED } else { 0 };
         let mut obj = Obj::new(key, Tier::Spilled, payload.len(), owner, flags);
         obj.set_loc(offset / UNIT);
-        let id = self.slab.insert(obj);
+        let inserted = self.slab.insert(obj);
+        debug_assert_eq!(inserted, id);
         if dedup {
             let slab = &self.slab;
             self.dedup
@@ -501,7 +524,7 @@ impl ObjShard {
                 let offset = obj.loc() * UNIT;
                 let spill = spill.ok_or(StoreError::Corrupt { offset })?;
                 self.owner(obj.owner()).spill_reads += 1;
-                spill.read(offset, len, u64::from(obj.key()), &mut dest[..])?;
+                spill.read(offset, len, self.label(id, obj.key(), obj.owner()), &mut dest[..])?;
                 Ok(loaded)
             }
             Tier::Free => Err(StoreError::Corrupt { offset: u64::MAX }),
@@ -521,7 +544,8 @@ impl ObjShard {
         let obj = *self.slab.get(id);
         let len = obj.len();
         let loc = Loc::unpack(obj.loc());
-        let Some(offset) = spill.write(self.alloc.bytes(loc, len), u64::from(obj.key()))? else {
+        let label = self.label(id, obj.key(), obj.owner());
+        let Some(offset) = spill.write(self.alloc.bytes(loc, len), label)? else {
             return Ok(Evicted::TierFull);
         };
         self.alloc.free(loc, len);
@@ -585,7 +609,7 @@ mod tests {
     #[test]
     fn dedup_refcounts_and_frees_on_last_release() {
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20);
+        let mut s = ObjShard::new(0, 1 << 20);
         let p = vec![7u8; 1000];
         let (a, hit) = id_of(s.obtain(&data(1, &p, true), 0, &budget, None));
         assert!(!hit);
@@ -609,7 +633,7 @@ mod tests {
     #[test]
     fn a_record_at_its_reference_limit_gets_a_twin() {
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20);
+        let mut s = ObjShard::new(0, 1 << 20);
         let p = [9u8; 300];
         let (a, _) = id_of(s.obtain(&data(3, &p, true), 0, &budget, None));
         s.slab.get_mut(a).set_refs(MAX_REFS - 1);
@@ -636,7 +660,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spill = SpillFile::open(&dir.path().join("s"), 1 << 20).unwrap();
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20);
+        let mut s = ObjShard::new(0, 1 << 20);
         let mut page = [0u8; PAGE_SIZE];
         for (i, b) in page.iter_mut().enumerate() {
             *b = (i % 7) as u8 ^ (i / 300) as u8;
@@ -676,7 +700,7 @@ mod tests {
     #[test]
     fn equal_hash_but_different_bytes_is_not_a_hit() {
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20);
+        let mut s = ObjShard::new(0, 1 << 20);
         let (a, _) = id_of(s.obtain(&data(5, &[1u8; 100], true), 0, &budget, None));
         let (b, hit) = id_of(s.obtain(&data(5, &[2u8; 100], true), 0, &budget, None));
         assert!(!hit);
@@ -689,7 +713,7 @@ mod tests {
     #[test]
     fn dedup_off_stores_copies_and_fills_are_shared() {
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20);
+        let mut s = ObjShard::new(0, 1 << 20);
         let p = [3u8; 64];
         let (a, _) = id_of(s.obtain(&data(9, &p, false), 0, &budget, None));
         let (b, hit) = id_of(s.obtain(&data(9, &p, false), 0, &budget, None));
@@ -708,7 +732,7 @@ mod tests {
     #[test]
     fn budget_refuses_growth_and_counts_exactly() {
         let budget = Budget::new(0);
-        let mut s = ObjShard::new(1 << 20);
+        let mut s = ObjShard::new(0, 1 << 20);
         assert_eq!(
             s.obtain(&data(1, &[1u8; 500], true), 0, &budget, None),
             Obtained::NeedRoom
@@ -728,7 +752,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spill = SpillFile::open(&dir.path().join("s"), 1 << 20).unwrap();
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20);
+        let mut s = ObjShard::new(0, 1 << 20);
         let p: Vec<u8> = (0..700u32).map(|i| i as u8).collect();
         let (a, _) = id_of(s.obtain(&data(11, &p, true), 1, &budget, None));
         s.obtain(&data(11, &p, true), 1, &budget, None);
@@ -767,7 +791,7 @@ mod tests {
     #[test]
     fn compaction_moves_live_payloads_and_frees_chunks() {
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20);
+        let mut s = ObjShard::new(0, 1 << 20);
         let payload = |i: u32| -> Vec<u8> { (0..900).map(|k| (i as u8).wrapping_add(k as u8)).collect() };
         let ids: Vec<u32> = (0..800u32)
             .map(|i| id_of(s.obtain(&data(i + 1, &payload(i), true), 0, &budget, None)).0)
@@ -800,7 +824,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spill = SpillFile::open(&dir.path().join("s"), 0).unwrap();
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20);
+        let mut s = ObjShard::new(0, 1 << 20);
         let (a, _) = id_of(s.obtain(&data(1, &[5u8; 300], true), 0, &budget, None));
         assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::TierFull);
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
