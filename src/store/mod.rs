@@ -730,7 +730,7 @@ impl Store {
             }
             written += 1;
         }
-        self.background_writebacks.fetch_add(written, Ordering::Relaxed);
+        self.background_writebacks.fetch_add(written, Ordering::Release);
         Ok(written)
     }
 
@@ -790,6 +790,9 @@ impl Store {
     }
 
     pub fn stats(&self) -> StoreStats {
+        // Read before the shards: the writer adds its count (Release) after its
+        // writes are in the shard counters, so it never exceeds `spill_writes`.
+        let background_writebacks = self.background_writebacks.load(Ordering::Acquire);
         let mut gather = Gather::default();
         for shard in self.index.iter() {
             shard.0.lock().add_stats(|guest, pool, c, bytes| {
@@ -805,7 +808,7 @@ impl Store {
         }
         let spill_file = self.spill.as_ref().map_or(0, SpillFile::file_bytes);
         let mut stats = gather.finish(self.budget.used(), self.budget.limit(), spill_file);
-        stats.background_writebacks = self.background_writebacks.load(Ordering::Relaxed);
+        stats.background_writebacks = background_writebacks;
         stats
     }
 }
