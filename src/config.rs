@@ -38,7 +38,10 @@ pub struct Args {
     /// Host RAM the page store may use, e.g. 512M or 4G.
     #[arg(long, value_name = "SIZE", default_value = "256M")]
     pub mem_limit: String,
-    /// File the coldest pages spill to once RAM is full.
+    /// Where the coldest pages spill once RAM is full: a directory, or a name
+    /// that does not exist yet in one. The file made there has no name and
+    /// mode 0600, and its pages are encrypted; a symbolic link or an existing
+    /// file is refused.
     #[arg(long, value_name = "PATH", requires = "spill_limit")]
     pub spill_file: Option<PathBuf>,
     /// Largest size the spill file may grow to, e.g. 8G.

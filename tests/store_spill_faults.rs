@@ -4,18 +4,27 @@
 //! The spill file's format belongs to the store, so corruption here is blind:
 //! it flips bytes wherever they are, and checks only what frontswap promises:
 //! a page comes back byte-exact or the get fails; it is never wrong and never
-//! silently missing.
+//! silently missing. The file has no name, so the tests reach it the way
+//! anyone with this process's rights would: through `/proc/self/fd`.
+//!
+//! The file's privacy is checked from outside too: no name, mode 0600, no
+//! guest bytes in the clear, and a spill path that is a link or an existing
+//! file is refused without touching it.
 
 use std::{
     collections::{hash_map::Entry, HashMap},
     ffi::CString,
-    os::unix::ffi::OsStrExt,
+    os::unix::{
+        ffi::OsStrExt,
+        fs::{symlink, MetadataExt, PermissionsExt},
+    },
     path::{Path, PathBuf},
     process::Command,
 };
 
 use vhost_user_tmem::store::{
-    DedupDomain, GetOutcome, GuestId, Page, PutOutcome, SpillConfig, Store, StoreConfig, PAGE_SIZE,
+    DedupDomain, GetOutcome, GuestId, Page, PutOutcome, SpillConfig, Store, StoreConfig, StoreError,
+    PAGE_SIZE,
 };
 
 const G: GuestId = GuestId(0);
@@ -272,7 +281,31 @@ fn full_spill_filesystem_rejects_only_when_full_and_loses_nothing() {
 
 const PAGES: u64 = 192;
 
-/// Fills a fresh store so that most pages live in the spill file.
+/// The open spill file of the store whose spill path is in `dir`, as a
+/// `/proc/self/fd` path: the one descriptor of this process whose link names
+/// a deleted file in `dir` (`dir/#INODE (deleted)` for an `O_TMPFILE` file).
+fn spill_fd(dir: &Path) -> PathBuf {
+    let prefix = format!("{}/", dir.display());
+    let found: Vec<PathBuf> = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|e| {
+            let fd = e.ok()?.path();
+            let target = std::fs::read_link(&fd).ok()?;
+            let target = target.to_string_lossy();
+            (target.starts_with(&prefix) && target.ends_with(" (deleted)")).then_some(fd)
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one open, deleted spill file in {}: {found:?}",
+        dir.display()
+    );
+    found.into_iter().next().expect("one")
+}
+
+/// Fills a fresh store so that most pages live in the spill file. Returns the
+/// spill file's `/proc/self/fd` path.
 fn filled_spilling_store(dir: &Path) -> (Store, HashMap<u64, Box<Page>>, PathBuf) {
     let path = dir.join("spill");
     let store = spilling_store(path.clone(), 64 << 20, 256 << 10);
@@ -292,8 +325,14 @@ fn filled_spilling_store(dir: &Path) -> (Store, HashMap<u64, Box<Page>>, PathBuf
     }
     let spilled = store.stats().total.spilled_pages;
     assert!(spilled >= PAGES / 2, "only {spilled} of {PAGES} pages spilled");
+    assert!(
+        !path.exists(),
+        "the spill file must have no name: {} exists",
+        path.display()
+    );
+    let path = spill_fd(dir);
     let len = std::fs::metadata(&path)
-        .unwrap_or_else(|e| panic!("the spill file must exist at its path to corrupt it: {e}"))
+        .unwrap_or_else(|e| panic!("the spill file must be open to corrupt it: {e}"))
         .len();
     assert!(
         len > 0,
@@ -334,7 +373,7 @@ fn every_byte_of_the_spill_file_flipped_gives_errors_never_wrong_data() {
     assert_eq!(
         failed.len() as u64,
         spilled,
-        "every spilled page must fail its checksum, and only those"
+        "every spilled page must fail authentication, and only those"
     );
     // Asking again still fails rather than returning something.
     assert_eq!(read_all_checked(&store, &model), failed);
@@ -414,4 +453,142 @@ fn puts_are_not_rejected_while_the_spill_file_has_room() {
         model.insert(i, page);
     }
     assert_reads_back(&store, &model, "after spilling");
+}
+
+// ---------------------------------------------------------------------------
+// Tampering that keeps the format: one byte, and slots moved around
+
+#[test]
+fn one_flipped_byte_fails_at_most_one_page_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, model, path) = filled_spilling_store(dir.path());
+    let len = std::fs::metadata(&path).unwrap().len() as usize;
+    // A few places, one at a time: the start of the file (a slot header), the
+    // middle and near the end (inside payloads, or slack between them).
+    let mut failed_somewhere = false;
+    for at in [0, 5, 24, len / 2, len - 100] {
+        let mut bytes = std::fs::read(&path).unwrap();
+        let original = bytes.clone();
+        bytes[at] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let failed = read_all_checked(&store, &model);
+        assert!(failed.len() <= 1, "one byte at {at} failed pages {failed:?}");
+        failed_somewhere |= !failed.is_empty();
+        std::fs::write(&path, &original).unwrap();
+        assert!(
+            read_all_checked(&store, &model).is_empty(),
+            "after undoing byte {at}"
+        );
+    }
+    assert!(failed_somewhere, "no flipped byte was noticed");
+}
+
+#[test]
+fn slots_copied_over_other_slots_give_errors_never_wrong_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, model, path) = filled_spilling_store(dir.path());
+    let bytes = std::fs::read(&path).unwrap();
+    // Well-formed slots, moved: the second half of the file becomes a copy of
+    // the first (what a CRC-checked format accepted, with each slot's own
+    // check intact), then the halves are swapped.
+    let half = bytes.len() / 2 / 128 * 128;
+    let mut copied = bytes.clone();
+    copied.copy_within(..half, half);
+    std::fs::write(&path, &copied).unwrap();
+    let failed = read_all_checked(&store, &model);
+    assert!(!failed.is_empty(), "copied slots went unnoticed");
+    let mut swapped = bytes[half..2 * half].to_vec();
+    swapped.extend_from_slice(&bytes[..half]);
+    swapped.extend_from_slice(&bytes[2 * half..]);
+    std::fs::write(&path, &swapped).unwrap();
+    let failed = read_all_checked(&store, &model);
+    assert!(
+        failed.len() as u64 >= store.stats().total.spilled_pages / 2,
+        "{failed:?}"
+    );
+    // Put back as written, every page reads again: nothing was dropped.
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(read_all_checked(&store, &model).is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Privacy
+
+#[test]
+fn the_spill_file_is_unnamed_0600_and_holds_no_page_in_the_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = spilling_store(dir.path().to_owned(), 64 << 20, 64 << 10);
+    // Pages a reader of the file would recognise: a compressible text page
+    // (its frame keeps one copy of the line as literals) and an
+    // incompressible one (kept raw), each with a marker.
+    const MARKER: &[u8] = b"-----BEGIN OPENSSH PRIVATE KEY----- swapped out";
+    let mut text = text_page(42);
+    text[1000..1000 + MARKER.len()].copy_from_slice(MARKER);
+    let mut noise = random_page(43);
+    noise[2000..2000 + MARKER.len()].copy_from_slice(MARKER);
+    let mut model = HashMap::new();
+    for i in 0..100u64 {
+        let page = match i % 3 {
+            0 => text.clone(),
+            1 => noise.clone(),
+            _ => random_page(i + 100),
+        };
+        // Equal pages would share one copy: make each a little different.
+        let mut page = page;
+        page[8..16].copy_from_slice(&i.to_le_bytes());
+        assert_eq!(store.put(G, POOL, i, &page).unwrap(), PutOutcome::Stored);
+        model.insert(i, page);
+    }
+    assert!(store.stats().total.spilled_pages >= 50);
+    let fd = spill_fd(dir.path());
+    let meta = std::fs::metadata(&fd).unwrap();
+    assert_eq!(meta.nlink(), 0, "the spill file has a name");
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "the spill directory shows an entry"
+    );
+    let bytes = std::fs::read(&fd).unwrap();
+    let line = b"page 42 of the spill fault test, swapped out by a guest; ";
+    for needle in [MARKER, &line[..24], &noise[3000..3024]] {
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "{:?} is in the spill file in the clear",
+            String::from_utf8_lossy(needle)
+        );
+    }
+    assert_reads_back(&store, &model, "after looking at the file");
+    // Gone with the store: nothing is left in the directory.
+    drop(store);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn a_link_or_an_existing_file_at_the_spill_path_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |path: PathBuf| StoreConfig {
+        spill: Some(SpillConfig { path, limit: 1 << 20 }),
+        ..StoreConfig::default()
+    };
+    let target = dir.path().join("target");
+    std::fs::write(&target, b"not yours to truncate").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let link = dir.path().join("spill");
+    symlink(&target, &link).unwrap();
+    match Store::new(config(link.clone())) {
+        Err(StoreError::SpillSymlink(p)) => assert_eq!(p, link),
+        Err(e) => panic!("wrong error for a symlink: {e}"),
+        Ok(_) => panic!("a symlink at the spill path was accepted"),
+    }
+    assert_eq!(std::fs::read(&target).unwrap(), b"not yours to truncate");
+    assert_eq!(std::fs::metadata(&target).unwrap().mode() & 0o777, 0o644);
+    // The target itself is an existing file: refused, not reused or truncated.
+    match Store::new(config(target.clone())) {
+        Err(StoreError::SpillExists(p)) => assert_eq!(p, target),
+        Err(e) => panic!("wrong error for an existing file: {e}"),
+        Ok(_) => panic!("an existing file was reused as the spill file"),
+    }
+    assert_eq!(std::fs::read(&target).unwrap(), b"not yours to truncate");
+    assert_eq!(std::fs::metadata(&target).unwrap().mode() & 0o777, 0o644);
 }

@@ -21,8 +21,8 @@ use crate::{
     harness::timing::{ranges, timed_parallel, Mismatches},
     size::parse_size,
     store::{
-        page_compressor, DedupDomain, GetOutcome, GuestId, MemoryUse, Page, PutOutcome, SpillConfig, Store,
-        StoreConfig, StoreError, StoreStats, PAGE_SIZE,
+        page_compressor, DedupDomain, GetOutcome, GuestId, MemoryUse, Page, PutOutcome, SpillConfig,
+        SpillTierBench, Store, StoreConfig, StoreError, StoreStats, PAGE_SIZE,
     },
 };
 
@@ -66,6 +66,12 @@ pub struct StoreArgs {
     /// Run every phase this many times and report the best round of each.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub repeat: u32,
+    /// Also time the spill file alone, in one thread: each page's payload
+    /// written to a fresh file (in --spill-file's directory, or the temporary
+    /// directory) and read back, sealed as the store seals it and, as the
+    /// baseline, in plaintext.
+    #[arg(long)]
+    pub spill_tier: bool,
 }
 
 #[derive(Debug, Error)]
@@ -152,6 +158,24 @@ pub struct StoreReport {
     /// Of `spill_writes`, those the background writer made.
     pub background_writebacks: u64,
     pub writebacks: u64,
+    /// With --spill-tier: the spill file alone, sealed and in plaintext.
+    pub spill_tier: Option<SpillTierReport>,
+}
+
+/// The spill file alone: the same payloads written and read back with the
+/// store's AEAD and without it. Rates are payload bytes (10^6) per second.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpillTierReport {
+    pub payloads: u64,
+    pub payload_bytes: u64,
+    /// Slot bytes, headers and rounding included.
+    pub file_bytes: u64,
+    pub sealed_write_mb_per_sec: f64,
+    pub sealed_read_mb_per_sec: f64,
+    pub plain_write_mb_per_sec: f64,
+    pub plain_read_mb_per_sec: f64,
+    pub write_vs_plain: f64,
+    pub read_vs_plain: f64,
 }
 
 pub fn run(args: &StoreArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -262,7 +286,12 @@ pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
     }
     drop(temp_spill);
     let (raw, run) = best.expect("--repeat is at least 1");
-    Ok(build_report(
+    let spill_tier = if args.spill_tier {
+        Some(spill_tier(args, &pages)?)
+    } else {
+        None
+    };
+    let mut report = build_report(
         args,
         n,
         mem_limit,
@@ -273,7 +302,44 @@ pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
         &run.memory,
         &run.after_put,
         &run.after_get,
-    ))
+    );
+    report.spill_tier = spill_tier;
+    Ok(report)
+}
+
+/// Times the spill file alone, sealed and plain in turn in each round (so a
+/// busy machine slows both alike), and keeps the best round of each pass.
+fn spill_tier(args: &StoreArgs, pages: &[&Page]) -> Result<SpillTierReport, BenchError> {
+    let dir = match &args.spill_file {
+        Some(p) if p.is_dir() => p.clone(),
+        Some(p) => p.parent().map_or_else(std::env::temp_dir, Path::to_path_buf),
+        None => std::env::temp_dir(),
+    };
+    let bench = SpillTierBench::new(pages, args.level)?;
+    // (write, read) of the best round, sealed and plain.
+    let mut best = [(Duration::MAX, Duration::MAX); 2];
+    let mut file_bytes = 0;
+    for _ in 0..args.repeat {
+        for (b, sealed) in best.iter_mut().zip([true, false]) {
+            let t = bench.run(&dir, sealed)?;
+            file_bytes = t.file_bytes;
+            *b = (b.0.min(t.write), b.1.min(t.read));
+        }
+    }
+    let bytes = bench.payload_bytes();
+    let mb = |d: Duration| bytes as f64 / 1e6 / d.as_secs_f64().max(1e-9);
+    let [sealed, plain] = best;
+    Ok(SpillTierReport {
+        payloads: bench.payloads() as u64,
+        payload_bytes: bytes,
+        file_bytes,
+        sealed_write_mb_per_sec: mb(sealed.0),
+        sealed_read_mb_per_sec: mb(sealed.1),
+        plain_write_mb_per_sec: mb(plain.0),
+        plain_read_mb_per_sec: mb(plain.1),
+        write_vs_plain: plain.0.as_secs_f64() / sealed.0.as_secs_f64().max(1e-9),
+        read_vs_plain: plain.1.as_secs_f64() / sealed.1.as_secs_f64().max(1e-9),
+    })
 }
 
 struct StoreRun {
@@ -391,6 +457,7 @@ fn build_report(
         spill_reads: after_get.total.spill_reads,
         background_writebacks: after_put.background_writebacks,
         writebacks: t.writebacks,
+        spill_tier: None,
     }
 }
 
@@ -565,6 +632,20 @@ fn print_table(r: &StoreReport) {
         r.writebacks,
         r.background_writebacks
     );
+    if let Some(t) = &r.spill_tier {
+        println!(
+            "spill tier alone           {} payloads, {} bytes in {} file bytes",
+            t.payloads, t.payload_bytes, t.file_bytes
+        );
+        println!(
+            "  write MB/s  sealed {:>9.0}   plain {:>9.0}   ({:.2}x)",
+            t.sealed_write_mb_per_sec, t.plain_write_mb_per_sec, t.write_vs_plain
+        );
+        println!(
+            "  read  MB/s  sealed {:>9.0}   plain {:>9.0}   ({:.2}x)",
+            t.sealed_read_mb_per_sec, t.plain_read_mb_per_sec, t.read_vs_plain
+        );
+    }
 }
 
 #[cfg(test)]
@@ -666,10 +747,14 @@ mod tests {
                 "off",
                 "--repeat",
                 "2",
+                "--spill-tier",
             ],
         ))
         .unwrap();
         assert_eq!(r.pages, 64);
+        let tier = r.spill_tier.expect("--spill-tier reports the tier");
+        assert!(tier.payloads > 0 && tier.file_bytes > tier.payload_bytes);
+        assert!(tier.sealed_write_mb_per_sec > 0.0 && tier.plain_read_mb_per_sec > 0.0);
         assert_eq!(r.level, 3);
         assert_eq!(r.dedup, DedupDomain::Off);
         assert_eq!(r.mem_limit, 64 << 10);

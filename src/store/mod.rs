@@ -12,7 +12,7 @@
 //! - `objects`: object shards, stored contents with dedup, refcounts, tiers;
 //! - `slab`: the object records of a shard and the CLOCK hand over them;
 //! - `alloc`: the byte-packed chunk allocator (with compaction) that holds RAM payloads;
-//! - `spill`: the spill file, its slots, checksums and free space;
+//! - `spill`: the spill file: private, encrypted slots, and its free space;
 //! - `budget`: the RAM budget counter;
 //! - `owners`: per object shard, the (guest, pool) records objects are counted under;
 //! - `stats`: summing the shards' counters, the largest pools of each guest apart.
@@ -41,6 +41,8 @@ mod stats;
 
 /// The store's zstd set-up for pages, for benchmarks that compare against it.
 pub use codec::page_compressor;
+/// The spill tier alone, sealed and in plaintext, for `tmem-bench store --spill-tier`.
+pub use spill::{SpillTierBench, SpillTimes};
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -89,6 +91,10 @@ pub enum DedupDomain {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpillConfig {
+    /// Where the spill file is made: an existing directory, or a name that
+    /// does not exist yet in an existing directory. The file itself never has
+    /// a name (see [`Store::new`]). A symbolic link or an existing file here is
+    /// refused, never opened.
     pub path: PathBuf,
     /// Most bytes the spill file may grow to.
     pub limit: u64,
@@ -139,15 +145,28 @@ pub enum GetOutcome {
 
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("cannot open spill file {path}")]
+    #[error("cannot make the spill file at {path}")]
     OpenSpill {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    #[error("spill path {0} is a symbolic link: name the directory itself, or a new name in it")]
+    SpillSymlink(PathBuf),
+    #[error(
+        "spill path {0} exists and is not a directory: an existing file is never reused; \
+         name a directory, or a new name in one"
+    )]
+    SpillExists(PathBuf),
+    #[error("spill file made at {path} is not private ({links} links, mode {mode:o})")]
+    SpillNotPrivate { path: PathBuf, links: u64, mode: u32 },
+    #[error("cannot draw random bytes for the spill file from the OS")]
+    SpillKey(#[source] getrandom::Error),
+    #[error("spill file cannot seal another page")]
+    SpillSeal,
     #[error("spill file I/O failed")]
     SpillIo(#[source] std::io::Error),
-    #[error("stored object at spill offset {offset} fails its checksum")]
+    #[error("stored object at spill offset {offset} fails authentication")]
     Corrupt { offset: u64 },
     #[error("page compression failed")]
     Compress(#[source] std::io::Error),
@@ -278,7 +297,20 @@ fn bits_for(n: usize) -> u32 {
 }
 
 impl Store {
+    /// A store, with its spill file made as [`SpillConfig`] says: unnamed
+    /// (`O_TMPFILE`, or created 0600 with `O_EXCL | O_NOFOLLOW` and unlinked
+    /// at once), and sealed with AES-256-GCM under a key drawn from the OS now
+    /// and kept only in this process. Its pages go with the process.
     pub fn new(config: StoreConfig) -> Result<Self, StoreError> {
+        let spill = match &config.spill {
+            Some(s) => Some(SpillFile::open(&s.path, s.limit)?),
+            None => None,
+        };
+        Ok(Store::with_spill(config, spill))
+    }
+
+    /// A store over a spill file already open (`config.spill` is not looked at).
+    fn with_spill(config: StoreConfig, spill: Option<SpillFile>) -> Self {
         let cpus = std::thread::available_parallelism().map_or(4, |n| n.get());
         let obj_shards = if config.shards == 0 {
             (cpus * 2).clamp(4, 64)
@@ -289,10 +321,7 @@ impl Store {
         let index_bits = bits_for((cpus * 8).clamp(16, 1024));
         let max_ids = 1u32 << (32 - obj_bits);
         let keys = Keys::new();
-        let spill = match &config.spill {
-            Some(s) => Some(SpillFile::open(&s.path, s.limit)?),
-            None => None,
-        };
+        let spill_heap = spill.as_ref().map_or(0, SpillFile::heap_bytes);
         let store = Store {
             zstd_level: config.zstd_level,
             raw_threshold: config.raw_threshold,
@@ -302,8 +331,11 @@ impl Store {
                 .map(|_| Padded(Mutex::new(IndexShard::new(&keys))))
                 .collect(),
             index_bits,
-            objects: (0..1usize << obj_bits)
-                .map(|_| Padded(Mutex::new(ObjShard::new(max_ids, &keys))))
+            objects: (0..1u32 << obj_bits)
+                .map(|shard| {
+                    let base = shard.checked_shl(32 - obj_bits).unwrap_or(0);
+                    Padded(Mutex::new(ObjShard::new(base, max_ids, &keys)))
+                })
                 .collect(),
             obj_bits,
             spill,
@@ -313,13 +345,13 @@ impl Store {
             pressure: pressure::Pressure::default(),
             background_writebacks: AtomicU64::new(0),
         };
-        // The fixed part (the shard arrays) is host memory too.
+        // The fixed part (the shard arrays, the spill cipher) is host memory too.
         let fixed = std::mem::size_of::<Store>()
             + store.index.len() * std::mem::size_of::<Padded<Mutex<IndexShard>>>()
             + store.objects.len() * std::mem::size_of::<Padded<Mutex<ObjShard>>>();
         let mut counted = 0;
-        store.budget.settle(&mut counted, fixed as u64);
-        Ok(store)
+        store.budget.settle(&mut counted, fixed as u64 + spill_heap);
+        store
     }
 
     /// Where a page is, with its run's keyed hash (see `keys::Keys::run`).
@@ -773,7 +805,7 @@ impl Store {
             }
             written += 1;
         }
-        self.background_writebacks.fetch_add(written, Ordering::Relaxed);
+        self.background_writebacks.fetch_add(written, Ordering::Release);
         Ok(written)
     }
 
@@ -850,6 +882,9 @@ impl Store {
     /// guest's other pools, and keeps the `top` candidates with the most
     /// pages.
     pub fn stats_top(&self, top: usize) -> StoreStats {
+        // Read before the shards: the writer adds its count (Release) after its
+        // writes are in the shard counters, so it never exceeds `spill_writes`.
+        let background_writebacks = self.background_writebacks.load(Ordering::Acquire);
         let mut candidates: HashSet<(u32, u32)> = HashSet::new();
         for shard in self.index.iter() {
             shard.0.lock().top_pools(top, |guest, pool| {
@@ -882,7 +917,7 @@ impl Store {
         gather.keep_largest(top, OTHER_POOLS);
         let spill_file = self.spill.as_ref().map_or(0, SpillFile::file_bytes);
         let mut stats = gather.finish(self.budget.used(), self.budget.limit(), spill_file);
-        stats.background_writebacks = self.background_writebacks.load(Ordering::Relaxed);
+        stats.background_writebacks = background_writebacks;
         stats
     }
 
@@ -1349,10 +1384,8 @@ mod tests {
         }
         s.writeback(1000).unwrap();
         assert!(s.stats().total.spilled_pages > 0);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.path().join("spill"))
-            .unwrap();
+        // The file has no name: write through the store's own descriptor.
+        let file = s.spill.as_ref().unwrap().file();
         let len = s.stats().total.spill_file_bytes;
         for off in (40..len).step_by(4096) {
             file.write_all_at(&[0x5a], off).unwrap();
@@ -1374,15 +1407,19 @@ mod tests {
 
     #[test]
     fn enospc_from_the_filesystem_means_full() {
-        let s = Store::new(StoreConfig {
-            mem_limit: 256 << 10,
-            spill: Some(SpillConfig {
-                path: PathBuf::from("/dev/full"),
-                limit: 1 << 30,
-            }),
-            ..StoreConfig::default()
-        })
-        .unwrap();
+        // /dev/full fails every write with ENOSPC; the spill path never opens a device.
+        let full = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let s = Store::with_spill(
+            StoreConfig {
+                mem_limit: 256 << 10,
+                ..StoreConfig::default()
+            },
+            Some(SpillFile::sealed_over(full, 1 << 30)),
+        );
         let mut rejected = false;
         for i in 0..500 {
             match s.put(GuestId(0), 0, i, &noise_page(i)) {

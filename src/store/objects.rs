@@ -19,7 +19,7 @@ use super::{
     keys::Keys,
     owners::{ObjCounters, Owners},
     slab::{key_hash, Obj, Slab, Tier, INDEXED, MAX_REFS, REFERENCED},
-    spill::{units_for, SpillFile, UNIT},
+    spill::{units_for, Label, SpillFile, UNIT},
     Page, StoreError, PAGE_SIZE,
 };
 
@@ -122,10 +122,13 @@ pub struct ObjShard {
     /// rescanned on every free.
     compact_floor: u64,
     max_ids: u32,
+    /// This shard's part of an object handle: handle = `handle_base | id`.
+    handle_base: u32,
 }
 
 impl ObjShard {
-    pub fn new(max_ids: u32, keys: &Keys) -> Self {
+    /// A shard whose objects' handles are `handle_base | id`, with ids below `max_ids`.
+    pub fn new(handle_base: u32, max_ids: u32, keys: &Keys) -> Self {
         ObjShard {
             slab: Slab::new(),
             dedup: HashTable::new(),
@@ -138,6 +141,16 @@ impl ObjShard {
             in_ram: 0,
             compact_floor: 0,
             max_ids,
+            handle_base,
+        }
+    }
+
+    /// What the spill file binds the slot of object `id` to: a slot opens only
+    /// for the object that wrote it.
+    fn label(&self, id: u32, key: u32) -> Label {
+        Label {
+            handle: self.handle_base | id,
+            key,
         }
     }
 
@@ -291,7 +304,7 @@ impl ObjShard {
             }
             Content::Data { payload, .. } if o.len() == payload.len() => {
                 let mut read = [0u8; PAGE_SIZE];
-                shard.candidate_payload(o, spill, &mut read) == Some(payload)
+                shard.candidate_payload(id, o, spill, &mut read) == Some(payload)
             }
             Content::Data { .. } => false,
         });
@@ -349,9 +362,9 @@ impl ObjShard {
     /// 4 billion of them are true twins.
     /// Returns what it found and how many candidates it compared.
     pub fn find_page(&mut self, key: u32, page: &Page, by: By, spill: Option<&SpillFile>) -> (Found, u32) {
-        let (found, compared) = self.candidates(key, by, MAX_CANDIDATES, |shard, _, o| {
+        let (found, compared) = self.candidates(key, by, MAX_CANDIDATES, |shard, id, o| {
             let mut read = [0u8; PAGE_SIZE];
-            let Some(payload) = shard.candidate_payload(o, spill, &mut read) else {
+            let Some(payload) = shard.candidate_payload(id, o, spill, &mut read) else {
                 return false;
             };
             if o.is_raw() {
@@ -371,6 +384,7 @@ impl ObjShard {
     /// at hand or the read fails: the candidate then counts as "not equal".
     fn candidate_payload<'a>(
         &'a self,
+        id: u32,
         o: &Obj,
         spill: Option<&SpillFile>,
         read: &'a mut [u8; PAGE_SIZE],
@@ -380,7 +394,7 @@ impl ObjShard {
             Tier::Ram => Some(self.alloc.bytes(Loc::unpack(o.loc()), len)),
             Tier::Spilled => {
                 spill?
-                    .read(o.loc() * UNIT, len, u64::from(o.key()), &mut read[..])
+                    .read(o.loc() * UNIT, len, self.label(id, o.key()), &mut read[..])
                     .ok()?;
                 Some(&read[..len])
             }
@@ -422,14 +436,17 @@ impl ObjShard {
             return Ok(Obtained::NeedRoom);
         }
         self.counted += growth;
-        let Some(offset) = spill.write(payload, u64::from(key))? else {
+        // The record is inserted after the write; nothing else takes an id in between.
+        let id = self.slab.next_id();
+        let Some(offset) = spill.write(payload, self.label(id, key))? else {
             self.settle(budget);
             return Ok(Obtained::NeedRoom);
         };
         let flags = REFERENCED | if dedup { INDEXED } else { 0 };
         let mut obj = Obj::new(key, Tier::Spilled, payload.len(), 0, flags);
         obj.set_loc(offset / UNIT);
-        let id = self.insert_obj(obj, by);
+        let inserted = self.insert_obj(obj, by);
+        debug_assert_eq!(inserted, id);
         if dedup {
             let slab = &self.slab;
             self.dedup
@@ -591,7 +608,7 @@ impl ObjShard {
                 let offset = obj.loc() * UNIT;
                 let spill = spill.ok_or(StoreError::Corrupt { offset })?;
                 self.counters(id).spill_reads += 1;
-                spill.read(offset, len, u64::from(obj.key()), &mut dest[..])?;
+                spill.read(offset, len, self.label(id, obj.key()), &mut dest[..])?;
                 Ok(loaded)
             }
             Tier::Free => Err(StoreError::Corrupt { offset: u64::MAX }),
@@ -611,7 +628,8 @@ impl ObjShard {
         let obj = *self.slab.get(id);
         let len = obj.len();
         let loc = Loc::unpack(obj.loc());
-        let Some(offset) = spill.write(self.alloc.bytes(loc, len), u64::from(obj.key()))? else {
+        let label = self.label(id, obj.key());
+        let Some(offset) = spill.write(self.alloc.bytes(loc, len), label)? else {
             return Ok(Evicted::TierFull);
         };
         self.alloc.free(loc, len);
@@ -721,7 +739,7 @@ mod tests {
     #[test]
     fn dedup_refcounts_and_frees_on_last_release() {
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20, &Keys::new());
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
         let p = vec![7u8; 1000];
         let (a, hit) = id_of(s.obtain(&data(1, &p, true), by(0), &budget, None));
         assert!(!hit);
@@ -747,7 +765,7 @@ mod tests {
     #[test]
     fn a_record_at_its_reference_limit_gets_a_twin() {
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20, &Keys::new());
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
         let p = [9u8; 300];
         let (a, _) = id_of(s.obtain(&data(3, &p, true), by(0), &budget, None));
         s.slab.get_mut(a).set_refs(MAX_REFS - 1);
@@ -777,7 +795,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spill = SpillFile::open(&dir.path().join("s"), 1 << 20).unwrap();
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20, &Keys::new());
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
         let mut page = [0u8; PAGE_SIZE];
         for (i, b) in page.iter_mut().enumerate() {
             *b = (i % 7) as u8 ^ (i / 300) as u8;
@@ -821,7 +839,7 @@ mod tests {
     #[test]
     fn equal_hash_but_different_bytes_is_not_a_hit() {
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20, &Keys::new());
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
         let (a, _) = id_of(s.obtain(&data(5, &[1u8; 100], true), by(0), &budget, None));
         let (b, hit) = id_of(s.obtain(&data(5, &[2u8; 100], true), by(0), &budget, None));
         assert!(!hit);
@@ -834,7 +852,7 @@ mod tests {
     #[test]
     fn dedup_off_stores_copies_and_fills_are_shared() {
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20, &Keys::new());
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
         let p = [3u8; 64];
         let (a, _) = id_of(s.obtain(&data(9, &p, false), by(0), &budget, None));
         let (b, hit) = id_of(s.obtain(&data(9, &p, false), by(0), &budget, None));
@@ -853,7 +871,7 @@ mod tests {
     #[test]
     fn budget_refuses_growth_and_counts_exactly() {
         let budget = Budget::new(0);
-        let mut s = ObjShard::new(1 << 20, &Keys::new());
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
         assert_eq!(
             s.obtain(&data(1, &[1u8; 500], true), by(0), &budget, None),
             Obtained::NeedRoom
@@ -873,7 +891,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spill = SpillFile::open(&dir.path().join("s"), 1 << 20).unwrap();
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20, &Keys::new());
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
         let p: Vec<u8> = (0..700u32).map(|i| i as u8).collect();
         let (a, _) = id_of(s.obtain(&data(11, &p, true), by(1), &budget, None));
         s.obtain(&data(11, &p, true), by(1), &budget, None);
@@ -912,7 +930,7 @@ mod tests {
     #[test]
     fn compaction_moves_live_payloads_and_frees_chunks() {
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20, &Keys::new());
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
         let payload = |i: u32| -> Vec<u8> { (0..900).map(|k| (i as u8).wrapping_add(k as u8)).collect() };
         let ids: Vec<u32> = (0..800u32)
             .map(|i| id_of(s.obtain(&data(i + 1, &payload(i), true), by(0), &budget, None)).0)
@@ -945,7 +963,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spill = SpillFile::open(&dir.path().join("s"), 0).unwrap();
         let budget = Budget::new(1 << 30);
-        let mut s = ObjShard::new(1 << 20, &Keys::new());
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
         let (a, _) = id_of(s.obtain(&data(1, &[5u8; 300], true), by(0), &budget, None));
         assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::TierFull);
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);

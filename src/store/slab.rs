@@ -197,6 +197,15 @@ impl Slab {
         self.free_head != NONE || self.len < max_ids
     }
 
+    /// The id the next [`Slab::insert`] hands out.
+    pub fn next_id(&self) -> u32 {
+        if self.free_head != NONE {
+            self.free_head
+        } else {
+            self.len
+        }
+    }
+
     pub fn insert(&mut self, obj: Obj) -> u32 {
         let id = if self.free_head != NONE {
             let id = self.free_head;
