@@ -42,7 +42,7 @@ mod stats;
 /// The store's zstd set-up for pages, for benchmarks that compare against it.
 pub use codec::page_compressor;
 /// The spill tier alone, sealed and in plaintext, for `tmem-bench store --spill-tier`.
-pub use spill::{SpillTierBench, SpillTimes};
+pub use spill::{SpillTierBench, SpillTierFile};
 
 use std::{
     collections::{BTreeMap, HashSet},

@@ -45,7 +45,6 @@ use std::{
     },
     path::Path,
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant},
 };
 
 use aes_gcm::{
@@ -478,17 +477,8 @@ fn checked_private(file: File, dir: &Path) -> Result<File, StoreError> {
     Ok(file)
 }
 
-/// What [`SpillTierBench::run`] measured.
-#[derive(Clone, Copy, Debug)]
-pub struct SpillTimes {
-    pub write: Duration,
-    pub read: Duration,
-    /// Slot bytes the payloads took (headers and unit rounding included).
-    pub file_bytes: u64,
-}
-
 /// The spill tier alone, for `tmem-bench store --spill-tier`: the payloads
-/// that puts would write for some pages, timed through a spill file.
+/// that puts would write for some pages, to time through spill files.
 pub struct SpillTierBench {
     payloads: Vec<Vec<u8>>,
 }
@@ -501,14 +491,11 @@ impl SpillTierBench {
         let mut payloads = Vec::with_capacity(pages.len());
         for page in pages.iter().filter(|p| codec::fill_value(p).is_none()) {
             payloads.push(codec::with_scratch(|frame| {
-                Ok::<_, StoreError>(
-                    match codec::encode_data(page, zstd_level, raw_threshold, frame)
-                        .map_err(StoreError::Compress)?
-                    {
-                        Some(len) => frame[..len].to_vec(),
-                        None => page.to_vec(),
-                    },
-                )
+                let encoded = codec::encode_data(page, zstd_level, raw_threshold, frame);
+                Ok::<_, StoreError>(match encoded.map_err(StoreError::Compress)? {
+                    Some(len) => frame[..len].to_vec(),
+                    None => page.to_vec(),
+                })
             })?);
         }
         Ok(SpillTierBench { payloads })
@@ -524,41 +511,63 @@ impl SpillTierBench {
         self.payloads.iter().map(|p| p.len() as u64).sum()
     }
 
-    /// Writes every payload to a fresh spill file made at `path` (as
-    /// [`SpillConfig::path`](super::SpillConfig::path) takes it), in order, then reads each back and
-    /// compares it, timing both passes in this thread. With `sealed: false`
-    /// the slots are written in plaintext and read with no check, by the same
-    /// code otherwise: the baseline that shows what the AEAD costs. Nothing
-    /// else makes a spill file like that.
-    pub fn run(&self, path: &Path, sealed: bool) -> Result<SpillTimes, StoreError> {
+    /// A fresh spill file made at `path` (as
+    /// [`SpillConfig::path`](super::SpillConfig::path) takes it), for one
+    /// pass of writes and one of reads. With `sealed: false` its slots are
+    /// written in plaintext and read with no check, by the same code
+    /// otherwise: the baseline that shows what the AEAD costs. Nothing else
+    /// makes a spill file like that.
+    pub fn file(&self, path: &Path, sealed: bool) -> Result<SpillTierFile<'_>, StoreError> {
         let sealing = if sealed { Sealing::fresh()? } else { Sealing::Plain };
-        let f = SpillFile::over(create_private(path)?, sealing, MAX_FILE_BYTES);
-        let label = |i: usize| Label {
+        Ok(SpillTierFile {
+            payloads: &self.payloads,
+            file: SpillFile::over(create_private(path)?, sealing, MAX_FILE_BYTES),
+            offsets: Vec::with_capacity(self.payloads.len()),
+        })
+    }
+}
+
+/// One spill file of a [`SpillTierBench`].
+pub struct SpillTierFile<'a> {
+    payloads: &'a [Vec<u8>],
+    file: SpillFile,
+    offsets: Vec<u64>,
+}
+
+impl SpillTierFile<'_> {
+    fn label(i: usize) -> Label {
+        Label {
             handle: i as u32,
             key: 0,
-        };
-        let start = Instant::now();
-        let mut offsets = Vec::with_capacity(self.payloads.len());
+        }
+    }
+
+    /// Writes every payload, in order.
+    pub fn write_all(&mut self) -> Result<(), StoreError> {
         for (i, p) in self.payloads.iter().enumerate() {
-            match f.write(p, label(i))? {
-                Some(offset) => offsets.push(offset),
+            match self.file.write(p, Self::label(i))? {
+                Some(offset) => self.offsets.push(offset),
                 None => return Err(StoreError::SpillIo(io::Error::from_raw_os_error(libc::ENOSPC))),
             }
         }
-        let write = start.elapsed();
+        Ok(())
+    }
+
+    /// Reads back every payload [`Self::write_all`] wrote, and compares it.
+    pub fn read_all(&self) -> Result<(), StoreError> {
         let mut out = [0u8; PAGE_SIZE];
-        let start = Instant::now();
-        for (i, (p, &offset)) in self.payloads.iter().zip(&offsets).enumerate() {
-            f.read(offset, p.len(), label(i), &mut out)?;
+        for (i, (p, &offset)) in self.payloads.iter().zip(&self.offsets).enumerate() {
+            self.file.read(offset, p.len(), Self::label(i), &mut out)?;
             if out[..p.len()] != p[..] {
                 return Err(StoreError::Corrupt { offset });
             }
         }
-        Ok(SpillTimes {
-            write,
-            read: start.elapsed(),
-            file_bytes: f.file_bytes(),
-        })
+        Ok(())
+    }
+
+    /// Slot bytes written so far, headers and rounding included.
+    pub fn file_bytes(&self) -> u64 {
+        self.file.file_bytes()
     }
 }
 
@@ -948,13 +957,13 @@ mod tests {
     }
 
     #[test]
-    fn the_tier_bench_times_both_ways() {
+    fn the_tier_bench_runs_both_ways() {
         let dir = tempfile::tempdir().unwrap();
         let pages: Vec<Box<Page>> = (0..40u8)
             .map(|i| {
                 let mut p = Box::new([i; PAGE_SIZE]);
                 if i % 4 != 0 {
-                    p[..payload(2000, i).len()].copy_from_slice(&payload(2000, i));
+                    p[..2000].copy_from_slice(&payload(2000, i));
                 }
                 p
             })
@@ -963,8 +972,11 @@ mod tests {
         let bench = SpillTierBench::new(&refs, 1).unwrap();
         assert_eq!(bench.payloads(), 30, "fills never go to the file");
         for sealed in [true, false] {
-            let t = bench.run(dir.path(), sealed).unwrap();
-            assert!(t.file_bytes >= bench.payload_bytes() + 30 * HDR as u64);
+            let mut f = bench.file(dir.path(), sealed).unwrap();
+            f.write_all().unwrap();
+            f.read_all().unwrap();
+            assert!(f.file_bytes() >= bench.payload_bytes() + 30 * HDR as u64);
+            assert_eq!(f.file.heap_bytes() > 0, sealed);
         }
         assert!(entries(dir.path()).is_empty());
     }
