@@ -231,7 +231,7 @@ GUEST_OUT=${GUEST_OUT:-$TMEM_ROOT/target/guest}
 build_module() {
     local kdir=$1 out=$2 logf
     rm -rf "$out" && mkdir -p "$out"
-    cp "$TMEM_ROOT"/guest-driver/{Kbuild,virtio_tmem.c} "$out/"
+    cp "$TMEM_ROOT"/guest-driver/{Kbuild,virtio_tmem.c,virtio_tmem.h,compat.h} "$out/"
     logf=$out/build.log
     if ! make -s -C "$kdir" M="$out" W=1 modules >"$logf" 2>&1; then
         cat "$logf" >&2
@@ -243,13 +243,13 @@ build_module() {
     printf '%s\n' "$out/virtio_tmem.ko"
 }
 
+# The guest test program, built by the driver's Makefile into GUEST_OUT (the
+# source tree holds no binary).
 build_swaptest() {
     local out=$GUEST_OUT/swaptest
     mkdir -p "$GUEST_OUT"
-    if [ ! -x "$out" ] || [ "$TMEM_ROOT/guest-driver/test/swaptest.c" -nt "$out" ]; then
-        gcc -O2 -Wall -Wextra -Werror -static -o "$out" "$TMEM_ROOT/guest-driver/test/swaptest.c" ||
-            die "building swaptest failed"
-    fi
+    make -s -C "$TMEM_ROOT/guest-driver" SWAPTEST="$out" test >&2 ||
+        die "building swaptest failed"
     printf '%s\n' "$out"
 }
 

@@ -17,7 +17,6 @@
 
 #include <linux/module.h>
 #include <linux/moduleparam.h>
-#include <linux/version.h>
 #include <linux/virtio.h>
 #include <linux/virtio_config.h>
 #include <linux/blkdev.h>
@@ -33,51 +32,12 @@
 #include <linux/slab.h>
 #include <linux/mm.h>
 #include <linux/ktime.h>
-#include <linux/file.h>
 
-#define VIRTIO_ID_TMEM		63
-#define TMEM_MAGIC		0x4D454D54	/* "TMEM" little-endian */
-#define TMEM_VERSION		1
-#define TMEM_PAGE_SIZE		4096
+#include "virtio_tmem.h"
+#include "compat.h"
 
-#define TMEM_CAP_EXCLUSIVE_GET	BIT(0)
-#define TMEM_CAP_PUT_FILL	BIT(1)
-
-enum tmem_op {
-	TMEM_OP_PUT = 1,
-	TMEM_OP_GET = 2,
-	TMEM_OP_INVALIDATE_PAGE = 3,
-	TMEM_OP_INVALIDATE_POOL = 4,
-	TMEM_OP_PUT_FILL = 5,
-};
-
-enum tmem_status {
-	TMEM_S_OK = 0,
-	TMEM_S_NOT_FOUND = 1,
-	TMEM_S_REJECTED = 2,
-	TMEM_S_INVALID = 3,
-	TMEM_S_IO_ERROR = 4,
-	TMEM_S_NONE = 0xff,	/* not written by the device */
-};
-
-struct virtio_tmem_config {
-	__le32 magic;
-	__le16 version;
-	__le16 num_queues;
-	__le32 page_size;
-	__le32 caps;
-	__le64 capacity_pages;
-	__le64 reserved;
-};
-
-struct virtio_tmem_req {
-	u8 op;
-	u8 flags;
-	__le16 reserved;
-	__le32 pool;
-	__le64 index;
-	__le64 arg;
-};
+/* A status byte the device has not written (it never sends this value). */
+#define TMEM_S_NONE		0xff
 
 static unsigned int poll_us = 50;
 module_param(poll_us, uint, 0644);
@@ -164,9 +124,7 @@ struct tmem_dev {
 	struct work_struct reset_work;
 	unsigned long reset_queued;
 	struct completion reset_done;
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 9, 0)
-	struct file *backing_file;
-#endif
+	void *backing_handle;	/* for tmem_bdev_close() */
 	struct block_device *backing;
 	struct tmem_stats stats;
 };
@@ -227,7 +185,7 @@ static void tmem_reap(struct tmem_queue *q)
 			/* The free notify that posted this gave up waiting. */
 			q->async = false;
 			q->busy = false;
-			if (q->dma->status != TMEM_S_OK && q->dma->status != TMEM_S_NOT_FOUND)
+			if (q->dma->status != VIRTIO_TMEM_S_OK && q->dma->status != VIRTIO_TMEM_S_NOT_FOUND)
 				atomic64_inc(&dev->stats.errors);
 			atomic_dec(&dev->async_inflight);
 			wake_up(&q->slot_wq);
@@ -336,7 +294,7 @@ static void tmem_config_work(struct work_struct *work)
 	if (READ_ONCE(dev->broken))
 		return;
 	virtio_cread_le(dev->vdev, struct virtio_tmem_config, magic, &magic);
-	if (magic != TMEM_MAGIC || tmem_device_gone(dev))
+	if (magic != VIRTIO_TMEM_MAGIC || tmem_device_gone(dev))
 		tmem_break(dev, "device reset or config changed");
 }
 
@@ -449,7 +407,7 @@ static int tmem_issue(struct tmem_queue *q, u8 op, u64 index, u64 arg,
 	req->arg = cpu_to_le64(arg);
 	q->dma->status = TMEM_S_NONE;
 
-	err = tmem_post(q, page, op == TMEM_OP_GET);
+	err = tmem_post(q, page, op == VIRTIO_TMEM_OP_GET);
 	if (err)
 		return err;
 	err = tmem_wait(q, atomic);
@@ -459,6 +417,29 @@ static int tmem_issue(struct tmem_queue *q, u8 op, u64 index, u64 arg,
 	if (*status == TMEM_S_NONE || q->used_len < 1)
 		return -EIO;
 	return 0;
+}
+
+/*
+ * One synchronous request: claim @q's slot, post, wait, release. A GET
+ * answered OK must have written the whole page. Returns 0 with the device's
+ * status in *status, or a negative errno (counted in stats.errors).
+ */
+static int tmem_request(struct tmem_queue *q, u8 op, u64 index, u64 arg,
+			struct page *page, u8 *status)
+{
+	int err;
+
+	err = tmem_claim(q);
+	if (err)
+		return err;
+	err = tmem_issue(q, op, index, arg, page, false, status);
+	if (!err && op == VIRTIO_TMEM_OP_GET && *status == VIRTIO_TMEM_S_OK &&
+	    q->used_len != PAGE_SIZE + 1)
+		err = -EIO;
+	tmem_release(q);
+	if (err)
+		atomic64_inc(&q->dev->stats.errors);
+	return err;
 }
 
 /* ---- backing device -------------------------------------------------- */
@@ -558,31 +539,25 @@ static int tmem_write_page(struct tmem_dev *dev, struct page *page, u64 index)
 	err = tmem_order_before_put(dev, index);
 	if (err)
 		return err;
-	if (dev->caps & TMEM_CAP_PUT_FILL)
+	if (dev->caps & VIRTIO_TMEM_CAP_PUT_FILL)
 		fill = tmem_same_filled(page, &value);
 
 	q = tmem_pick_queue(dev);
-	err = tmem_claim(q);
+	if (fill)
+		err = tmem_request(q, VIRTIO_TMEM_OP_PUT_FILL, index, value, NULL, &status);
+	else
+		err = tmem_request(q, VIRTIO_TMEM_OP_PUT, index, 0, page, &status);
 	if (err)
 		return err;
-	if (fill)
-		err = tmem_issue(q, TMEM_OP_PUT_FILL, index, value, NULL, false, &status);
-	else
-		err = tmem_issue(q, TMEM_OP_PUT, index, 0, page, false, &status);
-	tmem_release(q);
-	if (err) {
-		atomic64_inc(&dev->stats.errors);
-		return err;
-	}
 
 	switch (status) {
-	case TMEM_S_OK:
+	case VIRTIO_TMEM_S_OK:
 		set_bit(index, dev->in_host);
 		if (dev->in_backing)
 			clear_bit(index, dev->in_backing);
 		atomic64_inc(fill ? &dev->stats.fills : &dev->stats.stores);
 		return 0;
-	case TMEM_S_REJECTED:
+	case VIRTIO_TMEM_S_REJECTED:
 		/* A rejected put also dropped the host's older copy. */
 		clear_bit(index, dev->in_host);
 		atomic64_inc(&dev->stats.rejects);
@@ -604,7 +579,6 @@ static int tmem_write_page(struct tmem_dev *dev, struct page *page, u64 index)
 
 static int tmem_read_page(struct tmem_dev *dev, struct page *page, u64 index)
 {
-	struct tmem_queue *q;
 	u8 status;
 	int err;
 
@@ -612,27 +586,18 @@ static int tmem_read_page(struct tmem_dev *dev, struct page *page, u64 index)
 		return tmem_backing_rw(dev, page, index, false);
 	if (!test_bit(index, dev->in_host)) {
 		/* Never written (or discarded): reads as zeroes. */
-		zero_user(page, 0, PAGE_SIZE);
+		memzero_page(page, 0, PAGE_SIZE);
 		return 0;
 	}
 
-	q = tmem_pick_queue(dev);
-	err = tmem_claim(q);
+	err = tmem_request(tmem_pick_queue(dev), VIRTIO_TMEM_OP_GET, index, 0, page, &status);
 	if (err)
 		return err;
-	err = tmem_issue(q, TMEM_OP_GET, index, 0, page, false, &status);
-	if (!err && status == TMEM_S_OK && q->used_len != PAGE_SIZE + 1)
-		err = -EIO;
-	tmem_release(q);
-	if (err) {
-		atomic64_inc(&dev->stats.errors);
-		return err;
-	}
 	switch (status) {
-	case TMEM_S_OK:
+	case VIRTIO_TMEM_S_OK:
 		atomic64_inc(&dev->stats.loads);
 		return 0;
-	case TMEM_S_NOT_FOUND:
+	case VIRTIO_TMEM_S_NOT_FOUND:
 		/* We stored it and the host lost it: never hand out wrong data. */
 		atomic64_inc(&dev->stats.not_found);
 		return -EIO;
@@ -649,16 +614,11 @@ static int tmem_read_page(struct tmem_dev *dev, struct page *page, u64 index)
  */
 static int tmem_invalidate_pool(struct tmem_dev *dev)
 {
-	struct tmem_queue *q = &dev->queues[0];
 	u8 status;
 	int err;
 
-	err = tmem_claim(q);
-	if (err)
-		return err;
-	err = tmem_issue(q, TMEM_OP_INVALIDATE_POOL, 0, 0, NULL, false, &status);
-	tmem_release(q);
-	if (!err && status != TMEM_S_OK)
+	err = tmem_request(&dev->queues[0], VIRTIO_TMEM_OP_INVALIDATE_POOL, 0, 0, NULL, &status);
+	if (!err && status != VIRTIO_TMEM_S_OK)
 		err = -EIO;
 	return err;
 }
@@ -666,7 +626,6 @@ static int tmem_invalidate_pool(struct tmem_dev *dev)
 /* Sleeping invalidation of one slot (discard, write-zeroes, missed notifies). */
 static int tmem_invalidate_page(struct tmem_dev *dev, u64 index)
 {
-	struct tmem_queue *q;
 	u8 status;
 	int err;
 
@@ -674,15 +633,13 @@ static int tmem_invalidate_page(struct tmem_dev *dev, u64 index)
 		clear_bit(index, dev->in_backing);
 	if (!test_bit(index, dev->in_host))
 		return 0;
-	q = tmem_pick_queue(dev);
-	err = tmem_claim(q);
+	err = tmem_request(tmem_pick_queue(dev), VIRTIO_TMEM_OP_INVALIDATE_PAGE, index, 0, NULL,
+			   &status);
 	if (err)
 		return err;
-	err = tmem_issue(q, TMEM_OP_INVALIDATE_PAGE, index, 0, NULL, false, &status);
-	tmem_release(q);
-	if (err || (status != TMEM_S_OK && status != TMEM_S_NOT_FOUND)) {
+	if (status != VIRTIO_TMEM_S_OK && status != VIRTIO_TMEM_S_NOT_FOUND) {
 		atomic64_inc(&dev->stats.errors);
-		return err ? err : -EIO;
+		return -EIO;
 	}
 	clear_bit(index, dev->in_host);
 	atomic64_inc(&dev->stats.invalidates);
@@ -742,7 +699,7 @@ static void tmem_slot_free_notify(struct block_device *bdev, unsigned long index
 		queue_work(dev->wq, &dev->inval_work);
 		return;
 	}
-	err = tmem_issue(q, TMEM_OP_INVALIDATE_PAGE, index, 0, NULL, true, &status);
+	err = tmem_issue(q, VIRTIO_TMEM_OP_INVALIDATE_PAGE, index, 0, NULL, true, &status);
 	if (err == -ETIMEDOUT) {
 		clear_bit(index, dev->in_host);
 		spin_lock_irqsave(&q->lock, flags);
@@ -759,7 +716,7 @@ static void tmem_slot_free_notify(struct block_device *bdev, unsigned long index
 		status = q->dma->status;
 	}
 	tmem_release(q);
-	if (err || (status != TMEM_S_OK && status != TMEM_S_NOT_FOUND)) {
+	if (err || (status != VIRTIO_TMEM_S_OK && status != VIRTIO_TMEM_S_NOT_FOUND)) {
 		atomic64_inc(&dev->stats.errors);
 		return;
 	}
@@ -837,9 +794,9 @@ static void tmem_submit_bio(struct bio *bio)
 	bio_endio(bio);
 }
 
-#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 3, 0)
+#if TMEM_HAVE_RW_PAGE
 /*
- * Before 6.3 swapon sets SWP_SYNCHRONOUS_IO only for drivers with rw_page.
+ * Swap's synchronous path on kernels that have rw_page (see compat.h).
  * On failure the caller retries through a bio, which reports the error.
  */
 static int tmem_rw_page(struct block_device *bdev, sector_t sector,
@@ -867,16 +824,8 @@ static void tmem_free_dev(struct tmem_dev *dev)
 
 	if (dev->wq)
 		destroy_workqueue(dev->wq);
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 9, 0)
-	if (dev->backing_file)
-		fput(dev->backing_file);
-#elif LINUX_VERSION_CODE >= KERNEL_VERSION(6, 5, 0)
-	if (dev->backing)
-		blkdev_put(dev->backing, dev);
-#else
-	if (dev->backing)
-		blkdev_put(dev->backing, FMODE_READ | FMODE_WRITE | FMODE_EXCL);
-#endif
+	if (dev->backing_handle)
+		tmem_bdev_close(dev->backing_handle, dev);
 	kvfree(dev->in_host);
 	kvfree(dev->in_backing);
 	kvfree(dev->inval_pending);
@@ -898,7 +847,7 @@ static void tmem_free_disk(struct gendisk *disk)
 static const struct block_device_operations tmem_fops = {
 	.owner = THIS_MODULE,
 	.submit_bio = tmem_submit_bio,
-#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 3, 0)
+#if TMEM_HAVE_RW_PAGE
 	.rw_page = tmem_rw_page,
 #endif
 	.swap_slot_free_notify = tmem_slot_free_notify,
@@ -969,23 +918,9 @@ static int tmem_open_backing(struct tmem_dev *dev)
 	sector_t need = dev->capacity << (PAGE_SHIFT - SECTOR_SHIFT);
 	struct block_device *bdev;
 
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 9, 0)
-	struct file *f = bdev_file_open_by_path(backing_dev, BLK_OPEN_READ | BLK_OPEN_WRITE,
-						dev, NULL);
-
-	if (IS_ERR(f))
-		return PTR_ERR(f);
-	dev->backing_file = f;
-	bdev = file_bdev(f);
-#elif LINUX_VERSION_CODE >= KERNEL_VERSION(6, 5, 0)
-	bdev = blkdev_get_by_path(backing_dev, BLK_OPEN_READ | BLK_OPEN_WRITE, dev, NULL);
+	bdev = tmem_bdev_open(backing_dev, dev, &dev->backing_handle);
 	if (IS_ERR(bdev))
 		return PTR_ERR(bdev);
-#else
-	bdev = blkdev_get_by_path(backing_dev, FMODE_READ | FMODE_WRITE | FMODE_EXCL, dev);
-	if (IS_ERR(bdev))
-		return PTR_ERR(bdev);
-#endif
 	dev->backing = bdev;
 	if (bdev_nr_sectors(bdev) < need) {
 		dev_err(&dev->vdev->dev, "backing_dev %s is smaller than %llu pages\n",
@@ -996,38 +931,20 @@ static int tmem_open_backing(struct tmem_dev *dev)
 	return dev->in_backing ? 0 : -ENOMEM;
 }
 
-static int tmem_find_vqs(struct tmem_dev *dev)
+static int tmem_setup_vqs(struct tmem_dev *dev)
 {
 	struct virtqueue **vqs;
+	const char **names;
 	unsigned int i;
 	int err = -ENOMEM;
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
-	struct virtqueue_info *info;
 
 	vqs = kcalloc(dev->nq, sizeof(*vqs), GFP_KERNEL);
-	info = kcalloc(dev->nq, sizeof(*info), GFP_KERNEL);
-	if (!vqs || !info)
-		goto out;
-	for (i = 0; i < dev->nq; i++) {
-		info[i].name = dev->queues[i].name;
-		info[i].callback = tmem_vq_done;
-	}
-	err = virtio_find_vqs(dev->vdev, dev->nq, vqs, info, NULL);
-#else
-	vq_callback_t **callbacks;
-	const char **names;
-
-	vqs = kcalloc(dev->nq, sizeof(*vqs), GFP_KERNEL);
-	callbacks = kcalloc(dev->nq, sizeof(*callbacks), GFP_KERNEL);
 	names = kcalloc(dev->nq, sizeof(*names), GFP_KERNEL);
-	if (!vqs || !callbacks || !names)
+	if (!vqs || !names)
 		goto out;
-	for (i = 0; i < dev->nq; i++) {
+	for (i = 0; i < dev->nq; i++)
 		names[i] = dev->queues[i].name;
-		callbacks[i] = tmem_vq_done;
-	}
-	err = virtio_find_vqs(dev->vdev, dev->nq, vqs, callbacks, names, NULL);
-#endif
+	err = tmem_find_vqs(dev->vdev, dev->nq, vqs, tmem_vq_done, names);
 	if (!err) {
 		for (i = 0; i < dev->nq; i++) {
 			dev->queues[i].vq = vqs[i];
@@ -1036,12 +953,7 @@ static int tmem_find_vqs(struct tmem_dev *dev)
 		}
 	}
 out:
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
-	kfree(info);
-#else
-	kfree(callbacks);
 	kfree(names);
-#endif
 	kfree(vqs);
 	return err;
 }
@@ -1051,46 +963,9 @@ static int tmem_alloc_disk(struct tmem_dev *dev)
 	struct gendisk *disk;
 	int err;
 
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 9, 0)
-	struct queue_limits lim = {
-		.logical_block_size = PAGE_SIZE,
-		.physical_block_size = PAGE_SIZE,
-		.io_min = PAGE_SIZE,
-		.io_opt = PAGE_SIZE,
-		.discard_granularity = PAGE_SIZE,
-		.max_hw_discard_sectors = UINT_MAX,
-		.max_write_zeroes_sectors = UINT_MAX,
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
-		.features = BLK_FEAT_SYNCHRONOUS,
-#endif
-	};
-
-	disk = blk_alloc_disk(&lim, NUMA_NO_NODE);
+	disk = tmem_blk_alloc_disk();
 	if (IS_ERR(disk))
 		return PTR_ERR(disk);
-#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 11, 0)
-	blk_queue_flag_set(QUEUE_FLAG_SYNCHRONOUS, disk->queue);
-	blk_queue_flag_set(QUEUE_FLAG_NONROT, disk->queue);
-#endif
-#else
-	struct request_queue *q;
-
-	disk = blk_alloc_disk(NUMA_NO_NODE);
-	if (!disk)
-		return -ENOMEM;
-	q = disk->queue;
-	blk_queue_logical_block_size(q, PAGE_SIZE);
-	blk_queue_physical_block_size(q, PAGE_SIZE);
-	blk_queue_io_min(q, PAGE_SIZE);
-	blk_queue_io_opt(q, PAGE_SIZE);
-	q->limits.discard_granularity = PAGE_SIZE;
-	blk_queue_max_discard_sectors(q, UINT_MAX);
-	blk_queue_max_write_zeroes_sectors(q, UINT_MAX);
-	blk_queue_flag_set(QUEUE_FLAG_NONROT, q);
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
-	blk_queue_flag_set(QUEUE_FLAG_SYNCHRONOUS, q);
-#endif
-#endif
 	disk->major = tmem_major;
 	disk->first_minor = dev->id;
 	disk->minors = 1;
@@ -1124,16 +999,16 @@ static int tmem_probe(struct virtio_device *vdev)
 	}
 	virtio_cread_le(vdev, struct virtio_tmem_config, magic, &magic);
 	virtio_cread_le(vdev, struct virtio_tmem_config, version, &version);
-	if (magic != TMEM_MAGIC || version != TMEM_VERSION) {
+	if (magic != VIRTIO_TMEM_MAGIC || version != VIRTIO_TMEM_VERSION) {
 		dev_err(&vdev->dev, "not a tmem v%d device (magic %#x version %u)\n",
-			TMEM_VERSION, magic, version);
+			VIRTIO_TMEM_VERSION, magic, version);
 		return -ENODEV;
 	}
 	virtio_cread_le(vdev, struct virtio_tmem_config, num_queues, &num_queues);
 	virtio_cread_le(vdev, struct virtio_tmem_config, page_size, &page_size);
 	virtio_cread_le(vdev, struct virtio_tmem_config, caps, &caps);
 	virtio_cread_le(vdev, struct virtio_tmem_config, capacity_pages, &capacity);
-	if (page_size != TMEM_PAGE_SIZE || PAGE_SIZE != TMEM_PAGE_SIZE) {
+	if (page_size != VIRTIO_TMEM_PAGE_SIZE || PAGE_SIZE != VIRTIO_TMEM_PAGE_SIZE) {
 		dev_err(&vdev->dev, "page size %u unsupported\n", page_size);
 		return -ENODEV;
 	}
@@ -1201,7 +1076,7 @@ static int tmem_probe(struct virtio_device *vdev)
 	}
 
 	vdev->priv = dev;
-	err = tmem_find_vqs(dev);
+	err = tmem_setup_vqs(dev);
 	if (err)
 		goto err_free;
 
