@@ -103,7 +103,9 @@ static inline int tmem_find_vqs(struct virtio_device *vdev, unsigned int n,
 /*
  * A disk whose blocks are whole pages, with discard and write-zeroes of any
  * length, that is non-rotational and synchronous (swap then skips its swap
- * cache round trip and its plug). Returns the disk or an ERR_PTR.
+ * cache round trip and its plug), and that wants stable pages: a page is not
+ * modified while it is written, so the same-filled check and the PUT see
+ * the same bytes. Returns the disk or an ERR_PTR.
  */
 static inline struct gendisk *tmem_blk_alloc_disk(void)
 {
@@ -118,7 +120,7 @@ static inline struct gendisk *tmem_blk_alloc_disk(void)
 		.max_hw_discard_sectors = UINT_MAX,
 		.max_write_zeroes_sectors = UINT_MAX,
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
-		.features = BLK_FEAT_SYNCHRONOUS,
+		.features = BLK_FEAT_SYNCHRONOUS | BLK_FEAT_STABLE_WRITES,
 #endif
 	};
 
@@ -128,6 +130,7 @@ static inline struct gendisk *tmem_blk_alloc_disk(void)
 #if LINUX_VERSION_CODE < KERNEL_VERSION(6, 11, 0)
 	blk_queue_flag_set(QUEUE_FLAG_SYNCHRONOUS, disk->queue);
 	blk_queue_flag_set(QUEUE_FLAG_NONROT, disk->queue);
+	blk_queue_flag_set(QUEUE_FLAG_STABLE_WRITES, disk->queue);
 #endif
 #else
 	struct request_queue *q;
@@ -144,6 +147,7 @@ static inline struct gendisk *tmem_blk_alloc_disk(void)
 	blk_queue_max_discard_sectors(q, UINT_MAX);
 	blk_queue_max_write_zeroes_sectors(q, UINT_MAX);
 	blk_queue_flag_set(QUEUE_FLAG_NONROT, q);
+	blk_queue_flag_set(QUEUE_FLAG_STABLE_WRITES, q);
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
 	blk_queue_flag_set(QUEUE_FLAG_SYNCHRONOUS, q);
 #endif
