@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
-# End-to-end test: Debian guest kernels (6.12 and 6.1) swap through the
-# patched QEMU into the daemon; the guest verifies every page and the host
-# checks the daemon's counters during and after the run.
-#   E2E_KERNELS="6.12 6.1"  which guest kernels to run
+# End-to-end test: Debian guest kernels (the newest one from unstable, 6.12
+# and 6.1) swap through the patched QEMU into the daemon; the guest verifies
+# every page and the host checks the daemon's counters during and after the
+# run. The guest workload: E2E_JOBS processes swapping at once, a churn
+# process that maps, fills, verifies and unmaps memory (slots freed in bulk),
+# and a suspend cycle before swapon (must work) and one in the middle of the
+# workload (the driver must refuse it while the host holds pages).
+#   E2E_KERNELS="sid 6.12 6.1"  which guest kernels to run
 #   E2E_TIMEOUT=1200        seconds per guest run
+#   E2E_JOBS=3              swapping worker processes in the guest
 #   E2E_FAULT=1             also kill the daemon under a swapping 6.12 guest
 #   E2E_BACKING=1           also run a 6.1 guest whose puts the daemon rejects,
 #                           with backing_dev= on a virtio disk
-# Artifacts: target/e2e/console-<kernel>.log, daemon-<kernel>.log, stats-*.json
+#   E2E_COMPARE=1           also run the 6.12 workload with swap on a plain
+#                           virtio-blk disk, and compare
+# Artifacts: target/e2e/console-<kernel>.log, daemon-<kernel>.log, stats-*.json,
+# figures.txt (one line per run: workload time, slot frees, notify misses)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GUEST_MEM=${GUEST_MEM:-192M}
 # shellcheck source=ci/lib-guest.sh
 source ci/lib-guest.sh
 
-E2E_KERNELS=${E2E_KERNELS:-6.12 6.1}
+E2E_KERNELS=${E2E_KERNELS:-sid 6.12 6.1}
 E2E_TIMEOUT=${E2E_TIMEOUT:-1200}
+E2E_JOBS=${E2E_JOBS:-3}
 ART=$TMEM_ROOT/target/e2e
 mkdir -p "$ART"
+: >"$ART/figures.txt"
+WORKLOAD_ARGS=(tmemfactor="${E2E_FACTOR:-3}" tmemjobs="$E2E_JOBS" tmemchurn=1 tmemsuspend=1)
 
 cleanup() { stop_guest; stop_daemon || true; }
 trap cleanup EXIT
@@ -46,7 +57,7 @@ run_guest() {
         --queues "$GUEST_CPUS" --capacity 1G
     local t0=$SECONDS
     start_guest "$QEMU" "$KERNEL_DIR" "$INITRD" "$run/tmem.sock" "$console" \
-        tmemfactor="${E2E_FACTOR:-3}" tmemhold=10
+        "${WORKLOAD_ARGS[@]}" tmemhold=10
     log "guest $label started (console: $console)"
 
     # During the run: sample the daemon's stats until the guest swapped off.
@@ -58,8 +69,9 @@ run_guest() {
         grep -q 'TMEM-E2E-DONE' "$console" && break
         sleep 2
     done
-    grep -E 'swaptest:|SWAPTEST' "$console" | tail -4 || true
+    grep -a -E 'swaptest.*(pass 3|cycles|killed)|SWAPTEST|TMEM-E2E: (SUSPEND|WORKLOAD)' "$console" | tr -d '\r' || true
     check "$label: guest reached swapoff" "$swapped_off" "after $((SECONDS - t0))s"
+    check_workload "$label" "$console" tmem
 
     # After swapoff the guest holds for tmemhold seconds: every page of the
     # device must be gone from the host by then (pending invalidations drain).
@@ -96,8 +108,6 @@ run_guest() {
     writes=$(max_of "$all" spill_writes)
     check "$label: background writer made most spill writes" \
         "$([ $((bg * 2)) -gt "$writes" ] && echo true || echo false)" "background $bg of $writes"
-    check "$label: guest printed SWAPTEST PASS" \
-        "$(grep -q '^SWAPTEST PASS' "$console" && echo true || echo false)" "$(grep -a -m1 '^SWAPTEST' "$console" || echo none)"
     check "$label: guest finished cleanly" \
         "$(grep -q 'TMEM-E2E-DONE rc=0' "$console" && echo true || echo false)" "$(grep -a -m1 'TMEM-E2E-DONE' "$console" || echo 'no DONE marker')"
     if grep -a -q -E 'Oops|BUG:|WARNING:|Call Trace|Kernel panic' "$console"; then
@@ -114,6 +124,70 @@ run_guest() {
         echo "---- daemon log, last 20 lines ----" >&2
         tail -20 "$run/daemon.log" >&2
     fi
+}
+
+# check_workload LABEL CONSOLE KIND: the checks every run of the concurrent
+# workload passes, and its figures appended to figures.txt.
+check_workload() {
+    local label=$1 console=$2 kind=$3 line
+    check "$label: guest printed SWAPTEST PASS" \
+        "$(grep -a -q '^SWAPTEST PASS' "$console" && echo true || echo false)" \
+        "$(grep -a -m1 '^SWAPTEST' "$console" | tr -d '\r' || echo none)"
+    check "$label: no page corrupt in any process" \
+        "$(grep -a -q -E 'corrupt|killed by signal' "$console" && echo false || echo true)" \
+        "$(grep -a -c -E 'corrupt' "$console" || true) corrupt-page lines"
+    check "$label: no OOM kill" \
+        "$(grep -a -q -E 'invoked oom-killer|Out of memory' "$console" && echo false || echo true)" "see $console"
+    check "$label: the churn process ran" \
+        "$(grep -a -q 'swaptest\[churn\]: [1-9][0-9]* cycles' "$console" && echo true || echo false)" \
+        "$(grep -a -m1 -o 'swaptest\[churn\]: [0-9]* cycles.*' "$console" | tr -d '\r' || echo none)"
+    check "$label: suspend before swapon went through" \
+        "$(grep -a -q -E 'TMEM-E2E: SUSPEND idle (done|unsupported)' "$console" && echo true || echo false)" \
+        "$(grep -a -m1 'TMEM-E2E: SUSPEND idle' "$console" | tr -d '\r' || echo none)"
+    if [ "$kind" = tmem ]; then
+        # The host holds pages then: the driver must refuse, not lose them.
+        check "$label: suspend mid-workload refused cleanly" \
+            "$(grep -a -q -E 'TMEM-E2E: SUSPEND busy (refused|unsupported)' "$console" &&
+                grep -a -q -E 'suspend refused: the host holds [1-9]|SUSPEND busy unsupported' "$console" &&
+                echo true || echo false)" \
+            "$(grep -a -m1 -E 'suspend refused|TMEM-E2E: SUSPEND busy' "$console" | tr -d '\r' || echo none)"
+    else
+        check "$label: suspend mid-workload went through" \
+            "$(grep -a -q -E 'TMEM-E2E: SUSPEND busy (done|unsupported)' "$console" && echo true || echo false)" \
+            "$(grep -a -m1 'TMEM-E2E: SUSPEND busy' "$console" | tr -d '\r' || echo none)"
+    fi
+    line=$(grep -a -m1 'TMEM-E2E: WORKLOAD' "$console" | tr -d '\r' || true)
+    log "$label figures: ${line#TMEM-E2E: }"
+    printf '%s %s %s\n' "$label" "$kind" "${line#TMEM-E2E: WORKLOAD }" >>"$ART/figures.txt"
+}
+
+# The same workload with swap on a plain virtio-blk disk (the tmem device is
+# there but unused): the tmem guest must do at least as well.
+run_compare() {
+    local label=$1
+    local run=$GUEST_OUT/run-compare-$label console=$ART/console-compare-$label.log
+    rm -rf "$run" && mkdir -p "$run"
+    truncate -s 1G "$run/swap.img"
+    start_daemon "$run" --mem-limit 8M --queues "$GUEST_CPUS" --capacity 1G
+    local t0=$SECONDS
+    QEMU_EXTRA_ARGS=(-drive "file=$run/swap.img,format=raw,if=none,id=sw,cache=unsafe"
+        -device virtio-blk-pci,drive=sw)
+    start_guest "$QEMU" "$KERNEL_DIR" "$INITRD" "$run/tmem.sock" "$console" \
+        "${WORKLOAD_ARGS[@]}" tmemswap=vda tmemhold=1
+    QEMU_EXTRA_ARGS=()
+    log "compare run $label (swap on virtio-blk): guest started (console: $console)"
+    wait_console "$console" 'TMEM-E2E-DONE' "$E2E_TIMEOUT" || true
+    stop_guest
+    stop_daemon || true
+    check_workload "$label virtio-blk" "$console" blk
+    local tm bl
+    tm=$(grep -a -m1 'TMEM-E2E: WORKLOAD' "$ART/console-$label.log" | sed -n 's/.* seconds=\([0-9]*\).*/\1/p')
+    bl=$(grep -a -m1 'TMEM-E2E: WORKLOAD' "$console" | sed -n 's/.* seconds=\([0-9]*\).*/\1/p')
+    # Both runs must pass (checked above); tmem may not be slower.
+    check "$label: tmem workload at least as fast as on virtio-blk" \
+        "$([ -n "$tm" ] && [ -n "$bl" ] && [ "$tm" -le "$bl" ] && echo true || echo false)" \
+        "tmem ${tm:-?}s, virtio-blk ${bl:-?}s"
+    log "compare run $label took $((SECONDS - t0))s"
 }
 
 # Surprise loss of the device: the daemon is killed while the guest swaps.
@@ -210,7 +284,12 @@ for want in $E2E_KERNELS; do
     if [ "$want" = "${E2E_BACKING_KERNEL:-6.1}" ] && [ "${E2E_BACKING:-1}" = 1 ]; then
         run_backing "$want"
     fi
+    if [ "$want" = "${E2E_COMPARE_KERNEL:-6.12}" ] && [ "${E2E_COMPARE:-1}" = 1 ]; then
+        run_compare "$want"
+    fi
 done
+log "figures (label kind rc seconds slot_frees notify_misses inval_waits):"
+sed 's/^/  /' "$ART/figures.txt" >&2
 
 log "end-to-end total $((SECONDS - T_START))s"
 if [ $FAILED != 0 ]; then

@@ -62,7 +62,7 @@
  * Swap cannot address more pages than this on one device (the bitmap helpers
  * count bits in an unsigned int); a larger capacity is clamped.
  */
-#define TMEM_MAX_PAGES		(1ULL << 31)
+#define TMEM_MAX_PAGES		BIT_ULL(31)
 
 /* Invalidation buffers per queue (at most, see tmem_setup_vqs()). */
 #define TMEM_MAX_INVAL		BITS_PER_LONG
@@ -232,15 +232,20 @@ static void tmem_break(struct tmem_dev *dev, const char *why);
  * so a slot that is not released once in that time means the driver is
  * stuck: the device is declared broken rather than waiting for ever.
  */
+/* One try for tmem_claim: true once *got is known (claimed, or stopped). */
+static bool tmem_claim_step(struct tmem_queue *q, bool *got)
+{
+	*got = tmem_try_claim(q);
+	return *got || tmem_stopped(q->dev);
+}
+
 static int tmem_claim(struct tmem_queue *q)
 {
 	unsigned long seen = READ_ONCE(q->releases);
 	bool got = false;
 
 	for (;;) {
-		if (wait_event_timeout(q->slot_wq,
-				       (got = tmem_try_claim(q)) || tmem_stopped(q->dev),
-				       tmem_timeout()))
+		if (wait_event_timeout(q->slot_wq, tmem_claim_step(q, &got), tmem_timeout()))
 			return got ? 0 : -EIO;
 		if (READ_ONCE(q->releases) == seen) {
 			tmem_break(q->dev, "request slot never released");
@@ -420,7 +425,8 @@ static void tmem_break(struct tmem_dev *dev, const char *why)
 	wake_up(&dev->inval_wq);
 	if (!test_and_set_bit(0, &dev->reset_queued)) {
 		if (why)
-			dev_err(&dev->vdev->dev, "device unusable (%s); all requests now fail\n", why);
+			dev_err(&dev->vdev->dev, "device unusable (%s); all requests now fail\n",
+				why);
 		queue_work(dev->wq, &dev->reset_work);
 	}
 }
@@ -695,6 +701,7 @@ static int tmem_write_page(struct tmem_dev *dev, struct page *page, u64 index)
 		/* A rejected put also dropped the host's older copy. */
 		clear_bit(index, dev->in_host);
 		atomic64_inc(&dev->stats.rejects);
+		/* Pairs with tmem_open_backing(): the device is opened. */
 		backing = smp_load_acquire(&dev->backing);
 		if (!backing)
 			return -EIO;
@@ -714,12 +721,15 @@ static int tmem_write_page(struct tmem_dev *dev, struct page *page, u64 index)
 
 static int tmem_read_page(struct tmem_dev *dev, struct page *page, u64 index)
 {
+	struct block_device *backing;
 	u8 status;
 	int err;
 
-	/* A bit in in_backing is only ever set after backing was. */
-	if (dev->in_backing && test_bit(index, dev->in_backing))
-		return tmem_backing_rw(dev, smp_load_acquire(&dev->backing), page, index, false);
+	if (dev->in_backing && test_bit(index, dev->in_backing)) {
+		/* Set after backing was published: pairs with tmem_open_backing(). */
+		backing = smp_load_acquire(&dev->backing);
+		return tmem_backing_rw(dev, backing, page, index, false);
+	}
 	if (!test_bit(index, dev->in_host)) {
 		/* Never written (or discarded): reads as zeroes. */
 		memzero_page(page, 0, PAGE_SIZE);
@@ -1063,6 +1073,7 @@ static int tmem_open_backing(struct tmem_dev *dev)
 		return -ENOSPC;
 	}
 	dev->backing_handle = handle;
+	/* Publishes the opened device to writers that load it with acquire. */
 	smp_store_release(&dev->backing, bdev);
 	dev_info(&dev->vdev->dev, "tmem%d: backing_dev %s\n", dev->id, backing_dev);
 	return 0;

@@ -7,6 +7,7 @@
 #ifndef _LINUX_VIRTIO_TMEM_H
 #define _LINUX_VIRTIO_TMEM_H
 
+#include <linux/const.h>
 #include <linux/types.h>
 #include <linux/virtio_types.h>
 
@@ -18,8 +19,8 @@
 #define VIRTIO_TMEM_PAGE_SIZE		4096
 
 /* Capability bits in virtio_tmem_config.caps: ops the device accepts. */
-#define VIRTIO_TMEM_CAP_EXCLUSIVE_GET	(1u << 0)
-#define VIRTIO_TMEM_CAP_PUT_FILL	(1u << 1)
+#define VIRTIO_TMEM_CAP_EXCLUSIVE_GET	_BITUL(0)
+#define VIRTIO_TMEM_CAP_PUT_FILL	_BITUL(1)
 
 struct virtio_tmem_config {
 	__le32 magic;
@@ -39,7 +40,7 @@ struct virtio_tmem_config {
 #define VIRTIO_TMEM_OP_PUT_FILL		5	/* page is arg repeated 512 times */
 
 /* virtio_tmem_req.flags */
-#define VIRTIO_TMEM_F_EXCLUSIVE		(1u << 0)	/* GET: forget after reading */
+#define VIRTIO_TMEM_F_EXCLUSIVE		_BITUL(0)	/* GET: forget after reading */
 
 /* The status byte: the last device-writable byte of a request. */
 #define VIRTIO_TMEM_S_OK		0
