@@ -227,11 +227,6 @@ static bool tmem_try_claim(struct tmem_queue *q)
 
 static void tmem_break(struct tmem_dev *dev, const char *why);
 
-/*
- * Claim @q's slot. A holder waits at most io_timeout_ms for its own request,
- * so a slot that is not released once in that time means the driver is
- * stuck: the device is declared broken rather than waiting for ever.
- */
 /* One try for tmem_claim: true once *got is known (claimed, or stopped). */
 static bool tmem_claim_step(struct tmem_queue *q, bool *got)
 {
@@ -239,13 +234,19 @@ static bool tmem_claim_step(struct tmem_queue *q, bool *got)
 	return *got || tmem_stopped(q->dev);
 }
 
+/*
+ * Claim @q's slot. A holder gives up on its own request after io_timeout_ms
+ * (and breaks the device), so a slot that is not released once in twice that
+ * time means the driver is stuck: the device is declared broken rather than
+ * leaving the claimer (and del_gendisk behind it) waiting for ever.
+ */
 static int tmem_claim(struct tmem_queue *q)
 {
 	unsigned long seen = READ_ONCE(q->releases);
 	bool got = false;
 
 	for (;;) {
-		if (wait_event_timeout(q->slot_wq, tmem_claim_step(q, &got), tmem_timeout()))
+		if (wait_event_timeout(q->slot_wq, tmem_claim_step(q, &got), 2 * tmem_timeout()))
 			return got ? 0 : -EIO;
 		if (READ_ONCE(q->releases) == seen) {
 			tmem_break(q->dev, "request slot never released");
@@ -280,7 +281,9 @@ static void tmem_inval_done(struct tmem_queue *q, struct tmem_dma *d, unsigned i
 	else
 		atomic64_inc(&dev->stats.invalidates);
 	clear_bit_unlock(index, dev->inval_busy);
-	wake_up(&dev->inval_wq);
+	/* Full barrier: a PUT that just saw the bit set is on the queue. */
+	if (wq_has_sleeper(&dev->inval_wq))
+		wake_up(&dev->inval_wq);
 }
 
 /*
@@ -822,7 +825,8 @@ static void tmem_inval_work(struct work_struct *work)
 		else
 			atomic64_inc(&dev->stats.invalidates);
 		clear_bit_unlock(i, dev->inval_busy);
-		wake_up(&dev->inval_wq);
+		if (wq_has_sleeper(&dev->inval_wq))
+			wake_up(&dev->inval_wq);
 	}
 }
 
