@@ -141,6 +141,11 @@ check_workload() {
     check "$label: the churn process ran" \
         "$(grep -a -q 'swaptest\[churn\]: [1-9][0-9]* cycles' "$console" && echo true || echo false)" \
         "$(grep -a -m1 -o 'swaptest\[churn\]: [0-9]* cycles.*' "$console" | tr -d '\r' || echo none)"
+    if [ "$kind" = tmem ]; then
+        check "$label: io_timeout_ms=0 refused" \
+            "$(grep -a -q 'TMEM-E2E: PARAM io_timeout_ms=0 refused' "$console" && echo true || echo false)" \
+            "$(grep -a -m1 'TMEM-E2E: PARAM' "$console" | tr -d '\r' || echo none)"
+    fi
     check "$label: suspend before swapon went through" \
         "$(grep -a -q -E 'TMEM-E2E: SUSPEND idle (done|unsupported)' "$console" && echo true || echo false)" \
         "$(grep -a -m1 'TMEM-E2E: SUSPEND idle' "$console" | tr -d '\r' || echo none)"
@@ -202,7 +207,7 @@ run_fault() {
         --queues "$GUEST_CPUS" --capacity 1G
     local t0=$SECONDS
     start_guest "$QEMU" "$KERNEL_DIR" "$INITRD" "$run/tmem.sock" "$console" \
-        tmemfactor=2 tmemhold=1 tmemcg=48M tmemargs=io_timeout_ms=3000
+        tmemfactor=2 tmemhold=1 tmemcg=48M tmemargs=io_timeout_ms=3000 tmemunbind=1
     log "fault run $label: guest started (console: $console)"
     if wait_console "$console" 'swaptest: filled [4-9][0-9]%' "$E2E_TIMEOUT"; then
         kill -KILL "$DAEMON_PID" 2>/dev/null || true
@@ -217,6 +222,9 @@ run_fault() {
     check "$label fault: driver reported the device unusable" \
         "$(grep -a -q 'device unusable' "$console" && echo true || echo false)" \
         "$(grep -a -m1 'device unusable' "$console" | tr -d '\r' || echo none)"
+    check "$label fault: unbinding with swap on is warned about" \
+        "$(grep -a -q 'unbound while open' "$console" && echo true || echo false)" \
+        "$(grep -a -m1 -o 'tmem0 unbound while open.*' "$console" | tr -d '\r' || echo none)"
     check "$label fault: no kernel oops or BUG" \
         "$(grep -a -q -E 'Oops|BUG:|Kernel panic|hung_task|blocked for more than' "$console" && echo false || echo true)" "see $console"
     stop_guest
@@ -238,7 +246,8 @@ run_backing() {
         -device virtio-blk-pci,drive=bk)
     # This run also covers MSI-X per queue (the other runs use INTx).
     QEMU_VECTORS=$((GUEST_CPUS + 1)) start_guest "$QEMU" "$KERNEL_DIR" "$INITRD" \
-        "$run/tmem.sock" "$console" tmemfactor=1.5 tmemhold=1 tmemargs=backing_dev=/dev/vda
+        "$run/tmem.sock" "$console" tmemfactor=1.5 tmemhold=1 tmemargs=backing_dev=/dev/vda \
+        tmemlate=virtio_blk
     QEMU_EXTRA_ARGS=()
     log "backing run $label: guest started (console: $console)"
     wait_console "$console" 'TMEM-E2E-DONE' "$E2E_TIMEOUT" || true
@@ -248,6 +257,9 @@ run_backing() {
     br=$(awk '$1 == "tmem0" && $2 == "backing_reads" { v = $3 } END { print v + 0 }' "$console")
     rej=$(jq '.store.total.failed_stores' "$ART/stats-backing-$label.json" 2>/dev/null || echo 0)
     check "$label backing: daemon rejected puts" "$([ "$rej" -gt 0 ] && echo true || echo false)" "failed_stores=$rej"
+    check "$label backing: a backing_dev that came after probe was taken up" \
+        "$(grep -a -q 'TMEM-E2E: LATE backing_dev taken up' "$console" && echo true || echo false)" \
+        "$(grep -a -m1 -E 'not usable yet|backing_dev /dev' "$console" | tr -d '\r' || echo none)"
     check "$label backing: rejected pages written to and read from backing_dev" \
         "$([ "$bw" -gt 0 ] && [ "$br" -gt 0 ] && echo true || echo false)" "backing_writes=$bw backing_reads=$br"
     check "$label backing: guest printed SWAPTEST PASS" \
