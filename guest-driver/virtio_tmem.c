@@ -20,11 +20,11 @@
  * Slot-free invalidations and PUTs: the notify clears the slot's in_host
  * bit and sets its inval_busy bit before it posts; the completion clears
  * inval_busy. A notify that finds no free buffer sets inval_pending and
- * leaves the slot to a worker, which clears inval_busy only once its
- * INVALIDATE has completed. A PUT to a slot whose inval_busy bit is set
- * takes back a pending invalidation (the PUT replaces the old copy anyway)
- * or waits for the posted one, so an INVALIDATE can never overtake the PUT
- * of a reused slot on another queue (queues are not ordered, protocol 4.4).
+ * leaves the slot to a worker that posts it once a buffer comes free. A PUT
+ * to a slot whose inval_busy bit is set takes back a pending invalidation
+ * (the PUT replaces the old copy anyway) or waits for the posted one, so an
+ * INVALIDATE can never overtake the PUT of a reused slot on another queue
+ * (queues are not ordered, protocol 4.4).
  *
  * Suspend and hibernation: a reset of the device drops every page it holds,
  * and virtio resets the device on resume. So tmem_freeze() refuses (-EBUSY)
@@ -65,7 +65,7 @@
 #define TMEM_MAX_PAGES		BIT_ULL(31)
 
 /* Invalidation buffers per queue (at most, see tmem_setup_vqs()). */
-#define TMEM_MAX_INVAL		BITS_PER_LONG
+#define TMEM_MAX_INVAL		256
 
 static unsigned int poll_us = 50;
 
@@ -131,7 +131,8 @@ struct tmem_queue {
 	unsigned long releases;	/* slot releases so far (tmem_claim's progress) */
 	struct tmem_dma *inval;	/* TMEM_MAX_INVAL invalidation buffers */
 	unsigned int inval_max;	/* how many of them fit beside the slot's request */
-	unsigned long inval_used;	/* bitmap: buffers posted and not yet reaped */
+	unsigned int inval_out;	/* buffers posted and not yet reaped */
+	DECLARE_BITMAP(inval_used, TMEM_MAX_INVAL);	/* which ones */
 	struct completion compl;
 	wait_queue_head_t slot_wq;
 	char name[16];
@@ -275,7 +276,8 @@ static void tmem_inval_done(struct tmem_queue *q, struct tmem_dma *d, unsigned i
 	struct tmem_dev *dev = q->dev;
 	u64 index = le64_to_cpu(d->req.index);
 
-	__clear_bit(d - q->inval, &q->inval_used);
+	__clear_bit(d - q->inval, q->inval_used);
+	q->inval_out--;
 	if (len < 1 || (d->status != VIRTIO_TMEM_S_OK && d->status != VIRTIO_TMEM_S_NOT_FOUND))
 		atomic64_inc(&dev->stats.errors);
 	else
@@ -304,7 +306,7 @@ static void tmem_reap(struct tmem_queue *q)
 			tmem_inval_done(q, d, len);
 		}
 	}
-	if (!q->sleeping && !q->inval_used)
+	if (!q->sleeping && !q->inval_out)
 		virtqueue_disable_cb(q->vq);
 }
 
@@ -379,7 +381,7 @@ static bool tmem_post_inval(struct tmem_queue *q, u64 index)
 	spin_lock_irqsave(&q->lock, flags);
 	if (dev->broken || dev->frozen)
 		goto out;
-	k = find_first_zero_bit(&q->inval_used, q->inval_max);
+	k = find_first_zero_bit(q->inval_used, q->inval_max);
 	if (k >= q->inval_max)
 		goto out;
 	d = &q->inval[k];
@@ -388,7 +390,8 @@ static bool tmem_post_inval(struct tmem_queue *q, u64 index)
 	sg_init_one(&st, &d->status, sizeof(d->status));
 	if (virtqueue_add_sgs(q->vq, sgs, 1, 1, d, GFP_ATOMIC))
 		goto out;
-	__set_bit(k, &q->inval_used);
+	__set_bit(k, q->inval_used);
+	q->inval_out++;
 	posted = true;
 	if (virtqueue_kick_prepare(q->vq))
 		virtqueue_notify(q->vq);
@@ -795,38 +798,48 @@ static int tmem_invalidate_page(struct tmem_dev *dev, u64 index)
 	return 0;
 }
 
+/* Posts INVALIDATE_PAGE of @index on the first queue with a free buffer. */
+static bool tmem_post_inval_any(struct tmem_dev *dev, u64 index)
+{
+	unsigned int i, first = raw_smp_processor_id();
+
+	for (i = 0; i < dev->nq; i++)
+		if (tmem_post_inval(&dev->queues[(first + i) % dev->nq], index))
+			return true;
+	return false;
+}
+
+/* One try for tmem_inval_work: true once posted, or posting is stopped. */
+static bool tmem_inval_step(struct tmem_dev *dev, u64 index, bool *posted)
+{
+	*posted = tmem_post_inval_any(dev, index);
+	return *posted || tmem_stopped(dev);
+}
+
 /*
- * Slot-free invalidations that found no free buffer, one synchronous request
- * each. inval_busy is cleared only once the INVALIDATE has completed, so a
- * PUT of the slot waits for it (tmem_settle_slot).
+ * Slot-free invalidations that found every buffer out. The worker posts them
+ * as buffers come free (their completions clear inval_busy, as for the
+ * notify's own posts). Buffers that do not come free in twice io_timeout_ms
+ * mean the host stopped answering: the device is declared broken.
  */
 static void tmem_inval_work(struct work_struct *work)
 {
 	struct tmem_dev *dev = container_of(work, struct tmem_dev, inval_work);
+	bool posted = false;
 	unsigned long i;
-	u8 status;
-	int err;
 
 	for_each_set_bit(i, dev->inval_pending, dev->capacity) {
-		if (tmem_stopped(dev))
-			break;
 		if (!test_and_clear_bit(i, dev->inval_pending))
 			continue;	/* a PUT of the slot took it back */
-		err = tmem_request(tmem_pick_queue(dev), VIRTIO_TMEM_OP_INVALIDATE_PAGE, i, 0,
-				   NULL, &status);
-		if (err) {
-			/* Frozen before it was posted: tmem_restore() settles it. */
+		if (!wait_event_timeout(dev->inval_wq, tmem_inval_step(dev, i, &posted),
+					2 * tmem_timeout()))
+			tmem_break(dev, "slot-free invalidations unanswered");
+		if (!posted) {
+			/* Frozen: tmem_restore() or a refused freeze settles it. */
 			if (!READ_ONCE(dev->broken))
 				set_bit(i, dev->inval_pending);
-			break;
+			return;
 		}
-		if (status != VIRTIO_TMEM_S_OK && status != VIRTIO_TMEM_S_NOT_FOUND)
-			atomic64_inc(&dev->stats.errors);
-		else
-			atomic64_inc(&dev->stats.invalidates);
-		clear_bit_unlock(i, dev->inval_busy);
-		if (wq_has_sleeper(&dev->inval_wq))
-			wake_up(&dev->inval_wq);
 	}
 }
 
@@ -840,7 +853,6 @@ static void tmem_inval_work(struct work_struct *work)
 static void tmem_slot_free_notify(struct block_device *bdev, unsigned long index)
 {
 	struct tmem_dev *dev = bdev->bd_disk->private_data;
-	unsigned int i, first;
 
 	if (index >= dev->capacity)
 		return;
@@ -851,10 +863,8 @@ static void tmem_slot_free_notify(struct block_device *bdev, unsigned long index
 		return;
 
 	set_bit(index, dev->inval_busy);
-	first = raw_smp_processor_id();
-	for (i = 0; i < dev->nq; i++)
-		if (tmem_post_inval(&dev->queues[(first + i) % dev->nq], index))
-			return;
+	if (tmem_post_inval_any(dev, index))
+		return;
 	atomic64_inc(&dev->stats.notify_misses);
 	set_bit(index, dev->inval_pending);
 	queue_work(dev->wq, &dev->inval_work);
@@ -1130,7 +1140,8 @@ static int tmem_setup_vqs(struct tmem_dev *dev)
 		struct tmem_queue *q = &dev->queues[i];
 
 		q->vq = vqs[i];
-		q->inval_used = 0;
+		bitmap_zero(q->inval_used, TMEM_MAX_INVAL);
+		q->inval_out = 0;
 		size = virtqueue_get_vring_size(vqs[i]);
 		q->inval_max = size > 3 ? min_t(unsigned int, (size - 3) / 2, TMEM_MAX_INVAL) : 0;
 		/* Submitters poll; callbacks are enabled only to sleep. */
@@ -1352,7 +1363,7 @@ static bool tmem_quiet(struct tmem_dev *dev)
 
 	for (i = 0; i < dev->nq && quiet; i++) {
 		spin_lock_irqsave(&dev->queues[i].lock, flags);
-		quiet = !dev->queues[i].busy && !dev->queues[i].inval_used;
+		quiet = !dev->queues[i].busy && !dev->queues[i].inval_out;
 		spin_unlock_irqrestore(&dev->queues[i].lock, flags);
 	}
 	return quiet;
