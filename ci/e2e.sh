@@ -274,18 +274,38 @@ run_backing() {
     log "backing run $label took $((SECONDS - t0))s"
 }
 
-T_START=$SECONDS
-t bash ci/deps.sh guest
-s=$SECONDS; QEMU=$(build_qemu); log "QEMU ready after $((SECONDS - s))s: $QEMU"
-t build_daemon
-
-for want in $E2E_KERNELS; do
-    suite=""
+suite_of() { # suite_of LABEL: the apt suite of a guest kernel label
+    local spec label sfx
     for spec in "${GUEST_KERNEL_SUITES[@]}"; do
         read -r label sfx <<<"$spec"
-        [ "$label" = "$want" ] && suite=$sfx
+        [ "$label" = "$1" ] && { printf '%s\n' "$sfx"; return 0; }
     done
-    [ -n "$suite" ] || die "unknown guest kernel $want (known: ${GUEST_KERNEL_SUITES[*]})"
+    die "unknown guest kernel $1 (known: ${GUEST_KERNEL_SUITES[*]})"
+}
+
+T_START=$SECONDS
+t bash ci/deps.sh guest
+ensure_apt_suites
+for want in $E2E_KERNELS; do suite_of "$want" >/dev/null; done
+# The guest kernels (downloads, headers, the unstable chroot) are fetched in
+# the background while QEMU and the daemon build.
+(
+    for want in $E2E_KERNELS; do
+        s=$SECONDS
+        fetch_guest_kernel "$(suite_of "$want")" >/dev/null
+        log "kernel $want fetched in $((SECONDS - s))s"
+    done
+) >"$ART/fetch-kernels.log" 2>&1 &
+FETCH_PID=$!
+s=$SECONDS; QEMU=$(build_qemu); log "QEMU ready after $((SECONDS - s))s: $QEMU"
+t build_daemon
+s=$SECONDS
+wait "$FETCH_PID" || { cat "$ART/fetch-kernels.log" >&2; die "fetching the guest kernels failed"; }
+log "guest kernels ready $((SECONDS - s))s after the builds:"
+sed 's/^/  /' "$ART/fetch-kernels.log" >&2
+
+for want in $E2E_KERNELS; do
+    suite=$(suite_of "$want")
     s=$SECONDS
     prepare_guest "$suite"
     log "kernel $want fetched and module built in $((SECONDS - s))s"

@@ -1398,13 +1398,14 @@ static int tmem_freeze(struct virtio_device *vdev)
 		tmem_set_frozen(dev, false);
 		if (!bitmap_empty(dev->inval_pending, dev->capacity))
 			queue_work(dev->wq, &dev->inval_work);
+		/* An error, like the PM core's own report of the failed suspend. */
 		if (held)
-			dev_warn(&vdev->dev,
-				 "suspend refused: the host holds %u pages of tmem%d, and the device reset on resume would drop them\n",
-				 held, dev->id);
+			dev_err(&vdev->dev,
+				"suspend refused: the host holds %u pages of tmem%d, and the device reset on resume would drop them\n",
+				held, dev->id);
 		else
-			dev_warn(&vdev->dev, "suspend refused: tmem%d requests still in flight\n",
-				 dev->id);
+			dev_err(&vdev->dev, "suspend refused: tmem%d requests still in flight\n",
+				dev->id);
 		return -EBUSY;
 	}
 	virtio_reset_device(vdev);
