@@ -28,7 +28,7 @@ E2E_JOBS=${E2E_JOBS:-3}
 ART=$TMEM_ROOT/target/e2e
 mkdir -p "$ART"
 : >"$ART/figures.txt"
-WORKLOAD_ARGS=(tmemfactor="${E2E_FACTOR:-3}" tmemjobs="$E2E_JOBS" tmemchurn=1 tmemsuspend=1)
+WORKLOAD_ARGS=(tmemfactor="${E2E_FACTOR:-1.5}" tmemjobs="$E2E_JOBS" tmemchurn=1 tmemsuspend=1)
 
 cleanup() { stop_guest; stop_daemon || true; }
 trap cleanup EXIT
