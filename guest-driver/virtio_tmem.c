@@ -290,14 +290,16 @@ static void tmem_inval_done(struct tmem_queue *q, struct tmem_dma *d, unsigned i
 
 /*
  * Called with q->lock held and the device not broken. Callbacks stay enabled
- * while the slot's submitter sleeps or invalidations are out, so that
- * somebody reaps them.
+ * while the slot's submitter sleeps (for the next buffer) or invalidations
+ * are out (delayed: one interrupt once most of them are back, since nothing
+ * but a PUT of the same slot waits for them), so that somebody reaps them.
  */
 static void tmem_reap(struct tmem_queue *q)
 {
 	struct tmem_dma *d;
 	unsigned int len;
 
+again:
 	while ((d = virtqueue_get_buf(q->vq, &len))) {
 		if (d == q->dma) {
 			q->done = true;
@@ -306,8 +308,12 @@ static void tmem_reap(struct tmem_queue *q)
 			tmem_inval_done(q, d, len);
 		}
 	}
-	if (!q->sleeping && !q->inval_out)
+	if (q->sleeping)
+		return;
+	if (!q->inval_out)
 		virtqueue_disable_cb(q->vq);
+	else if (!virtqueue_enable_cb_delayed(q->vq))
+		goto again;	/* most were back already: no interrupt will come */
 }
 
 static void tmem_vq_done(struct virtqueue *vq)
@@ -395,9 +401,8 @@ static bool tmem_post_inval(struct tmem_queue *q, u64 index)
 	posted = true;
 	if (virtqueue_kick_prepare(q->vq))
 		virtqueue_notify(q->vq);
-	/* false: completions arrived meanwhile, no interrupt will come */
-	if (!virtqueue_enable_cb(q->vq))
-		tmem_reap(q);
+	/* Arms the callback for the invalidations (or keeps a sleeper's). */
+	tmem_reap(q);
 out:
 	spin_unlock_irqrestore(&q->lock, flags);
 	return posted;
