@@ -151,7 +151,10 @@ unstable_chroot() {
     uri=$(debian_mirror_uri)
     mkdir -p "$TMEM_CACHE"
     for old in "$TMEM_CACHE"/chroot-"$suite"-*; do
-        [ -d "$old" ] && [ "$old" != "$dir" ] && as_root rm -rf --one-file-system "$old"
+        [ -d "$old" ] && [ "$old" != "$dir" ] || continue
+        # A build that was interrupted may have left /proc mounted there.
+        if mountpoint -q "$old/proc"; then as_root umount "$old/proc"; fi
+        as_root rm -rf --one-file-system "$old"
     done
     as_root rm -rf --one-file-system "$dir"
     log "creating a $suite chroot in $dir from $uri"
