@@ -156,6 +156,7 @@ unstable_chroot() {
         if mountpoint -q "$old/proc"; then as_root umount "$old/proc"; fi
         as_root rm -rf --one-file-system "$old"
     done
+    if mountpoint -q "$dir/proc"; then as_root umount "$dir/proc"; fi
     as_root rm -rf --one-file-system "$dir"
     log "creating a $suite chroot in $dir from $uri"
     as_root debootstrap --variant=minbase --include=make,gcc,libc6-dev \
