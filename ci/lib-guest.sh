@@ -7,11 +7,15 @@
 TMEM_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TMEM_CACHE=${TMEM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vhost-user-tmem}
 QEMU_SUITE=trixie
-# Debian guest kernels: "<label> <suite>" (newest linux-image-amd64 of the suite)
+# Debian guest kernels: "<label> <suite>" (newest linux-image-amd64 of the
+# suite). Suites listed in CHROOT_SUITES are used from a chroot (see
+# unstable_chroot): "sid" is the newest kernel Debian packages.
 GUEST_KERNEL_SUITES=(
+    "sid unstable"
     "6.12 bookworm-backports"
     "6.1 bookworm"
 )
+CHROOT_SUITES=" unstable "
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
@@ -130,6 +134,51 @@ build_qemu() {
 }
 
 # ---------------------------------------------------------------------------
+# Debian unstable in a chroot. Its kernel headers cannot be used on a bookworm
+# host (they need a newer gcc and glibc), so the newest kernel's module is
+# built inside a minimal sid chroot. The chroot is cached outside the checkout,
+# keyed by suite and date (UTC), and older ones are removed.
+
+# unstable_chroot SUITE: prints the path of a ready chroot of SUITE.
+unstable_chroot() {
+    local suite=$1 dir uri old
+    dir=$TMEM_CACHE/chroot-$suite-$(date -u +%Y%m%d)
+    if [ -f "$dir/.ready" ]; then
+        printf '%s\n' "$dir"
+        return 0
+    fi
+    command -v debootstrap >/dev/null || die "debootstrap is missing (ci/deps.sh guest)"
+    uri=$(debian_mirror_uri)
+    mkdir -p "$TMEM_CACHE"
+    for old in "$TMEM_CACHE"/chroot-"$suite"-*; do
+        [ -d "$old" ] && [ "$old" != "$dir" ] || continue
+        # A build that was interrupted may have left /proc mounted there.
+        if mountpoint -q "$old/proc"; then as_root umount "$old/proc"; fi
+        as_root rm -rf --one-file-system "$old"
+    done
+    if mountpoint -q "$dir/proc"; then as_root umount "$dir/proc"; fi
+    as_root rm -rf --one-file-system "$dir"
+    log "creating a $suite chroot in $dir from $uri"
+    as_root debootstrap --variant=minbase --include=make,gcc,libc6-dev \
+        "$suite" "$dir" "$uri" >"$TMEM_CACHE/debootstrap-$suite.log" 2>&1 ||
+        { tail -20 "$TMEM_CACHE/debootstrap-$suite.log" >&2; die "debootstrap $suite failed"; }
+    # The mirror's unstable Release file may be past its Valid-Until date.
+    printf 'Acquire::Check-Valid-Until "false";\n' |
+        as_root tee "$dir/etc/apt/apt.conf.d/99vhost-user-tmem" >/dev/null
+    in_chroot "$dir" apt-get update -qq || die "apt-get update in the $suite chroot failed"
+    as_root touch "$dir/.ready"
+    printf '%s\n' "$dir"
+}
+
+# in_chroot DIR CMD...: runs CMD as root inside the chroot DIR.
+in_chroot() {
+    local dir=$1
+    shift
+    as_root env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+        DEBIAN_FRONTEND=noninteractive chroot "$dir" "$@"
+}
+
+# ---------------------------------------------------------------------------
 # Debian guest kernels: the image (vmlinuz + the virtio modules it needs) is
 # downloaded and unpacked into the cache; the matching headers are installed
 # with apt, so that Debian's kbuild symlinks resolve.
@@ -138,7 +187,17 @@ GUEST_MODULES=(virtio_pci virtio_blk)
 
 # Prints "<abi> <version>" of the newest linux-image-amd64 in a suite.
 guest_kernel_abi() {
-    local suite=$1 ver pkg
+    local suite=$1 ver pkg chroot
+    if [[ $CHROOT_SUITES == *" $suite "* ]]; then
+        chroot=$(unstable_chroot "$suite")
+        ver=$(in_chroot "$chroot" apt-cache show linux-image-amd64 |
+            awk '/^Version:/ { print $2 }' | sort -V | tail -1)
+        pkg=$(in_chroot "$chroot" apt-cache show "linux-image-amd64=$ver" |
+            sed -n 's/^Depends:.*\(linux-image-[0-9][^ ,]*\).*/\1/p' | head -1)
+        [ -n "$pkg" ] || die "cannot resolve linux-image-amd64 in the $suite chroot"
+        printf '%s %s\n' "${pkg#linux-image-}" "$ver"
+        return 0
+    fi
     ver=$(apt-cache madison linux-image-amd64 |
         awk -F' *[|] *' -v s="$suite" '$3 ~ (" " s "(-security|-updates)?/") { print $2 }' |
         sort -V | tail -1)
@@ -153,31 +212,60 @@ guest_kernel_abi() {
 # (the virtio .ko files, decompressed, with modules.order listing them in load
 # order) and kdir (the path of the installed headers).
 fetch_guest_kernel() {
-    local suite=$1 abi ver dir tmp kdir
+    local suite=$1 abi ver dir tmp kdir chroot=""
     ensure_apt_suites
     read -r abi ver < <(guest_kernel_abi "$suite")
     dir=$TMEM_CACHE/kernels/$abi
     kdir=/usr/src/linux-headers-$abi
-    if [ ! -f "$kdir/Makefile" ]; then
+    if [[ $CHROOT_SUITES == *" $suite "* ]]; then
+        chroot=$(unstable_chroot "$suite")
+        if [ ! -f "$chroot$kdir/Makefile" ]; then
+            log "installing headers linux-headers-$abi ($ver) in $chroot"
+            in_chroot "$chroot" apt-get install -y -qq --no-install-recommends \
+                "linux-headers-$abi=$ver" >/dev/null ||
+                die "apt-get install linux-headers-$abi=$ver in $chroot failed"
+        fi
+    elif [ ! -f "$kdir/Makefile" ]; then
         log "installing headers linux-headers-$abi ($ver)"
         DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
             "linux-headers-$abi=$ver" >/dev/null ||
             die "apt-get install linux-headers-$abi=$ver failed"
     fi
     if [ -f "$dir/modules/modules.order" ] && [ -f "$dir/vmlinuz" ] &&
-        [ "$(cat "$dir/modules/wanted" 2>/dev/null)" = "${GUEST_MODULES[*]}" ]; then
+        [ "$(cat "$dir/modules/wanted" 2>/dev/null)" = "${GUEST_MODULES[*]}" ] &&
+        [ "$(cat "$dir/chroot" 2>/dev/null)" = "$chroot" ]; then
         printf '%s\n' "$dir"
         return 0
     fi
     log "fetching guest kernel linux-image-$abi ($ver)"
     rm -rf "$dir" && mkdir -p "$dir/modules"
     tmp=$(mktemp -d "$TMEM_CACHE/kernel.XXXXXX")
-    # stderr only on failure: as root apt warns that its sandbox user cannot
-    # write into the cache directory, which is harmless.
-    (cd "$tmp" && apt-get download -qq "linux-image-$abi=$ver" >/dev/null 2>"$tmp/apt.err") ||
-        { cat "$tmp/apt.err" >&2; die "apt-get download linux-image-$abi=$ver failed"; }
-    dpkg -x "$tmp"/linux-image-*.deb "$tmp/root"
-    cp "$tmp/root/boot/vmlinuz-$abi" "$dir/vmlinuz"
+    if [ -n "$chroot" ]; then
+        # Newer kernels split the image package: linux-image-<abi> is a
+        # metapackage of linux-binary-<abi> (vmlinuz) and linux-modules-<abi>.
+        local pkgs=("linux-image-$abi=$ver") p dl=/tmp/tmem-kernel
+        for p in linux-binary linux-modules; do
+            in_chroot "$chroot" apt-cache show "$p-$abi=$ver" >/dev/null 2>&1 &&
+                pkgs+=("$p-$abi=$ver")
+        done
+        as_root rm -rf "$chroot$dl" && as_root mkdir -p "$chroot$dl"
+        in_chroot "$chroot" sh -c "cd $dl && apt-get download -qq ${pkgs[*]}" >/dev/null 2>"$tmp/apt.err" ||
+            { cat "$tmp/apt.err" >&2; die "apt-get download ${pkgs[*]} in $chroot failed"; }
+        cp "$chroot$dl"/*.deb "$tmp/"
+        as_root rm -rf "$chroot$dl"
+    else
+        # stderr only on failure: as root apt warns that its sandbox user cannot
+        # write into the cache directory, which is harmless.
+        (cd "$tmp" && apt-get download -qq "linux-image-$abi=$ver" >/dev/null 2>"$tmp/apt.err") ||
+            { cat "$tmp/apt.err" >&2; die "apt-get download linux-image-$abi=$ver failed"; }
+    fi
+    local deb
+    for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$tmp/root"; done
+    if [ -f "$tmp/root/boot/vmlinuz-$abi" ]; then
+        cp "$tmp/root/boot/vmlinuz-$abi" "$dir/vmlinuz"
+    else
+        cp "$tmp/root/usr/lib/modules/$abi/vmlinuz" "$dir/vmlinuz"
+    fi
     local moddir=$tmp/root/lib/modules/$abi
     [ -d "$moddir" ] || moddir=$tmp/root/usr/lib/modules/$abi
     # The package ships no modules.dep (the postinst makes it); make one here.
@@ -190,7 +278,12 @@ fetch_guest_kernel() {
         local name=$1 path deps d
         path=$(awk -F: -v n="$name" '{ f = $1; sub(/.*\//, "", f); sub(/\.ko(\.[a-z]+)?$/, "", f); gsub(/-/, "_", f) } f == n { print $1; exit }' "$moddir/modules.dep")
         if [ -z "$path" ]; then
-            grep -q "/$name.ko" "$moddir/modules.builtin" || die "module $name neither loadable nor built in"
+            if [ -f "$moddir/modules.builtin" ]; then
+                grep -q "/$name.ko" "$moddir/modules.builtin" || die "module $name neither loadable nor built in"
+            else
+                # Newer packages ship no modules.builtin (it is in another package).
+                log "module $name is not loadable in $abi: taken as built in"
+            fi
             return 0
         fi
         [ -n "${seen[$path]:-}" ] && return 0
@@ -216,6 +309,7 @@ fetch_guest_kernel() {
     done
     printf '%s\n' "${GUEST_MODULES[*]}" >"$dir/modules/wanted"
     printf '%s\n' "$kdir" >"$dir/kdir"
+    printf '%s\n' "$chroot" >"$dir/chroot"
     printf '%s\n' "$ver" >"$dir/version"
     rm -rf "$tmp"
     log "guest kernel $abi: modules $(tr '\n' ' ' <"$dir/modules/modules.order")"
@@ -227,15 +321,28 @@ fetch_guest_kernel() {
 
 GUEST_OUT=${GUEST_OUT:-$TMEM_ROOT/target/guest}
 
-# build_module KDIR OUTDIR: prints the path of virtio_tmem.ko.
+# build_module KDIR OUTDIR [CHROOT]: prints the path of virtio_tmem.ko. With
+# CHROOT, KDIR is a path inside that chroot and the build runs there.
 build_module() {
-    local kdir=$1 out=$2 logf
+    local kdir=$1 out=$2 chroot=${3:-} logf rc=0 build
     rm -rf "$out" && mkdir -p "$out"
-    cp "$TMEM_ROOT"/guest-driver/{Kbuild,virtio_tmem.c} "$out/"
+    cp "$TMEM_ROOT"/guest-driver/{Kbuild,virtio_tmem.c,virtio_tmem.h,compat.h} "$out/"
     logf=$out/build.log
-    if ! make -s -C "$kdir" M="$out" W=1 modules >"$logf" 2>&1; then
+    if [ -z "$chroot" ]; then
+        make -s -C "$kdir" M="$out" W=1 modules >"$logf" 2>&1 || rc=$?
+    else
+        build=$chroot/build/module
+        as_root rm -rf "$build" && as_root mkdir -p "$build"
+        as_root cp "$out"/{Kbuild,virtio_tmem.c,virtio_tmem.h,compat.h} "$build/"
+        # objtool reads /proc.
+        mountpoint -q "$chroot/proc" || as_root mount -t proc proc "$chroot/proc"
+        in_chroot "$chroot" make -s -C "$kdir" M=/build/module W=1 modules >"$logf" 2>&1 || rc=$?
+        as_root umount "$chroot/proc" || true
+        [ $rc = 0 ] && cp "$build/virtio_tmem.ko" "$out/"
+    fi
+    if [ $rc != 0 ]; then
         cat "$logf" >&2
-        die "module build against $kdir failed"
+        die "module build against $kdir${chroot:+ in $chroot} failed"
     fi
     if grep -E 'warning:|error:' "$logf" >&2; then
         die "module build against $kdir has warnings (W=1)"
@@ -243,13 +350,13 @@ build_module() {
     printf '%s\n' "$out/virtio_tmem.ko"
 }
 
+# The guest test program, built by the driver's Makefile into GUEST_OUT (the
+# source tree holds no binary).
 build_swaptest() {
     local out=$GUEST_OUT/swaptest
     mkdir -p "$GUEST_OUT"
-    if [ ! -x "$out" ] || [ "$TMEM_ROOT/guest-driver/test/swaptest.c" -nt "$out" ]; then
-        gcc -O2 -Wall -Wextra -Werror -static -o "$out" "$TMEM_ROOT/guest-driver/test/swaptest.c" ||
-            die "building swaptest failed"
-    fi
+    make -s -C "$TMEM_ROOT/guest-driver" SWAPTEST="$out" test >&2 ||
+        die "building swaptest failed"
     printf '%s\n' "$out"
 }
 
@@ -368,7 +475,8 @@ prepare_guest() {
     local suite=$1 abi
     KERNEL_DIR=$(fetch_guest_kernel "$suite")
     abi=$(basename "$KERNEL_DIR")
-    MODULE_KO=$(build_module "$(cat "$KERNEL_DIR/kdir")" "$GUEST_OUT/$abi/module")
+    MODULE_KO=$(build_module "$(cat "$KERNEL_DIR/kdir")" "$GUEST_OUT/$abi/module" \
+        "$(cat "$KERNEL_DIR/chroot" 2>/dev/null)")
     INITRD=$GUEST_OUT/$abi/initramfs.cpio.gz
     build_initramfs "$KERNEL_DIR" "$MODULE_KO" "$(build_swaptest)" "$INITRD"
     log "guest $abi ready: $INITRD"
