@@ -10,7 +10,7 @@
 //!   and faults injected into the spill file, against a `HashMap` model;
 //! - [`config_parse`]: the daemon's command line and byte sizes.
 //!
-//! [`input`] is the byte format of the structured inputs (and its writer,
+//! [`seeds`] builds the seed corpus. [`input`] is the byte format of the structured inputs (and its writer,
 //! for seeds); [`pages`] makes page contents from a few bytes of input.
 //!
 //! Every check failure is a panic with a message saying which invariant broke:
@@ -21,4 +21,5 @@ pub mod control_line;
 pub mod device_chain;
 pub mod input;
 pub mod pages;
+pub mod seeds;
 pub mod store_ops;
