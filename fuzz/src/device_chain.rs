@@ -413,7 +413,7 @@ pub struct Walk {
     pub descs: Vec<Desc>,
     /// The last descriptor yielded still said "more follows": the chain broke off.
     pub broke_off: bool,
-    /// A descriptor with INDIRECT and NEXT both set was met.
+    /// A descriptor of the descriptor table with INDIRECT and NEXT both set was met.
     pub indirect_with_next: bool,
     /// The walk stopped because the chain passed 4 GiB.
     pub past_4g: bool,
@@ -421,8 +421,10 @@ pub struct Walk {
 
 /// virtio-queue's walk of the chain at `head`: along `next` links, at most
 /// as many descriptors as the table has, switching once into an indirect
-/// table (a whole number of descriptors, none of them indirect), until the
-/// bytes yielded would pass `u32::MAX`.
+/// table (a whole number of descriptors; an indirect one in it ends the
+/// walk), until the bytes yielded would pass `u32::MAX`. It stops at an
+/// INDIRECT|NEXT descriptor of the descriptor table, which the device must
+/// not serve at all.
 pub fn walk(mem: &Shadow, queue_size: u16, head: u16) -> Walk {
     let mut w = Walk::default();
     let (mut table, mut size, mut ttl, mut index) = (DESC_TABLE, queue_size, queue_size, head);
@@ -436,12 +438,16 @@ pub fn walk(mem: &Shadow, queue_size: u16, head: u16) -> Walk {
             break;
         };
         if d.flags & F_INDIRECT != 0 {
+            // Inside an indirect table it breaks the chain off, NEXT or not.
+            if in_indirect {
+                break;
+            }
             if d.flags & F_NEXT != 0 {
                 w.indirect_with_next = true;
                 break;
             }
             let entries = d.len / 16;
-            if in_indirect || d.len % 16 != 0 || entries > u32::from(u16::MAX) {
+            if d.len % 16 != 0 || entries > u32::from(u16::MAX) {
                 break;
             }
             (table, size, ttl, index) = (d.addr, entries as u16, entries as u16, 0);
@@ -1108,6 +1114,50 @@ mod tests {
         assert_eq!(t.silent, 1, "{t:?}");
     }
 
+    /// docs/protocol.md, section 5: INDIRECT|NEXT in the descriptor table is
+    /// answered with nothing; inside an indirect table an INDIRECT
+    /// descriptor, NEXT or not, breaks the chain off, which is INVALID at the
+    /// last writable byte before it.
+    #[test]
+    fn indirect_inside_an_indirect_table_breaks_the_chain_off() {
+        for flags in [INDIRECT, INDIRECT | NEXT] {
+            let cmds = vec![
+                header(0, 3, 0, 0, 0, 0),
+                Cmd::IndirectDesc {
+                    table: 0,
+                    slot: 0,
+                    desc: data_desc(0, 24, NEXT, 1),
+                },
+                Cmd::IndirectDesc {
+                    table: 0,
+                    slot: 1,
+                    desc: data_desc(0x100, 1, WRITE | NEXT, 2),
+                },
+                Cmd::IndirectDesc {
+                    table: 0,
+                    slot: 2,
+                    desc: DescSpec {
+                        addr: AddrSpec::Table(1),
+                        len: LenSpec::Entries(1),
+                        flags,
+                        next: 0,
+                    },
+                },
+                Cmd::Desc {
+                    slot: 0,
+                    desc: DescSpec {
+                        addr: AddrSpec::Table(0),
+                        len: LenSpec::Entries(3),
+                        flags: INDIRECT,
+                        next: 0,
+                    },
+                },
+            ];
+            let t = run_input(&input(vec![batch(cmds, vec![0])]));
+            assert_eq!((t.invalid, t.silent), (1, 0), "flags {flags:#x}: {t:?}");
+        }
+    }
+
     #[test]
     fn tight_budget_puts_may_be_rejected() {
         let mut batches = Vec::new();
@@ -1125,3 +1175,4 @@ mod tests {
         assert!(t.rejected_puts > 0, "{t:?}");
     }
 }
+

@@ -154,6 +154,19 @@ fn device_chain() -> Vec<(&'static str, Vec<u8>)> {
         desc.len = LenSpec::Short(40);
     }
     bad.push(batch(ragged, vec![12]));
+    // An indirect descriptor inside an indirect table.
+    let mut nested = indirect(13, 0, 0xa00, 3, 0, 0, 0);
+    nested.push(Cmd::IndirectDesc {
+        table: 0,
+        slot: 1,
+        desc: DescSpec {
+            addr: AddrSpec::Table(1),
+            len: LenSpec::Entries(2),
+            flags: INDIRECT | NEXT,
+            next: 0,
+        },
+    });
+    bad.push(batch(nested, vec![13]));
     bad.push(batch(vec![], vec![200]));
     out.push(("malformed", device(16, false, 0, bad)));
     // Under a tight budget: PUTs until they are REJECTED, each alone.
