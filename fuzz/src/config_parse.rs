@@ -88,7 +88,11 @@ fn check_size(text: &str) {
     }
     match ByteSize::from_str(text) {
         Ok(size) => {
-            assert_eq!(Ok(size.bytes()), want.as_ref().map(|&b| b).map_err(|_| ()), "ByteSize({text:?})");
+            assert_eq!(
+                Ok(size.bytes()),
+                want.as_ref().map(|&b| b).map_err(|_| ()),
+                "ByteSize({text:?})"
+            );
             round_trip(&size);
         }
         Err(e) => {
@@ -100,7 +104,8 @@ fn check_size(text: &str) {
 
 fn round_trip(size: &ByteSize) {
     let json = serde_json::to_string(size).expect("a size encodes");
-    let back: ByteSize = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json} does not decode: {e}"));
+    let back: ByteSize =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json} does not decode: {e}"));
     assert_eq!(&back, size, "{json}");
 }
 
@@ -189,7 +194,10 @@ fn check_config(args: Args) {
     let got = Config::try_from(args.clone());
     let (c, w) = match (got, want) {
         (Err(e), None) => {
-            assert!(!error_chain(&e).is_empty(), "{args:?}: a refusal without a message");
+            assert!(
+                !error_chain(&e).is_empty(),
+                "{args:?}: a refusal without a message"
+            );
             return;
         }
         (Err(e), Some(_)) => panic!("{args:?} refused: {}", error_chain(&e)),

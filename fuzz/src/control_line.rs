@@ -101,9 +101,10 @@ impl Harness {
         let what = || format!("line {n} {:?}", String::from_utf8_lossy(line));
         let parsed = Request::from_line(line);
         let reply = self.ctx.handle_line(line);
-        let wire = serde_json::to_string(&reply).unwrap_or_else(|e| panic!("{}: reply does not encode: {e}", what()));
-        let back: Reply =
-            serde_json::from_str(&wire).unwrap_or_else(|e| panic!("{}: reply {wire} does not decode: {e}", what()));
+        let wire = serde_json::to_string(&reply)
+            .unwrap_or_else(|e| panic!("{}: reply does not encode: {e}", what()));
+        let back: Reply = serde_json::from_str(&wire)
+            .unwrap_or_else(|e| panic!("{}: reply {wire} does not decode: {e}", what()));
         assert_eq!(back, reply, "{}: the reply changes on the wire", what());
         let request = match parsed {
             Err(e) => {
@@ -131,9 +132,19 @@ impl Harness {
                 assert_eq!(c.mem_limit, self.store.mem_limit(), "{}", what());
             }
             (Request::SetConfig { mem_limit: None }, Reply::Error(_)) => {}
-            (Request::SetConfig { mem_limit: Some(size) }, Reply::Ok(Answer::Config(c))) => {
+            (
+                Request::SetConfig {
+                    mem_limit: Some(size),
+                },
+                Reply::Ok(Answer::Config(c)),
+            ) => {
                 assert_eq!(c.mem_limit, size.bytes(), "{}: the answer's budget", what());
-                assert_eq!(self.store.mem_limit(), size.bytes(), "{}: the store's budget", what());
+                assert_eq!(
+                    self.store.mem_limit(),
+                    size.bytes(),
+                    "{}: the store's budget",
+                    what()
+                );
             }
             (Request::Writeback { pages }, Reply::Ok(Answer::Written(done))) => {
                 assert!(done <= pages, "{}: wrote {done}", what());

@@ -189,9 +189,16 @@ impl DescSpec {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Cmd {
     /// Main descriptor table entry `slot` (modulo the queue size).
-    Desc { slot: u8, desc: DescSpec },
+    Desc {
+        slot: u8,
+        desc: DescSpec,
+    },
     /// Entry `slot` (modulo [`TABLE_ENTRIES`]) of indirect table `table`.
-    IndirectDesc { table: u8, slot: u8, desc: DescSpec },
+    IndirectDesc {
+        table: u8,
+        slot: u8,
+        desc: DescSpec,
+    },
     /// A request header at buffer offset `at`.
     Header {
         at: u32,
@@ -203,8 +210,14 @@ pub enum Cmd {
         arg: u64,
     },
     /// A page at buffer offset `at`.
-    Page { at: u32, content: Content },
-    Bytes { at: u32, bytes: Vec<u8> },
+    Page {
+        at: u32,
+        content: Content,
+    },
+    Bytes {
+        at: u32,
+        bytes: Vec<u8>,
+    },
 }
 
 impl Cmd {
@@ -398,7 +411,10 @@ impl Shadow {
     }
 
     fn write(&mut self, addr: u64, bytes: &[u8]) {
-        assert!(in_memory(addr, bytes.len() as u64), "oracle writes outside memory");
+        assert!(
+            in_memory(addr, bytes.len() as u64),
+            "oracle writes outside memory"
+        );
         self.0[addr as usize..addr as usize + bytes.len()].copy_from_slice(bytes);
     }
 
@@ -431,10 +447,7 @@ pub fn walk(mem: &Shadow, queue_size: u16, head: u16) -> Walk {
     let mut in_indirect = false;
     let mut bytes: u32 = 0;
     while ttl > 0 && index < size {
-        let Some(d) = table
-            .checked_add(u64::from(index) * 16)
-            .and_then(|a| mem.desc(a))
-        else {
+        let Some(d) = table.checked_add(u64::from(index) * 16).and_then(|a| mem.desc(a)) else {
             break;
         };
         if d.flags & F_INDIRECT != 0 {
@@ -1175,4 +1188,3 @@ mod tests {
         assert!(t.rejected_puts > 0, "{t:?}");
     }
 }
-

@@ -93,7 +93,11 @@ mod tests {
     #[test]
     fn round_trip_and_zero_past_the_end() {
         let mut w = Writer::default();
-        w.u8(7).u16(0x1234).u32(0xdead_beef).u64(u64::MAX - 1).bytes(b"xy");
+        w.u8(7)
+            .u16(0x1234)
+            .u32(0xdead_beef)
+            .u64(u64::MAX - 1)
+            .bytes(b"xy");
         let mut r = Reader::new(&w.data);
         assert_eq!(r.u8(), 7);
         assert_eq!(r.u16(), 0x1234);

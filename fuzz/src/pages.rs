@@ -66,14 +66,7 @@ pub fn fill_page(word: u64) -> Box<Page> {
 
 fn text_into(out: &mut [u8], rng: &mut SplitMix) {
     const WORDS: [&[u8]; 8] = [
-        b"swap ",
-        b"page ",
-        b"guest ",
-        b"memory ",
-        b"the ",
-        b"of ",
-        b"virtio ",
-        b"kernel ",
+        b"swap ", b"page ", b"guest ", b"memory ", b"the ", b"of ", b"virtio ", b"kernel ",
     ];
     let mut pos = 0;
     while pos < out.len() {

@@ -71,9 +71,15 @@ fn device_chain() -> Vec<(&'static str, Vec<u8>)> {
             content: Content::Half(1),
         },
     ];
-    for (slot, (off, len, flags)) in [(0u32, 5u16, 0u16), (5, 30, 0), (35, 1000, 0), (1035, 3085, 0), (0x3000, 1, WRITE)]
-        .into_iter()
-        .enumerate()
+    for (slot, (off, len, flags)) in [
+        (0u32, 5u16, 0u16),
+        (5, 30, 0),
+        (35, 1000, 0),
+        (1035, 3085, 0),
+        (0x3000, 1, WRITE),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let next = if slot < 4 { NEXT } else { 0 };
         odd.push(Cmd::Desc {
@@ -171,7 +177,12 @@ fn device_chain() -> Vec<(&'static str, Vec<u8>)> {
     out.push(("malformed", device(16, false, 0, bad)));
     // Under a tight budget: PUTs until they are REJECTED, each alone.
     let tight = (0..12u8)
-        .map(|i| batch(direct(0, u32::from(i) * 0x40, 1, 0, 0, i, Content::Random(i)), vec![0]))
+        .map(|i| {
+            batch(
+                direct(0, u32::from(i) * 0x40, 1, 0, 0, i, Content::Random(i)),
+                vec![0],
+            )
+        })
         .chain([batch(direct(4, 0x800, 5, 0, 0, 20, Content::Zero), vec![4])])
         .collect();
     out.push(("tight", device(4, true, 2, tight)));
@@ -280,7 +291,12 @@ fn store_ops() -> Vec<(&'static str, Vec<u8>)> {
     for i in 0..16 {
         ops.push(Op::Put((0, i % 3, i), Content::Random(i)));
     }
-    ops.extend([Op::Writeback(31), Op::FileSizeLimit(0), Op::Background, Op::SetMemLimit(0)]);
+    ops.extend([
+        Op::Writeback(31),
+        Op::FileSizeLimit(0),
+        Op::Background,
+        Op::SetMemLimit(0),
+    ]);
     for i in 0..16 {
         ops.push(Op::Get((0, i % 3, i), false));
     }
@@ -501,9 +517,12 @@ mod tests {
     fn corpus_replays() {
         let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
         for (target, run) in [
-            ("device_chain", (|d| {
-                crate::device_chain::run(d);
-            }) as fn(&[u8])),
+            (
+                "device_chain",
+                (|d| {
+                    crate::device_chain::run(d);
+                }) as fn(&[u8]),
+            ),
             ("store_ops", |d| {
                 crate::store_ops::run(d);
             }),

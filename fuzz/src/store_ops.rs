@@ -75,7 +75,13 @@ pub struct Setup {
 }
 
 const DEDUP: [DedupDomain; 3] = [DedupDomain::Off, DedupDomain::Guest, DedupDomain::Global];
-const SPILL: [Option<u64>; 5] = [None, Some(16 << 10), Some(64 << 10), Some(256 << 10), Some(1 << 20)];
+const SPILL: [Option<u64>; 5] = [
+    None,
+    Some(16 << 10),
+    Some(64 << 10),
+    Some(256 << 10),
+    Some(1 << 20),
+];
 const MEM: [Option<u64>; 6] = [
     None,
     Some(8 << 10),
@@ -90,7 +96,13 @@ const HEADROOM: [u64; 2] = [0, 16 << 10];
 /// `SetMemLimit`: over the empty store's use.
 const LIMITS: [u64; 5] = [0, 8 << 10, 32 << 10, 1 << 20, BIG];
 /// `FileSizeLimit`: `None` lifts it.
-const FSIZE: [Option<u64>; 5] = [None, Some(16 << 10), Some(32 << 10), Some(64 << 10), Some(128 << 10)];
+const FSIZE: [Option<u64>; 5] = [
+    None,
+    Some(16 << 10),
+    Some(32 << 10),
+    Some(64 << 10),
+    Some(128 << 10),
+];
 
 impl Setup {
     fn read(r: &mut Reader) -> Self {
@@ -122,12 +134,25 @@ impl Setup {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// XOR up to 512 bytes from `at` (modulo the file's length) with `xor` (0 acts as 1).
-    Flip { at: u32, len: u16, xor: u8 },
-    Zero { at: u32, len: u16 },
+    Flip {
+        at: u32,
+        len: u16,
+        xor: u8,
+    },
+    Zero {
+        at: u32,
+        len: u16,
+    },
     /// Copies up to 4 KiB within the file.
-    Copy { from: u32, to: u32, len: u16 },
+    Copy {
+        from: u32,
+        to: u32,
+        len: u16,
+    },
     /// Cuts the file to `to` modulo its length plus one.
-    Truncate { to: u32 },
+    Truncate {
+        to: u32,
+    },
     /// Puts the file back as it was at the last `Snapshot`.
     Rollback,
 }
@@ -448,7 +473,9 @@ impl Harness {
         }
         let baseline = store.mem_used();
         if let Some(extra) = setup.mem_extra {
-            store.set_mem_limit(baseline + extra).expect("limit on an empty store");
+            store
+                .set_mem_limit(baseline + extra)
+                .expect("limit on an empty store");
         }
         Harness {
             tally: Tally::default(),
@@ -526,7 +553,10 @@ impl Harness {
                 self.tally.refused += 1;
                 assert!(self.tight, "op {n}: put {k:?} refused with room to spare: {r:?}");
                 if let Err(e) = &r {
-                    assert!(self.faulted, "op {n}: put {k:?} failed with no fault injected: {e:?}");
+                    assert!(
+                        self.faulted,
+                        "op {n}: put {k:?} failed with no fault injected: {e:?}"
+                    );
                 }
                 self.model.remove(&k);
                 // Frontswap: the old copy must be gone at once.
@@ -596,7 +626,10 @@ impl Harness {
             }
             Op::Background => {
                 if let Err(e) = self.call(|s| s.background_writeback(Duration::ZERO)) {
-                    assert!(self.faulted, "op {n}: background writeback failed with no fault: {e:?}");
+                    assert!(
+                        self.faulted,
+                        "op {n}: background writeback failed with no fault: {e:?}"
+                    );
                 }
             }
             Op::Snapshot => {
@@ -669,7 +702,10 @@ impl Harness {
         self.model.clear();
         let s = self.store.stats();
         assert_eq!(s.total.stored_pages, 0, "pages left after dropping every guest");
-        assert_eq!(s.total.compr_data_bytes, 0, "compressed bytes left after dropping all");
+        assert_eq!(
+            s.total.compr_data_bytes, 0,
+            "compressed bytes left after dropping all"
+        );
         assert_eq!(
             self.store.memory().payload_chunk_bytes,
             0,

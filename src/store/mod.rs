@@ -913,7 +913,11 @@ mod tests {
                 assert_eq!(put(&s, 0, 0, i.into(), &noise_page(i.into())), PutOutcome::Stored);
             }
             for i in 0..64u8 {
-                assert_eq!(get(&s, 0, 0, i.into()), Some(noise_page(i.into())), "shards {shards}, page {i}");
+                assert_eq!(
+                    get(&s, 0, 0, i.into()),
+                    Some(noise_page(i.into())),
+                    "shards {shards}, page {i}"
+                );
             }
         }
     }
