@@ -892,6 +892,12 @@ impl Harness {
                 .read_slice(&mut real[s..s + len], GuestAddress(start))
                 .expect("read a region");
         }
+        let (lo, hi) = (used.start as usize, used.end as usize);
+        // Slices compare with memcmp, which the coverage instrumentation
+        // leaves alone; a byte loop here would be most of a run's time.
+        if real[..lo] == self.shadow.0[..lo] && real[hi..] == self.shadow.0[hi..] {
+            return;
+        }
         if let Some(at) =
             (0..MEM_END).find(|&a| !used.contains(&a) && real[a as usize] != self.shadow.0[a as usize])
         {

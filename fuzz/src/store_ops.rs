@@ -462,21 +462,25 @@ impl Harness {
         })
         .expect("Store::new");
         let created = store.mem_used();
-        // Grow the tables to every key first (with fills: no compression, so
-        // this is cheap), so that a tight budget is spent on pages.
-        for (n, (g, p, i)) in all_keys().enumerate() {
-            let r = store.put_fill(GuestId(g.into()), p.into(), i.into(), n as u64 + 1);
-            assert_eq!(r.expect("warm-up"), PutOutcome::Stored);
-        }
-        for g in 0..GUESTS {
-            store.drop_guest(GuestId(g.into()));
-        }
-        let baseline = store.mem_used();
-        if let Some(extra) = setup.mem_extra {
-            store
-                .set_mem_limit(baseline + extra)
-                .expect("limit on an empty store");
-        }
+        let baseline = match setup.mem_extra {
+            None => created,
+            Some(extra) => {
+                // Grow the tables to every key first (with fills: no
+                // compression), so that the tight budget is spent on pages.
+                for (n, (g, p, i)) in all_keys().enumerate() {
+                    let r = store.put_fill(GuestId(g.into()), p.into(), i.into(), n as u64 + 1);
+                    assert_eq!(r.expect("warm-up"), PutOutcome::Stored);
+                }
+                for g in 0..GUESTS {
+                    store.drop_guest(GuestId(g.into()));
+                }
+                let baseline = store.mem_used();
+                store
+                    .set_mem_limit(baseline + extra)
+                    .expect("limit on an empty store");
+                baseline
+            }
+        };
         Harness {
             tally: Tally::default(),
             store,
@@ -652,8 +656,9 @@ impl Harness {
         }
     }
 
-    fn check_counts(&self, n: usize) {
+    fn check_counts(&mut self, n: usize) {
         let s = self.store.stats();
+        self.tally.spilled_pages = self.tally.spilled_pages.max(s.total.spilled_pages);
         let sure = self.model.values().filter(|s| matches!(s, Slot::Page(_))).count() as u64;
         let maybe = self.model.len() as u64 - sure;
         let stored = s.total.stored_pages;
@@ -684,8 +689,6 @@ impl Harness {
             if n % 16 == 15 {
                 self.check_counts(n);
             }
-            let spilled = self.store.stats().total.spilled_pages;
-            self.tally.spilled_pages = self.tally.spilled_pages.max(spilled);
         }
         // Every page reads back (or, once damaged, fails or is gone).
         self.fsize = None;
@@ -723,10 +726,16 @@ fn all_keys() -> impl Iterator<Item = Key> {
     (0..GUESTS).flat_map(|g| (0..POOLS).flat_map(move |p| (0..INDEXES).map(move |i| (g, p, i))))
 }
 
-/// The directory every run's spill directory is made in.
+/// The directory every run's spill directory is made in: on tmpfs when there
+/// is one, as a disk file system costs more than the store does.
 fn root() -> &'static Path {
     static ROOT: OnceLock<tempfile::TempDir> = OnceLock::new();
-    ROOT.get_or_init(|| tempfile::tempdir().expect("tempdir")).path()
+    ROOT.get_or_init(|| {
+        tempfile::tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir())
+            .expect("tempdir")
+    })
+    .path()
 }
 
 /// Runs one input; panics when an invariant breaks.
