@@ -31,6 +31,8 @@ fi
 step "cargo test"
 cargo test --locked 2>&1 | tee target/cargo-test.log
 
+bash ci/fuzz.sh  # the fuzz targets, 60 s each
+
 if [ "${TMEM_SKIP_E2E:-0}" = 1 ]; then
     echo "TMEM_SKIP_E2E=1: skipping the end-to-end guest test"
 else

@@ -109,7 +109,7 @@ pub struct StoreConfig {
     pub dedup: DedupDomain,
     /// Pages whose zstd frame is this long or longer are stored raw.
     pub raw_threshold: usize,
-    /// Object shards (rounded up to a power of two, at most 64); 0 = from the CPU count.
+    /// Object shards (rounded up to a power of two, at least 2, at most 64); 0 = from the CPU count.
     pub shards: usize,
     /// RAM the background writer keeps free below `mem_limit` (see
     /// [`Store::background_writeback`]); 0 = puts make their own room.
@@ -317,7 +317,9 @@ impl Store {
         } else {
             config.shards.min(64)
         };
-        let obj_bits = bits_for(obj_shards).min(MAX_OBJ_SHARD_BITS);
+        // At least two shards: a handle needs one bit for the shard, or its
+        // 32 id bits would overflow the id count and the shifts below.
+        let obj_bits = bits_for(obj_shards).clamp(1, MAX_OBJ_SHARD_BITS);
         let index_bits = bits_for((cpus * 8).clamp(16, 1024));
         let max_ids = 1u32 << (32 - obj_bits);
         let keys = Keys::new();
@@ -1053,6 +1055,30 @@ mod tests {
         assert_eq!(get(&s, 0, 1, 5), None);
         let t = s.stats().total;
         assert_eq!((t.stored_pages, t.unique_pages, t.succ_stores), (0, 0, 2));
+    }
+
+    /// Found by the `store_ops` fuzz target: one object shard left no handle
+    /// bit for the shard, and `Store::new` overflowed shifting by 32
+    /// (`fuzz/corpus/store_ops/regression-one-shard`).
+    #[test]
+    fn one_object_shard_is_rounded_up_to_two() {
+        for shards in [1, 2, 3] {
+            let s = Store::new(StoreConfig {
+                shards,
+                ..StoreConfig::default()
+            })
+            .unwrap();
+            for i in 0..64u8 {
+                assert_eq!(put(&s, 0, 0, i.into(), &noise_page(i.into())), PutOutcome::Stored);
+            }
+            for i in 0..64u8 {
+                assert_eq!(
+                    get(&s, 0, 0, i.into()),
+                    Some(noise_page(i.into())),
+                    "shards {shards}, page {i}"
+                );
+            }
+        }
     }
 
     #[test]
