@@ -128,10 +128,10 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
 
     let store = Arc::new(Store::new(config.store.clone()).map_err(DaemonError::Store)?);
     let devices: Vec<Arc<DeviceTelemetry>> = config
-        .sockets
+        .devices
         .iter()
         .enumerate()
-        .map(|(id, path)| Arc::new(DeviceTelemetry::new(id as u32, path.clone(), config.queues)))
+        .map(|(id, spec)| Arc::new(DeviceTelemetry::new(id as u32, spec.path.clone(), config.queues)))
         .collect();
 
     let mut listeners = Vec::with_capacity(devices.len());

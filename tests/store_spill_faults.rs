@@ -205,8 +205,17 @@ fn full_spill_filesystem_rejects_only_when_full_and_loses_nothing() {
             let store = spilling_store(dir.join("spill"), 64 << 20, 256 << 10);
             let mut model: HashMap<u64, Box<Page>> = HashMap::new();
             let mut rejected_at = None;
+            // Every fifth page is same-filled: it holds no payload, so
+            // overwriting it with a random page once the filesystem is full
+            // needs room that no freed copy gives back, and must be rejected.
+            // (A random page over a random page frees as much as it needs.)
+            let is_fill = |i: u64| i % 5 == 4;
             for i in 0..2000u64 {
-                let page = random_page(i + 1);
+                let page = if is_fill(i) {
+                    Box::new([i as u8 | 1; PAGE_SIZE])
+                } else {
+                    random_page(i + 1)
+                };
                 match store.put(G, POOL, i, &page) {
                     Ok(PutOutcome::Stored) => {
                         model.insert(i, page);
@@ -231,7 +240,8 @@ fn full_spill_filesystem_rejects_only_when_full_and_loses_nothing() {
 
             // Overwrites while full: either stored (new bytes) or rejected (gone).
             let mut rejected_overwrites = 0;
-            for i in (0..first).step_by(3) {
+            let fills = (0..first).filter(|&i| is_fill(i));
+            for i in fills.chain((0..first).step_by(3).filter(|&i| !is_fill(i))) {
                 let page = random_page(10_000 + i);
                 match store.put(G, POOL, i, &page) {
                     Ok(PutOutcome::Stored) => {

@@ -116,11 +116,12 @@ impl Clients {
         self.table.lock().slots.len()
     }
 
-    fn set_idle(&self, id: u64, idle_since: Option<Instant>) -> bool {
+    /// Marks a client busy; `false` if it no longer holds a place.
+    fn mark_busy(&self, id: u64) -> bool {
         let mut table = self.table.lock();
         match table.slots.iter_mut().find(|slot| slot.id == id) {
             Some(slot) => {
-                slot.idle_since = idle_since;
+                slot.idle_since = None;
                 true
             }
             None => false,
@@ -148,12 +149,18 @@ impl Place {
     /// to make room or because the server is stopping; its socket is shut
     /// down already.
     pub fn busy(&self) -> bool {
-        self.clients.set_idle(self.id, None)
+        self.clients.mark_busy(self.id)
     }
 
-    /// The request is answered; the client waits for its next one.
+    /// The request is answered; the client waits for its next one. A client
+    /// idle already keeps the time it became so: its thread marks it idle
+    /// again before its first wait, and threads start in no set order, so
+    /// resetting the time would let a newer client look the longest idle.
     pub fn idle(&self) {
-        self.clients.set_idle(self.id, Some(Instant::now()));
+        let mut table = self.clients.table.lock();
+        if let Some(slot) = table.slots.iter_mut().find(|slot| slot.id == self.id) {
+            slot.idle_since.get_or_insert_with(Instant::now);
+        }
     }
 
     /// How long this client has been idle, if it is.
@@ -224,6 +231,27 @@ mod tests {
         assert_eq!(clients.len(), 2, "an evicted place is not given back twice");
         drop(place_c);
         assert_eq!(clients.len(), 1);
+    }
+
+    /// Each client's thread marks it idle before its first wait, in
+    /// whatever order the threads run; the oldest connection stays the one
+    /// idle longest.
+    #[test]
+    fn marking_an_idle_client_idle_again_keeps_its_age() {
+        let clients = Clients::new(2);
+        let (a, mut a_peer) = pair();
+        let (b, _b_peer) = pair();
+        let (c, _c_peer) = pair();
+        let place_a = clients.admit(&a).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        let place_b = clients.admit(&b).unwrap();
+        place_b.idle();
+        std::thread::sleep(Duration::from_millis(2));
+        place_a.idle();
+        assert!(place_a.idle_for().unwrap() > place_b.idle_for().unwrap());
+        let _place_c = clients.admit(&c).unwrap();
+        assert!(was_closed(&mut a_peer), "the oldest connection makes room");
+        assert!(place_b.busy());
     }
 
     #[test]

@@ -133,7 +133,7 @@ impl ControlContext {
             queues: c.queues,
             capacity_pages: c.capacity_pages,
             poll_us: u64::try_from(c.poll.as_micros()).unwrap_or(u64::MAX),
-            sockets: c.sockets.iter().map(|p| p.display().to_string()).collect(),
+            sockets: c.devices.iter().map(|d| d.path.display().to_string()).collect(),
         }
     }
 }

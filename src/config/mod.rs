@@ -4,11 +4,14 @@
 //! them. [`Config::try_from`] checks them all at once, so the rest of the daemon
 //! only ever sees values that make sense.
 
+mod device;
+
 use std::{collections::HashSet, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use thiserror::Error;
 
+pub use self::device::{DeviceKind, DeviceSpec, DeviceSpecError, MAX_WEIGHT};
 use crate::{
     protocol::PAGE_SIZE,
     size::{parse_size, SizeError},
@@ -29,9 +32,11 @@ pub const MAX_POLL_US: u64 = 1_000_000;
     about = "vhost-user backend for the tmem virtio device (ID 63): compressed, deduplicated swap for guests"
 )]
 pub struct Args {
-    /// vhost-user socket to listen on; repeat for more devices (one per VM). Device N is the N-th socket.
-    #[arg(long = "socket", value_name = "PATH", required = true)]
-    pub sockets: Vec<PathBuf>,
+    /// vhost-user socket to listen on; repeat for more devices (one per VM).
+    /// Device N is the N-th socket. Options follow the path after commas
+    /// (`PATH,max=2G,weight=2`); a comma in the path is written twice.
+    #[arg(long = "socket", value_name = "PATH[,OPTION=VALUE]...", required = true)]
+    pub sockets: Vec<String>,
     /// Control socket for tmemctl (mode 0600). Without it there is no control socket.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
@@ -100,8 +105,8 @@ impl From<DedupArg> for DedupDomain {
 /// Everything the daemon needs, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// Device N listens on `sockets[N]` and is `GuestId(N)` in the store.
-    pub sockets: Vec<PathBuf>,
+    /// Device N is `devices[N]` and is `GuestId(N)` in the store.
+    pub devices: Vec<DeviceSpec>,
     pub control: Option<PathBuf>,
     pub store: StoreConfig,
     pub queues: u16,
@@ -129,6 +134,14 @@ pub enum ConfigError {
         #[source]
         source: std::num::ParseIntError,
     },
+    #[error("invalid --socket {value:?}")]
+    Socket {
+        value: String,
+        #[source]
+        source: DeviceSpecError,
+    },
+    #[error("--socket {path}: {option} is not supported by this build yet")]
+    Unsupported { path: PathBuf, option: &'static str },
     #[error("--socket {0} is given more than once")]
     DuplicateSocket(PathBuf),
     #[error("--capacity {0} is smaller than one page ({PAGE_SIZE} bytes)")]
@@ -155,10 +168,35 @@ impl TryFrom<Args> for Config {
         if args.poll_us > MAX_POLL_US {
             return Err(ConfigError::PollUs(args.poll_us));
         }
+        let devices = args
+            .sockets
+            .iter()
+            .map(|value| {
+                value.parse::<DeviceSpec>().map_err(|source| ConfigError::Socket {
+                    value: value.clone(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut seen = HashSet::new();
-        for socket in &args.sockets {
-            if !seen.insert(socket) {
-                return Err(ConfigError::DuplicateSocket(socket.clone()));
+        for spec in &devices {
+            if !seen.insert(&spec.path) {
+                return Err(ConfigError::DuplicateSocket(spec.path.clone()));
+            }
+            let unsupported = match spec {
+                DeviceSpec {
+                    kind: DeviceKind::Blk { .. },
+                    ..
+                } => Some("blk="),
+                DeviceSpec { max: Some(_), .. } => Some("max="),
+                DeviceSpec { weight, .. } if *weight != 1 => Some("weight="),
+                _ => None,
+            };
+            if let Some(option) = unsupported {
+                return Err(ConfigError::Unsupported {
+                    path: spec.path.clone(),
+                    option,
+                });
             }
         }
         if let Some(control) = &args.control {
@@ -191,7 +229,7 @@ impl TryFrom<Args> for Config {
             return Err(ConfigError::CapacityTooSmall(capacity));
         }
         Ok(Config {
-            sockets: args.sockets,
+            devices,
             control: args.control,
             store: StoreConfig {
                 mem_limit,
@@ -248,7 +286,9 @@ mod tests {
     #[test]
     fn defaults() {
         let c = parse(&[]).unwrap();
-        assert_eq!(c.sockets, vec![PathBuf::from("/tmp/a.sock")]);
+        assert_eq!(c.devices.len(), 1);
+        assert_eq!(c.devices[0].path, PathBuf::from("/tmp/a.sock"));
+        assert_eq!(c.devices[0].kind, DeviceKind::Tmem);
         assert_eq!(c.control, None);
         assert_eq!(c.store.mem_limit, 256 << 20);
         assert_eq!(c.store.spill, None);
@@ -326,8 +366,8 @@ mod tests {
             "32M",
         ])
         .unwrap();
-        assert_eq!(c.sockets.len(), 2);
-        assert_eq!(c.sockets[1], PathBuf::from("/tmp/b.sock"));
+        assert_eq!(c.devices.len(), 2);
+        assert_eq!(c.devices[1].path, PathBuf::from("/tmp/b.sock"));
         assert_eq!(c.control, Some(PathBuf::from("/tmp/ctl")));
         assert_eq!(c.store.mem_limit, 4 << 30);
         assert_eq!(
@@ -397,6 +437,22 @@ mod tests {
         assert_matches!(
             parse(&["--socket", "/tmp/a.sock"]),
             Err(ConfigError::DuplicateSocket(_))
+        );
+    }
+
+    #[test]
+    fn socket_options_are_checked() {
+        assert_matches!(
+            parse(&["--socket", "/tmp/b.sock,colour=red"]),
+            Err(ConfigError::Socket {
+                source: DeviceSpecError::UnknownKey(_),
+                ..
+            })
+        );
+        assert_matches!(
+            parse(&["--socket", "/tmp/a.sock,max=1G"]),
+            Err(ConfigError::DuplicateSocket(_)),
+            "options do not make a path another socket"
         );
     }
 
