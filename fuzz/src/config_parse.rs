@@ -20,12 +20,12 @@
 //! Input: command-line arguments separated by NUL bytes (any bytes, not only
 //! UTF-8); the whole input is also tried as a size and as JSON.
 
-use std::{ffi::OsString, os::unix::ffi::OsStringExt, str::FromStr, time::Duration};
+use std::{ffi::OsString, os::unix::ffi::OsStringExt, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::Parser;
 use serde_json::Value;
 use vhost_user_tmem::{
-    config::{Args, Config, AUTO_HEADROOM_MAX, MAX_POLL_US, MAX_QUEUES},
+    config::{Args, Config, DeviceKind, DeviceSpec, AUTO_HEADROOM_MAX, MAX_POLL_US, MAX_QUEUES},
     error_chain,
     size::{parse_size, ByteSize, SizeError},
     store::PAGE_SIZE,
@@ -135,6 +135,7 @@ fn check_json_size(data: &[u8]) {
 
 /// What the reference makes of parsed arguments; `None`: refused.
 struct Expected {
+    devices: Vec<DeviceSpec>,
     mem_limit: u64,
     spill_limit: Option<u64>,
     headroom: u64,
@@ -142,17 +143,33 @@ struct Expected {
     zstd_level: i32,
 }
 
+/// Device options this build serves.
+fn supported(spec: &DeviceSpec) -> bool {
+    spec.kind == DeviceKind::Tmem && spec.max.is_none() && spec.weight == 1
+}
+
 fn expected(args: &Args) -> Option<Expected> {
     let size = |t: &str| reference_size(t).ok();
     if !(1..=MAX_QUEUES).contains(&args.queues) || args.poll_us > MAX_POLL_US {
         return None;
     }
-    for (i, s) in args.sockets.iter().enumerate() {
-        if args.sockets[..i].contains(s) {
+    // The option syntax after a path has its own tests beside its parser;
+    // here it only must not panic, and the paths must be distinct.
+    let devices: Vec<DeviceSpec> = args
+        .sockets
+        .iter()
+        .map(|s| s.parse().ok())
+        .collect::<Option<_>>()?;
+    let paths: Vec<&PathBuf> = devices.iter().map(|d| &d.path).collect();
+    for (i, p) in paths.iter().enumerate() {
+        if paths[..i].contains(p) {
             return None;
         }
     }
-    if args.control.as_ref().is_some_and(|c| args.sockets.contains(c)) {
+    if args.control.as_ref().is_some_and(|c| paths.contains(&c)) {
+        return None;
+    }
+    if !devices.iter().all(supported) {
         return None;
     }
     let mem_limit = size(&args.mem_limit)?;
@@ -181,6 +198,7 @@ fn expected(args: &Args) -> Option<Expected> {
         return None;
     }
     Some(Expected {
+        devices,
         mem_limit,
         spill_limit,
         headroom,
@@ -205,7 +223,7 @@ fn check_config(args: Args) {
         (Ok(c), Some(w)) => (c, w),
     };
     let what = format!("{args:?} -> {c:?}");
-    assert_eq!(c.sockets, args.sockets, "{what}");
+    assert_eq!(c.devices, w.devices, "{what}");
     assert_eq!(c.control, args.control, "{what}");
     assert_eq!(c.queues, args.queues, "{what}");
     assert_eq!(c.poll, Duration::from_micros(args.poll_us), "{what}");
@@ -286,6 +304,7 @@ mod tests {
         for line in [
             "--socket\0/a",
             "--socket\0/a\0--socket\0/a",
+            "--socket\0/a,,b,max=1G\0--socket\0/c,blk=8M,weight=2",
             "--socket\0/a\0--control\0/a",
             "--socket\0/a\0--spill-file\0/s\0--spill-limit\x008G\0--mem-limit\x001G\0--writeback-headroom\0auto",
             "--socket\0/a\0--spill-file\0/s\0--spill-limit\x008G\0--mem-limit\x001M\0--writeback-headroom\x001M",
