@@ -461,6 +461,7 @@ mod tests {
                 guests,
             },
             devices: vec![DeviceStats {
+                kind: "tmem".into(),
                 id: 0,
                 socket: "/run/vm\"0\".sock".into(),
                 connected: true,
@@ -541,9 +542,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"socket="/run/vm\"0\".sock"} 1"#), "{text}");
-        assert!(
-            text.contains("tmem_request_latency_microseconds{device=\"0\",kind=\"tmem\",op=\"put\",quantile=\"0.99\"} 12")
-        );
+        assert!(text.contains(
+            "tmem_request_latency_microseconds{device=\"0\",kind=\"tmem\",op=\"put\",quantile=\"0.99\"} 12"
+        ));
         // Every sample line belongs to a family declared before it.
         let mut declared = std::collections::HashSet::new();
         for line in text.lines() {

@@ -32,7 +32,9 @@ use virtio_bindings::bindings::{
 use vm_memory::GuestMemoryMmap;
 
 use super::{
-    blk_request::{BlkOp, BlkRequest, BlkStatus, Range, HEADER_SIZE, MAX_RANGES, MAX_RANGE_SECTORS, SECTOR_SIZE},
+    blk_request::{
+        BlkOp, BlkRequest, BlkStatus, Range, HEADER_SIZE, MAX_RANGES, MAX_RANGE_SECTORS, SECTOR_SIZE,
+    },
     request::MAX_DESCRIPTORS,
 };
 use crate::store::{GetOutcome, GuestId, Page, PutOutcome, Store, StoreError, PAGE_SIZE};
@@ -187,7 +189,12 @@ fn blocks(offset: u64, len: u64) -> impl Iterator<Item = (u64, usize, usize, usi
         let base = block * PAGE;
         let start = offset.max(base) - base;
         let stop = end.min(base + PAGE) - base;
-        (block, start as usize, stop as usize, (base + start - offset) as usize)
+        (
+            block,
+            start as usize,
+            stop as usize,
+            (base + start - offset) as usize,
+        )
     })
 }
 
@@ -264,18 +271,36 @@ fn config_space(capacity: u64, queues: u16) -> [u8; BLK_CONFIG_SIZE] {
     put(offset_of!(virtio_blk_config, capacity), &capacity.to_le_bytes());
     put(offset_of!(virtio_blk_config, size_max), &SIZE_MAX.to_le_bytes());
     put(offset_of!(virtio_blk_config, seg_max), &SEG_MAX.to_le_bytes());
-    put(offset_of!(virtio_blk_config, blk_size), &(PAGE as u32).to_le_bytes());
+    put(
+        offset_of!(virtio_blk_config, blk_size),
+        &(PAGE as u32).to_le_bytes(),
+    );
     // The physical block is the logical one (2^0 of them): a page.
     put(offset_of!(virtio_blk_config, physical_block_exp), &[0]);
     put(offset_of!(virtio_blk_config, min_io_size), &1u16.to_le_bytes());
     put(offset_of!(virtio_blk_config, opt_io_size), &1u32.to_le_bytes());
     put(offset_of!(virtio_blk_config, num_queues), &queues.to_le_bytes());
-    put(offset_of!(virtio_blk_config, max_discard_sectors), &MAX_RANGE_SECTORS.to_le_bytes());
-    put(offset_of!(virtio_blk_config, max_discard_seg), &(MAX_RANGES as u32).to_le_bytes());
+    put(
+        offset_of!(virtio_blk_config, max_discard_sectors),
+        &MAX_RANGE_SECTORS.to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, max_discard_seg),
+        &(MAX_RANGES as u32).to_le_bytes(),
+    );
     let per_page = (PAGE / SECTOR_SIZE) as u32;
-    put(offset_of!(virtio_blk_config, discard_sector_alignment), &per_page.to_le_bytes());
-    put(offset_of!(virtio_blk_config, max_write_zeroes_sectors), &MAX_RANGE_SECTORS.to_le_bytes());
-    put(offset_of!(virtio_blk_config, max_write_zeroes_seg), &(MAX_RANGES as u32).to_le_bytes());
+    put(
+        offset_of!(virtio_blk_config, discard_sector_alignment),
+        &per_page.to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, max_write_zeroes_sectors),
+        &MAX_RANGE_SECTORS.to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, max_write_zeroes_seg),
+        &(MAX_RANGES as u32).to_le_bytes(),
+    );
     put(offset_of!(virtio_blk_config, write_zeroes_may_unmap), &[1]);
     c
 }

@@ -12,9 +12,8 @@ use std::ops::Deref;
 
 use thiserror::Error;
 use virtio_bindings::bindings::virtio_blk::{
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
-    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
-    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::DescriptorChain;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryError};
@@ -60,7 +59,11 @@ pub enum BlkError {
     #[error("data length {0} is not a whole number of {SECTOR_SIZE}-byte sectors")]
     Unaligned(usize),
     #[error("sectors {sector}..+{sectors} are beyond the disk's {capacity} sectors")]
-    BeyondEnd { sector: u64, sectors: u64, capacity: u64 },
+    BeyondEnd {
+        sector: u64,
+        sectors: u64,
+        capacity: u64,
+    },
     #[error("{0} ranges, 1 to {MAX_RANGES} allowed")]
     RangeCount(usize),
     #[error("range of {0} sectors, at most {MAX_RANGE_SECTORS} allowed")]
@@ -84,14 +87,26 @@ impl BlkError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlkOp {
     /// `len` bytes from byte `offset` of the disk.
-    Read { offset: u64, len: usize },
-    Write { offset: u64, len: usize },
+    Read {
+        offset: u64,
+        len: usize,
+    },
+    Write {
+        offset: u64,
+        len: usize,
+    },
     Flush,
     /// Writes up to `len` bytes of ID.
-    GetId { len: usize },
+    GetId {
+        len: usize,
+    },
     /// `count` ranges in [`BlkRequest::ranges`].
-    Discard { count: usize },
-    WriteZeroes { count: usize },
+    Discard {
+        count: usize,
+    },
+    WriteZeroes {
+        count: usize,
+    },
 }
 
 /// One DISCARD or WRITE_ZEROES range, in bytes of the disk.
@@ -156,7 +171,11 @@ where
     let mut ranges = [Range::default(); MAX_RANGES];
     let op = match kind {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
-            let (len, other) = if kind == VIRTIO_BLK_T_IN { (wr, rd) } else { (rd, wr) };
+            let (len, other) = if kind == VIRTIO_BLK_T_IN {
+                (wr, rd)
+            } else {
+                (rd, wr)
+            };
             if other != 0 {
                 return Err(reject(BlkError::Layout {
                     what: if kind == VIRTIO_BLK_T_IN { "IN" } else { "OUT" },
@@ -203,7 +222,11 @@ where
             if count == 0 || count > MAX_RANGES {
                 return Err(reject(BlkError::RangeCount(count)));
             }
-            let allowed = if zeroes { VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP } else { 0 };
+            let allowed = if zeroes {
+                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+            } else {
+                0
+            };
             for (i, range) in ranges.iter_mut().take(count).enumerate() {
                 let mut raw = [0u8; RANGE_SIZE];
                 readable
@@ -318,14 +341,22 @@ mod tests {
         assert_eq!(req.status, GuestAddress(BUF + 0x3000));
         let h = header(VIRTIO_BLK_T_OUT, 1);
         let req = parse_with(&h, &[r(BUF, 16), r(BUF + 0x1000, 1024), w(BUF + 0x3000, 1)]).unwrap();
-        assert_eq!(req.op, BlkOp::Write { offset: 512, len: 1024 });
+        assert_eq!(
+            req.op,
+            BlkOp::Write {
+                offset: 512,
+                len: 1024
+            }
+        );
     }
 
     #[test]
     fn beyond_the_end_is_an_io_error() {
         for (sector, len) in [(CAPACITY - 7, 4096), (CAPACITY, 512), (u64::MAX, 512)] {
             let h = header(VIRTIO_BLK_T_IN, sector);
-            let e = parse_with(&h, &[r(BUF, 16), w(BUF + 0x1000, len), w(BUF + 0x3000, 1)]).err().unwrap();
+            let e = parse_with(&h, &[r(BUF, 16), w(BUF + 0x1000, len), w(BUF + 0x3000, 1)])
+                .err()
+                .unwrap();
             assert_matches!(e.error, BlkError::BeyondEnd { .. });
             assert_eq!(e.error.status(), BlkStatus::IoErr);
             assert_eq!(e.status, Some(GuestAddress(BUF + 0x3000)));
@@ -335,9 +366,13 @@ mod tests {
     #[test]
     fn malformed_requests() {
         let h = header(VIRTIO_BLK_T_IN, 0);
-        let e = parse_with(&h, &[r(BUF, 16), w(BUF + 0x1000, 100), w(BUF + 0x3000, 1)]).err().unwrap();
+        let e = parse_with(&h, &[r(BUF, 16), w(BUF + 0x1000, 100), w(BUF + 0x3000, 1)])
+            .err()
+            .unwrap();
         assert_matches!(e.error, BlkError::Unaligned(100));
-        let e = parse_with(&h, &[r(BUF, 20), w(BUF + 0x1000, 512), w(BUF + 0x3000, 1)]).err().unwrap();
+        let e = parse_with(&h, &[r(BUF, 20), w(BUF + 0x1000, 512), w(BUF + 0x3000, 1)])
+            .err()
+            .unwrap();
         assert_matches!(e.error, BlkError::Layout { what: "IN", got: 4 });
         let e = parse_with(&h, &[r(BUF, 8), w(BUF + 0x3000, 1)]).err().unwrap();
         assert_matches!(e.error, BlkError::ShortHeader(8));
@@ -345,7 +380,9 @@ mod tests {
         assert_matches!(e.error, BlkError::Chain(ChainError::NoStatus));
         assert_eq!(e.status, None);
         let h = header(VIRTIO_BLK_T_FLUSH, 0);
-        let e = parse_with(&h, &[r(BUF, 16), w(BUF + 0x1000, 512), w(BUF + 0x3000, 1)]).err().unwrap();
+        let e = parse_with(&h, &[r(BUF, 16), w(BUF + 0x1000, 512), w(BUF + 0x3000, 1)])
+            .err()
+            .unwrap();
         assert_matches!(e.error, BlkError::Layout { what: "FLUSH", .. });
         let h = header(77, 0);
         let e = parse_with(&h, &[r(BUF, 16), w(BUF + 0x3000, 1)]).err().unwrap();
@@ -360,25 +397,47 @@ mod tests {
         bytes.extend(range(0, 1, 0));
         let req = parse_with(&bytes, &[r(BUF, 48), w(BUF + 0x3000, 1)]).unwrap();
         assert_eq!(req.op, BlkOp::WriteZeroes { count: 2 });
-        assert_eq!(req.ranges[0], Range { offset: 4096, len: 4096 });
+        assert_eq!(
+            req.ranges[0],
+            Range {
+                offset: 4096,
+                len: 4096
+            }
+        );
         assert_eq!(req.ranges[1], Range { offset: 0, len: 512 });
 
         let mut bytes = header(VIRTIO_BLK_T_DISCARD, 0);
         bytes.extend(range(8, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP));
-        let e = parse_with(&bytes, &[r(BUF, 32), w(BUF + 0x3000, 1)]).err().unwrap();
+        let e = parse_with(&bytes, &[r(BUF, 32), w(BUF + 0x3000, 1)])
+            .err()
+            .unwrap();
         assert_matches!(e.error, BlkError::RangeFlags(_));
         let mut bytes = header(VIRTIO_BLK_T_DISCARD, 0);
         bytes.extend(range(0, 8, 0));
         bytes.extend(range(CAPACITY - 1, 2, 0));
-        let e = parse_with(&bytes, &[r(BUF, 48), w(BUF + 0x3000, 1)]).err().unwrap();
+        let e = parse_with(&bytes, &[r(BUF, 48), w(BUF + 0x3000, 1)])
+            .err()
+            .unwrap();
         assert_matches!(e.error, BlkError::BeyondEnd { .. });
-        let e = parse_with(&bytes, &[r(BUF, 40), w(BUF + 0x3000, 1)]).err().unwrap();
-        assert_matches!(e.error, BlkError::Layout { what: "DISCARD", got: 24 });
-        let e = parse_with(&bytes, &[r(BUF, 16), w(BUF + 0x3000, 1)]).err().unwrap();
+        let e = parse_with(&bytes, &[r(BUF, 40), w(BUF + 0x3000, 1)])
+            .err()
+            .unwrap();
+        assert_matches!(
+            e.error,
+            BlkError::Layout {
+                what: "DISCARD",
+                got: 24
+            }
+        );
+        let e = parse_with(&bytes, &[r(BUF, 16), w(BUF + 0x3000, 1)])
+            .err()
+            .unwrap();
         assert_matches!(e.error, BlkError::RangeCount(0));
         let mut bytes = header(VIRTIO_BLK_T_DISCARD, 0);
         bytes.extend(range(0, MAX_RANGE_SECTORS + 1, 0));
-        let e = parse_with(&bytes, &[r(BUF, 32), w(BUF + 0x3000, 1)]).err().unwrap();
+        let e = parse_with(&bytes, &[r(BUF, 32), w(BUF + 0x3000, 1)])
+            .err()
+            .unwrap();
         assert_matches!(e.error, BlkError::RangeTooLong(_));
     }
 
