@@ -31,9 +31,9 @@ use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_I
 
 use crate::{
     bench::store::{load_corpus, BenchError as CorpusError},
-    device::blk_request::{MAX_RANGES, MAX_RANGE_SECTORS},
     config::DedupArg,
     control::{ClientError, ControlClient},
+    device::blk_request::{MAX_RANGES, MAX_RANGE_SECTORS},
     harness::{
         daemon::{DaemonProcess, DaemonSpec, HarnessError},
         frontend::{self, header, FrontendError, Virtqueue, Vmm, VmmConfig, WaitMode},
@@ -557,7 +557,11 @@ impl Session {
     }
 
     /// Round trip of each block write and read of the sample, at depth 1.
-    fn blk_latency(&mut self, pages: &[&Page], sample: &[usize]) -> Result<(Latency, Latency), DeviceBenchError> {
+    fn blk_latency(
+        &mut self,
+        pages: &[&Page],
+        sample: &[usize],
+    ) -> Result<(Latency, Latency), DeviceBenchError> {
         let q = &mut self.queues[0];
         let mut write_ns = Vec::with_capacity(sample.len());
         let mut read_ns = Vec::with_capacity(sample.len());
@@ -592,7 +596,12 @@ impl Session {
 }
 
 /// A blk request's answer: OK with `used_len` bytes written.
-fn blk_check(c: &frontend::Completion, what: &'static str, index: u64, used_len: u32) -> Result<(), DeviceBenchError> {
+fn blk_check(
+    c: &frontend::Completion,
+    what: &'static str,
+    index: u64,
+    used_len: u32,
+) -> Result<(), DeviceBenchError> {
     if c.status_byte() == Some(0) && c.used_len == used_len {
         Ok(())
     } else {
@@ -848,7 +857,10 @@ fn print_table(r: &DeviceReport) {
                 l.p50_us, l.p99_us, l.mean_us, l.samples
             );
         }
-        println!("target blk >= 0.9x tmem device at depth>=32: {}", yes_no(b.target_met));
+        println!(
+            "target blk >= 0.9x tmem device at depth>=32: {}",
+            yes_no(b.target_met)
+        );
     }
 }
 
