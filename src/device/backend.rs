@@ -536,6 +536,31 @@ mod tests {
         assert!(pages(&b), "nothing pending after a reset");
     }
 
+    /// A disk keeps its blocks through everything that drops a tmem
+    /// device's pages: a reset, and rings that come back set up anew.
+    #[test]
+    fn a_disk_keeps_its_blocks_through_resets_and_restarts() {
+        let telemetry = Arc::new(DeviceTelemetry::new(2, "/tmp/x".into(), 1));
+        let store = Arc::new(Store::new(Default::default()).unwrap());
+        let b = TmemBackend::new(
+            telemetry,
+            store,
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            DeviceKind::Blk { size: 1 << 20 },
+            0,
+            Duration::ZERO,
+        );
+        assert!(b.keeps_data());
+        put_one(&b);
+        b.lifecycle.mark(0, mark(40));
+        b.stop_vring(0).unwrap();
+        b.judge_restart(0, mark(0));
+        assert!(pages(&b), "rings set up anew");
+        b.reset_device();
+        assert!(pages(&b), "device reset");
+        assert!(!backend().keeps_data(), "a tmem device does not");
+    }
+
     #[test]
     fn other_guests_pages_survive_a_reset() {
         let b = backend();

@@ -797,6 +797,38 @@ mod tests {
         assert!(f.file_bytes() <= 3 * UNIT);
     }
 
+    /// A reserved part holds exactly its slots, each whole-page long: any mix
+    /// of payload sizes fits until every slot is taken, a freed slot takes a
+    /// page, and the other guests' writes stay in the shared part.
+    #[test]
+    fn a_reserved_part_holds_its_slots_whatever_their_payloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = 40 * UNIT;
+        let f = SpillFile::open(dir.path(), shared + reserve_bytes(3), &[(7, 3)]).unwrap();
+        let small = f.write_for(7, &payload(10, 1), label(1)).unwrap().unwrap();
+        let page = f.write_for(7, &payload(PAGE_SIZE, 2), label(2)).unwrap().unwrap();
+        let mid = f.write_for(7, &payload(1000, 3), label(3)).unwrap().unwrap();
+        for off in [small, page, mid] {
+            assert!(off >= shared, "in the reserved part: {off}");
+        }
+        assert!(
+            f.write_for(7, &payload(10, 4), label(4)).unwrap().is_none(),
+            "three slots"
+        );
+        // Other guests fill the shared part and never reach the reserved one.
+        while let Some(off) = f.write_for(1, &payload(500, 5), label(5)).unwrap() {
+            assert!(off + units_for(500) as u64 * UNIT <= shared);
+        }
+        f.free(small, 10);
+        let again = f.write_for(7, &payload(PAGE_SIZE, 6), label(6)).unwrap().unwrap();
+        assert_eq!(again, small, "the freed small slot takes a whole page");
+        let mut out = [0u8; PAGE_SIZE];
+        f.read(again, PAGE_SIZE, label(6), &mut out).unwrap();
+        assert_eq!(out[..], payload(PAGE_SIZE, 6)[..]);
+        f.read(mid, 1000, label(3), &mut out).unwrap();
+        assert_eq!(out[..1000], payload(1000, 3)[..]);
+    }
+
     #[test]
     fn corrupt_byte_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
