@@ -34,7 +34,7 @@ guest)
     need_apt gcc make pkg-config build-essential bc flex bison libelf-dev \
         python3-venv ninja-build libglib2.0-dev libpixman-1-dev libfdt-dev \
         dpkg-dev patch xz-utils zstd cpio busybox-static jq seabios qemu-system-data \
-        kmod util-linux debootstrap
+        kmod util-linux debootstrap e2fsprogs
     command -v cargo >/dev/null || { echo "cargo is required (rustup)" >&2; exit 1; }
     ;;
 *)

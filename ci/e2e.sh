@@ -15,6 +15,14 @@
 #   E2E_COMPARE=1           also run the 6.12 workload with swap on a plain
 #                           virtio-blk disk: it must pass the same checks, and
 #                           both workload times are reported
+#   E2E_BLK=1               also run each 6.12 and 6.1 kernel against the
+#                           daemon's blk device (--socket PATH,blk=SIZE) with
+#                           Debian's stock QEMU and no tmem module: the swap
+#                           workload, then mkfs.ext4, files and fsck -n
+#   E2E_BLK_SIZE=512M       size of that disk
+#   E2E_BLK_KERNELS="6.12 6.1"  the kernels of the blk runs
+#   E2E_ONLY=blk            only the blk runs (no patched QEMU, no module), on
+#                           E2E_KERNELS if given, else on E2E_BLK_KERNELS
 # Artifacts: target/e2e/console-<kernel>.log, daemon-<kernel>.log, stats-*.json,
 # figures.txt (one line per run: workload time, slot frees, notify misses)
 set -euo pipefail
@@ -23,6 +31,7 @@ GUEST_MEM=${GUEST_MEM:-192M}
 # shellcheck source=ci/lib-guest.sh
 source ci/lib-guest.sh
 
+E2E_KERNELS_GIVEN=${E2E_KERNELS:-}
 E2E_KERNELS=${E2E_KERNELS:-sid 6.12 6.1}
 E2E_TIMEOUT=${E2E_TIMEOUT:-1200}
 E2E_JOBS=${E2E_JOBS:-3}
@@ -278,6 +287,89 @@ run_backing() {
     log "backing run $label took $((SECONDS - t0))s"
 }
 
+# The same store behind a stock vhost-user-blk device: Debian's unpatched
+# QEMU, the kernel's own virtio_blk, no tmem module. The guest swaps on the
+# disk (every page verified), then makes an ext4 filesystem on it, writes
+# files, reads them back after a remount, and runs fsck -n.
+run_blk() {
+    local label=$1 suite kdir initrd qemu saved
+    local run=$GUEST_OUT/run-blk-$label console=$ART/console-blk-$label.log
+    rm -rf "$run" && mkdir -p "$run"
+    suite=$(suite_of "$label")
+    qemu=$(stock_qemu)
+    saved=("${GUEST_MODULES[@]}")
+    GUEST_MODULES=("${GUEST_BLK_MODULES[@]}")
+    kdir=$(GUEST_KERNEL_FLAVOUR=blk fetch_guest_kernel "$suite")
+    GUEST_MODULES=("${saved[@]}")
+    initrd=$GUEST_OUT/blk-$label/initramfs.cpio.gz
+    mkdir -p "$(dirname "$initrd")"
+    build_blk_initramfs "$kdir" "$(build_swaptest)" "$initrd"
+    : >"$run/samples.jsonl"
+    # The spill file must hold the whole disk uncompressed (a 4224-byte slot
+    # a page, plus 64), and leaves 64M for nothing else here.
+    local size bytes pages
+    size=$E2E_BLK_SIZE
+    bytes=$(numfmt --from=iec "$size")
+    pages=$((bytes / 4096))
+    DAEMON_SOCKET_OPTS=blk=$size start_daemon "$run" --mem-limit 16M \
+        --spill-file "$run/spill.bin" --spill-limit $(((pages + 64) * 4224 + (64 << 20))) \
+        --queues "$GUEST_CPUS"
+    local t0=$SECONDS
+    start_blk_guest "$qemu" "$kdir" "$initrd" "$run/tmem.sock" "$console" \
+        tmemfactor="${E2E_FACTOR:-1.5}" tmemjobs="$E2E_JOBS" tmemchurn=1
+    log "blk run $label: stock $("$qemu" --version | head -1), guest started (console: $console)"
+    local end=$((SECONDS + E2E_TIMEOUT))
+    while [ $SECONDS -lt $end ]; do
+        stats_json "$run" >>"$run/samples.jsonl" 2>>"$run/tmemctl.err" || true
+        grep -q 'TMEM-E2E-DONE' "$console" && break
+        kill -0 "$QEMU_PID" 2>/dev/null || break
+        sleep 2
+    done
+    grep -a -E 'TMEM-E2E: (DISK|WORKLOAD|FS)|SWAPTEST|swaptest.*cycles' "$console" | tr -d '\r' || true
+    stats_json "$run" >"$ART/stats-blk-$label.json" 2>>"$run/tmemctl.err" || true
+    cat "$run/samples.jsonl" "$ART/stats-blk-$label.json" >"$ART/stats-samples-blk-$label.jsonl"
+    local all=$ART/stats-samples-blk-$label.jsonl v
+    check "$label blk: guest printed SWAPTEST PASS" \
+        "$(grep -a -q '^SWAPTEST PASS' "$console" && echo true || echo false)" \
+        "$(grep -a -m1 '^SWAPTEST' "$console" | tr -d '\r' || echo none)"
+    check "$label blk: no page corrupt in any process" \
+        "$(grep -a -q -E 'corrupt|killed by signal' "$console" && echo false || echo true)" \
+        "$(grep -a -c -E 'corrupt' "$console" || true) corrupt-page lines"
+    check "$label blk: the churn process ran" \
+        "$(grep -a -q 'swaptest\[churn\]: [1-9][0-9]* cycles' "$console" && echo true || echo false)" \
+        "$(grep -a -m1 -o 'swaptest\[churn\]: [0-9]* cycles.*' "$console" | tr -d '\r' || echo none)"
+    check "$label blk: $GUEST_CPUS queues, 4096-byte blocks, discard and write-zeroes" \
+        "$(grep -a -q -E "TMEM-E2E: DISK sectors=$((bytes / 512)) queues=$GUEST_CPUS lbs=4096 pbs=4096 discard_max=[1-9][0-9]* write_zeroes_max=[1-9][0-9]* ro=0" "$console" && echo true || echo false)" \
+        "$(grep -a -m1 'TMEM-E2E: DISK' "$console" | tr -d '\r' || echo none)"
+    check "$label blk: ext4 made, files read back, fsck -n clean" \
+        "$(grep -a -q 'TMEM-E2E: FS PASS' "$console" && echo true || echo false)" \
+        "$(grep -a -m1 -E 'TMEM-E2E: FS (FAIL|PASS)' "$console" | tr -d '\r' || echo 'no FS line')"
+    check "$label blk: guest finished cleanly" \
+        "$(grep -a -q 'TMEM-E2E-DONE rc=0' "$console" && echo true || echo false)" \
+        "$(grep -a -m1 'TMEM-E2E-DONE' "$console" || echo 'no DONE marker')"
+    check "$label blk: stats show a blk device" \
+        "$(jq -e '.devices[0].kind == "blk"' "$ART/stats-blk-$label.json" >/dev/null 2>&1 && echo true || echo false)" \
+        "kind=$(jq -r '.devices[0].kind' "$ART/stats-blk-$label.json" 2>/dev/null)"
+    for c in succ_stores loads spilled_pages; do
+        v=$(max_of "$all" "$c")
+        check "$label blk: $c > 0" "$([ "$v" -gt 0 ] && echo true || echo false)" "max $c=$v"
+    done
+    v=$(max_of "$all" failed_stores)
+    check "$label blk: no put refused (room is reserved)" "$([ "$v" = 0 ] && echo true || echo false)" "failed_stores=$v"
+    check "$label blk: no kernel warnings, no I/O errors" \
+        "$(grep -a -q -E 'Oops|BUG:|WARNING:|Call Trace|Kernel panic|I/O error' "$console" && echo false || echo true)" "see $console"
+    for i in $(seq 60); do kill -0 "$QEMU_PID" 2>/dev/null || break; sleep 0.5; done
+    stop_guest
+    local rc=0
+    stop_daemon || rc=$?
+    check "$label blk: daemon exits 0 on SIGTERM" "$([ $rc = 0 ] && echo true || echo false)" "rc=$rc"
+    cp "$run/daemon.log" "$ART/daemon-blk-$label.log"
+    local line
+    line=$(grep -a -m1 'TMEM-E2E: WORKLOAD' "$console" | tr -d '\r' || true)
+    printf '%s %s %s\n' "$label" blk "${line#TMEM-E2E: WORKLOAD }" >>"$ART/figures.txt"
+    log "blk run $label took $((SECONDS - t0))s"
+}
+
 suite_of() { # suite_of LABEL: the apt suite of a guest kernel label
     local spec label sfx
     for spec in "${GUEST_KERNEL_SUITES[@]}"; do
@@ -288,42 +380,52 @@ suite_of() { # suite_of LABEL: the apt suite of a guest kernel label
 }
 
 T_START=$SECONDS
+E2E_BLK_SIZE=${E2E_BLK_SIZE:-512M}
+E2E_BLK_KERNELS=${E2E_BLK_KERNELS:-6.12 6.1}
 t bash ci/deps.sh guest
 ensure_apt_suites
 for want in $E2E_KERNELS; do suite_of "$want" >/dev/null; done
-# The guest kernels (downloads, headers, the unstable chroot) are fetched in
-# the background while QEMU and the daemon build.
-(
-    for want in $E2E_KERNELS; do
-        s=$SECONDS
-        fetch_guest_kernel "$(suite_of "$want")" >/dev/null
-        log "kernel $want fetched in $((SECONDS - s))s"
-    done
-) >"$ART/fetch-kernels.log" 2>&1 &
-FETCH_PID=$!
-s=$SECONDS; QEMU=$(build_qemu); log "QEMU ready after $((SECONDS - s))s: $QEMU"
-t build_daemon
-s=$SECONDS
-wait "$FETCH_PID" || { cat "$ART/fetch-kernels.log" >&2; die "fetching the guest kernels failed"; }
-log "guest kernels ready $((SECONDS - s))s after the builds:"
-sed 's/^/  /' "$ART/fetch-kernels.log" >&2
-
-for want in $E2E_KERNELS; do
-    suite=$(suite_of "$want")
+if [ "${E2E_ONLY:-}" = blk ]; then
+    t build_daemon
+    for want in ${E2E_KERNELS_GIVEN:-$E2E_BLK_KERNELS}; do run_blk "$want"; done
+else
+    # The guest kernels (downloads, headers, the unstable chroot) are fetched in
+    # the background while QEMU and the daemon build.
+    (
+        for want in $E2E_KERNELS; do
+            s=$SECONDS
+            fetch_guest_kernel "$(suite_of "$want")" >/dev/null
+            log "kernel $want fetched in $((SECONDS - s))s"
+        done
+    ) >"$ART/fetch-kernels.log" 2>&1 &
+    FETCH_PID=$!
+    s=$SECONDS; QEMU=$(build_qemu); log "QEMU ready after $((SECONDS - s))s: $QEMU"
+    t build_daemon
     s=$SECONDS
-    prepare_guest "$suite"
-    log "kernel $want fetched and module built in $((SECONDS - s))s"
-    run_guest "$want"
-    if [ "$want" = "${E2E_FAULT_KERNEL:-6.12}" ] && [ "${E2E_FAULT:-1}" = 1 ]; then
-        run_fault "$want"
-    fi
-    if [ "$want" = "${E2E_BACKING_KERNEL:-6.1}" ] && [ "${E2E_BACKING:-1}" = 1 ]; then
-        run_backing "$want"
-    fi
-    if [ "$want" = "${E2E_COMPARE_KERNEL:-6.12}" ] && [ "${E2E_COMPARE:-1}" = 1 ]; then
-        run_compare "$want"
-    fi
-done
+    wait "$FETCH_PID" || { cat "$ART/fetch-kernels.log" >&2; die "fetching the guest kernels failed"; }
+    log "guest kernels ready $((SECONDS - s))s after the builds:"
+    sed 's/^/  /' "$ART/fetch-kernels.log" >&2
+
+    for want in $E2E_KERNELS; do
+        suite=$(suite_of "$want")
+        s=$SECONDS
+        prepare_guest "$suite"
+        log "kernel $want fetched and module built in $((SECONDS - s))s"
+        run_guest "$want"
+        if [ "$want" = "${E2E_FAULT_KERNEL:-6.12}" ] && [ "${E2E_FAULT:-1}" = 1 ]; then
+            run_fault "$want"
+        fi
+        if [ "$want" = "${E2E_BACKING_KERNEL:-6.1}" ] && [ "${E2E_BACKING:-1}" = 1 ]; then
+            run_backing "$want"
+        fi
+        if [ "$want" = "${E2E_COMPARE_KERNEL:-6.12}" ] && [ "${E2E_COMPARE:-1}" = 1 ]; then
+            run_compare "$want"
+        fi
+        if [[ " $E2E_BLK_KERNELS " == *" $want "* ]] && [ "${E2E_BLK:-1}" = 1 ]; then
+            run_blk "$want"
+        fi
+    done
+fi
 log "figures (label kind rc seconds slot_frees notify_misses inval_waits):"
 sed 's/^/  /' "$ART/figures.txt" >&2
 

@@ -184,6 +184,8 @@ in_chroot() {
 # with apt, so that Debian's kbuild symlinks resolve.
 
 GUEST_MODULES=(virtio_pci virtio_blk)
+# The blk run's guests also make an ext4 filesystem (crc32c for its checksums).
+GUEST_BLK_MODULES=(virtio_pci virtio_blk crc32c_generic ext4)
 
 # Prints "<abi> <version>" of the newest linux-image-amd64 in a suite.
 guest_kernel_abi() {
@@ -215,7 +217,9 @@ fetch_guest_kernel() {
     local suite=$1 abi ver dir tmp kdir chroot=""
     ensure_apt_suites
     read -r abi ver < <(guest_kernel_abi "$suite")
-    dir=$TMEM_CACHE/kernels/$abi
+    # A kernel fetched with other modules (GUEST_KERNEL_FLAVOUR=blk) has a
+    # cache dir of its own, so the two never refetch each other's.
+    dir=$TMEM_CACHE/kernels/$abi${GUEST_KERNEL_FLAVOUR:+-$GUEST_KERNEL_FLAVOUR}
     kdir=/usr/src/linux-headers-$abi
     if [[ $CHROOT_SUITES == *" $suite "* ]]; then
         chroot=$(unstable_chroot "$suite")
@@ -395,14 +399,16 @@ QEMU_PID=""
 
 tmemctl() { "${TMEMCTL:-$TMEM_ROOT/target/release/tmemctl}" "$@"; }
 
-# start_daemon RUNDIR [extra daemon args...]: socket RUNDIR/tmem.sock,
-# control RUNDIR/control.sock, log RUNDIR/daemon.log.
+# start_daemon RUNDIR [extra daemon args...]: socket RUNDIR/tmem.sock (with
+# DAEMON_SOCKET_OPTS after it, e.g. blk=512M), control RUNDIR/control.sock,
+# log RUNDIR/daemon.log.
 start_daemon() {
     local run=$1 i
     shift
     rm -f "$run/tmem.sock" "$run/control.sock"
     RUST_LOG=${RUST_LOG:-info} "$TMEM_ROOT/target/release/vhost-user-tmem" \
-        --socket "$run/tmem.sock" --control "$run/control.sock" "$@" \
+        --socket "$run/tmem.sock${DAEMON_SOCKET_OPTS:+,$DAEMON_SOCKET_OPTS}" \
+        --control "$run/control.sock" "$@" \
         >"$run/daemon.log" 2>&1 &
     DAEMON_PID=$!
     for i in $(seq 100); do
@@ -441,6 +447,67 @@ start_guest() {
         -chardev "socket,id=c0,path=$sock" \
         -device "vhost-user-device-pci,chardev=c0,virtio-id=63,num_vqs=$GUEST_CPUS,config_size=32${QEMU_VECTORS:+,vectors=$QEMU_VECTORS}" \
         -nographic -nic none -vga none -no-reboot "${QEMU_EXTRA_ARGS[@]}" \
+        -kernel "$kdir/vmlinuz" -initrd "$initrd" \
+        -append "console=ttyS0 loglevel=4 panic=-1 oops=panic $*" \
+        </dev/null >"$console" 2>&1 &
+    QEMU_PID=$!
+}
+
+# Debian's own, unpatched QEMU (bookworm-backports has 10.0), for the blk
+# device, which every QEMU has: prints the path of its qemu-system-x86_64.
+STOCK_QEMU=/usr/bin/qemu-system-x86_64
+stock_qemu() {
+    local major
+    major=$("$STOCK_QEMU" --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p')
+    if [ "${major:-0}" -lt 10 ]; then
+        ensure_apt_suites
+        log "installing Debian's qemu-system-x86 from bookworm-backports"
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
+            -t bookworm-backports qemu-system-x86 >/dev/null ||
+            die "apt-get install qemu-system-x86 failed"
+    fi
+    printf '%s\n' "$STOCK_QEMU"
+}
+
+# build_blk_initramfs KERNEL_CACHE_DIR SWAPTEST OUT: a busybox initramfs whose
+# /init (ci/guest/init-blk) loads the stock virtio_blk, swaps onto /dev/vda,
+# then makes and checks an ext4 filesystem there (the host's mke2fs and
+# e2fsck, with the libraries they link).
+build_blk_initramfs() {
+    local kdir=$1 swaptest=$2 out=$3 root m bin lib
+    root=$(mktemp -d)
+    mkdir -p "$root"/{bin,sbin,dev,etc,proc,sys,lib/modules,tmp}
+    cp /bin/busybox "$root/bin/busybox"
+    cp "$swaptest" "$root/bin/swaptest"
+    for bin in mke2fs e2fsck; do
+        cp "$(command -v "$bin" || echo "/sbin/$bin")" "$root/sbin/$bin" || die "no $bin on the host (e2fsprogs)"
+        for lib in $(ldd "$root/sbin/$bin" | grep -o '/[^ ]*'); do
+            mkdir -p "$root$(dirname "$lib")"
+            cp -L "$lib" "$root$lib"
+        done
+    done
+    [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$root/etc/"
+    while read -r m; do
+        [ -n "$m" ] && cp "$kdir/modules/$m" "$root/lib/modules/"
+    done <"$kdir/modules/modules.order"
+    cp "$kdir/modules/modules.order" "$root/lib/modules/order"
+    cp "$TMEM_ROOT/ci/guest/init-blk" "$root/init"
+    chmod 755 "$root/init" "$root/bin/busybox" "$root/bin/swaptest"
+    (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) >"$out"
+    rm -rf "$root"
+}
+
+# start_blk_guest QEMU KERNEL_CACHE_DIR INITRD SOCKET CONSOLE_LOG [init env...]:
+# the daemon's disk as a stock vhost-user-blk-pci device, one queue per vCPU.
+start_blk_guest() {
+    local qemu=$1 kdir=$2 initrd=$3 sock=$4 console=$5
+    shift 5
+    "$qemu" -machine q35,accel=tcg,memory-backend=mem \
+        -cpu max -smp "$GUEST_CPUS" -m "$GUEST_MEM" \
+        -object "memory-backend-memfd,id=mem,size=$GUEST_MEM,share=on" \
+        -chardev "socket,id=c0,path=$sock" \
+        -device "vhost-user-blk-pci,chardev=c0,num-queues=$GUEST_CPUS" \
+        -nographic -nic none -vga none -no-reboot \
         -kernel "$kdir/vmlinuz" -initrd "$initrd" \
         -append "console=ttyS0 loglevel=4 panic=-1 oops=panic $*" \
         </dev/null >"$console" 2>&1 &

@@ -3,8 +3,8 @@
 //!
 //! Each device thread accepts one VMM at a time on its socket. When the VMM
 //! goes away, that connection's workers are stopped and joined (through the
-//! backend's exit events), the device's pages are dropped, and the thread
-//! accepts again on the same socket.
+//! backend's exit events), the device's pages are dropped (a blk device's
+//! are kept: it is a disk), and the thread accepts again on the same socket.
 //!
 //! Signals are blocked in every thread and taken synchronously by the main
 //! thread with `sigwait`, so no code runs in signal context.
@@ -40,7 +40,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::{
-    config::Config,
+    config::{Config, DeviceKind},
     control::{ControlContext, ControlError, ControlServer, DeviceReport},
     device::TmemBackend,
     error_chain,
@@ -131,7 +131,9 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         .devices
         .iter()
         .enumerate()
-        .map(|(id, spec)| Arc::new(DeviceTelemetry::new(id as u32, spec.path.clone(), config.queues)))
+        .map(|(id, spec)| {
+            Arc::new(DeviceTelemetry::new(id as u32, spec.path.clone(), config.queues).with_kind(spec.kind))
+        })
         .collect();
 
     let mut listeners = Vec::with_capacity(devices.len());
@@ -173,6 +175,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         })?;
         let conn = Arc::new(Mutex::new(None));
         let serve = DeviceLoop {
+            kind: config.devices[device.id as usize].kind,
             telemetry: device.clone(),
             store: store.clone(),
             capacity_pages: config.capacity_pages,
@@ -340,6 +343,7 @@ fn listen(path: &Path) -> Result<Listener, DaemonError> {
 }
 
 struct DeviceLoop {
+    kind: DeviceKind,
     telemetry: Arc<DeviceTelemetry>,
     store: Arc<Store>,
     capacity_pages: u64,
@@ -372,6 +376,7 @@ impl DeviceLoop {
             self.telemetry.clone(),
             self.store.clone(),
             mem.clone(),
+            self.kind,
             self.capacity_pages,
             self.poll,
         ));
@@ -403,9 +408,15 @@ impl DeviceLoop {
         // exit events); only then is it safe to drop the pages.
         backend.close();
         drop(daemon);
-        let dropped = self.store.drop_guest(self.telemetry.guest());
-        if dropped > 0 || !self.stopping.load(Ordering::SeqCst) {
-            info!("device {id}: VMM disconnected, dropped {dropped} pages");
+        if backend.keeps_data() {
+            // A disk outlives the VM that used it, as a disk image would: a
+            // VMM that connects again (a restarted VM) finds its data.
+            info!("device {id}: VMM disconnected, the disk keeps its data");
+        } else {
+            let dropped = self.store.drop_guest(self.telemetry.guest());
+            if dropped > 0 || !self.stopping.load(Ordering::SeqCst) {
+                info!("device {id}: VMM disconnected, dropped {dropped} pages");
+            }
         }
         result
     }

@@ -11,7 +11,8 @@
 //! - [`config`]: the daemon's command line, validated into one `Config`.
 //! - [`device`]: the vhost-user backend, the only module touching virtqueues:
 //!   the backend, the queue worker, request parsing and execution, and
-//!   reset/reboot detection.
+//!   reset/reboot detection; for the tmem device and for a virtio-blk disk
+//!   on the same store.
 //! - [`telemetry`]: what a device reports (identity, latency, error rate
 //!   limit), written by the device and read by the control socket.
 //! - [`control`]: the control socket server, its typed messages, and the client.

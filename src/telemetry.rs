@@ -12,6 +12,7 @@ use std::{
 use parking_lot::Mutex;
 
 use crate::{
+    config::DeviceKind,
     control::{DeviceReport, DeviceStats},
     stats::{summarize, LatencyRecorder},
     store::GuestId,
@@ -20,6 +21,8 @@ use crate::{
 /// What outlives one VMM connection: identity, counters and the error log.
 pub struct DeviceTelemetry {
     pub id: u32,
+    /// "tmem" or "blk".
+    pub kind: &'static str,
     pub socket: PathBuf,
     pub queues: u16,
     pub connected: AtomicBool,
@@ -32,12 +35,22 @@ impl DeviceTelemetry {
     pub fn new(id: u32, socket: PathBuf, queues: u16) -> Self {
         DeviceTelemetry {
             id,
+            kind: "tmem",
             socket,
             queues,
             connected: AtomicBool::new(false),
             latency: (0..queues).map(|_| LatencyRecorder::default()).collect(),
             errors: RateLimiter::new(20, Duration::from_secs(1)),
         }
+    }
+
+    /// The same, for a device of `kind`.
+    pub fn with_kind(mut self, kind: DeviceKind) -> Self {
+        self.kind = match kind {
+            DeviceKind::Tmem => "tmem",
+            DeviceKind::Blk { .. } => "blk",
+        };
+        self
     }
 
     /// The store's name for this device's pages.
@@ -50,6 +63,7 @@ impl DeviceReport for DeviceTelemetry {
     fn stats(&self) -> DeviceStats {
         DeviceStats {
             id: self.id,
+            kind: self.kind.to_owned(),
             socket: self.socket.display().to_string(),
             connected: self.connected.load(Ordering::Relaxed),
             queues: self.queues,

@@ -32,6 +32,7 @@ fn args(corpus: std::path::PathBuf, queues: u16, depth: u16, poll_us: Option<u64
         dedup: vhost_user_tmem::config::DedupArg::Guest,
         daemon: Some(env!("CARGO_BIN_EXE_vhost-user-tmem").into()),
         repeat: 2,
+        blk: false,
         json: true,
     }
 }
@@ -81,5 +82,26 @@ fn device_bench_round_trips_every_page() {
         assert_eq!(r.get_latency.samples, 300);
         assert_eq!(r.target_throughput_met.is_some(), depth >= 32);
         assert_eq!(r.target_latency_met.is_some(), depth == 1 && poll.is_some());
+    }
+}
+
+/// `--blk`: the same pages as blocks of a disk beside the tmem device, every
+/// one read back, the rounds clearing the disk with DISCARDs in between.
+#[test]
+fn device_bench_blk_round_trips_every_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = corpus(dir.path(), 300);
+    for (queues, depth) in [(1, 1), (2, 32)] {
+        let a = DeviceArgs {
+            blk: true,
+            ..args(c.clone(), queues, depth, None)
+        };
+        let r = run_bench(&a).unwrap();
+        let b = r.blk.expect("a blk report");
+        assert!(b.write_pages_per_sec > 0.0 && b.read_pages_per_sec > 0.0);
+        assert!(b.write_ratio_to_tmem_put > 0.0 && b.read_ratio_to_tmem_get > 0.0);
+        assert_eq!(b.read_latency.samples, 300);
+        assert_eq!(b.target_met.is_some(), depth >= 32);
+        assert_eq!(r.daemon_failed_stores, 0);
     }
 }

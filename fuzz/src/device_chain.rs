@@ -39,6 +39,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use vhost_user_backend::{VhostUserBackend, VringT};
 use vhost_user_tmem::{
+    config::DeviceKind,
     device::{TmemBackend, Vring},
     protocol::{Status, HEADER_SIZE},
     store::{GetOutcome, GuestId, Page, Store, StoreConfig, PAGE_SIZE},
@@ -657,7 +658,14 @@ impl Harness {
                 .expect("limit on an empty store");
         }
         let telemetry = Arc::new(DeviceTelemetry::new(GUEST.0, "fuzz.sock".into(), 1));
-        let backend = TmemBackend::new(telemetry, store.clone(), atomic.clone(), 0, Duration::ZERO);
+        let backend = TmemBackend::new(
+            telemetry,
+            store.clone(),
+            atomic.clone(),
+            DeviceKind::Tmem,
+            0,
+            Duration::ZERO,
+        );
         let vring = Vring::new(atomic, 1024).expect("vring");
         vring.set_queue_size(input.queue_size);
         vring

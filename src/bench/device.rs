@@ -13,6 +13,11 @@
 //!
 //! The device-path targets (throughput at depth, polling latency at depth 1)
 //! are evaluated on those figures and printed.
+//!
+//! With `--blk` the daemon serves a second device, a virtio-blk disk as large
+//! as the corpus, and each round also writes every page to it as a 4 KiB
+//! block and reads every block back (same queues, same depth): its throughput
+//! is set against the tmem device's of the same round (target: within 10%).
 
 use std::{
     path::PathBuf,
@@ -22,10 +27,13 @@ use std::{
 use serde::Serialize;
 use thiserror::Error;
 
+use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+
 use crate::{
     bench::store::{load_corpus, BenchError as CorpusError},
     config::DedupArg,
     control::{ClientError, ControlClient},
+    device::blk_request::{MAX_RANGES, MAX_RANGE_SECTORS},
     harness::{
         daemon::{DaemonProcess, DaemonSpec, HarnessError},
         frontend::{self, header, FrontendError, Virtqueue, Vmm, VmmConfig, WaitMode},
@@ -33,8 +41,12 @@ use crate::{
     },
     protocol::{Op, Status, PAGE_SIZE},
     size::parse_size,
-    store::{DedupDomain, GetOutcome, GuestId, Page, SpillConfig, Store, StoreConfig, StoreError},
+    store::{
+        DedupDomain, GetOutcome, GuestId, Page, Reservation, SpillConfig, Store, StoreConfig, StoreError,
+    },
 };
+
+const SECTORS_PER_PAGE: u64 = PAGE_SIZE as u64 / 512;
 
 /// Far above any corpus this tool can hold: nothing is rejected or spilled.
 const UNLIMITED: u64 = 1 << 40;
@@ -86,6 +98,10 @@ pub struct DeviceArgs {
     /// same machine load; the best round of each is reported.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
     pub repeat: u16,
+    /// Also measure a blk device (`--socket PATH,blk=SIZE`) on the same
+    /// corpus, against the tmem device.
+    #[arg(long)]
+    pub blk: bool,
     /// Print only one JSON line.
     #[arg(long)]
     pub json: bool,
@@ -175,6 +191,22 @@ pub struct DeviceReport {
     pub daemon_spill_writes: u64,
     pub daemon_background_writebacks: u64,
     pub daemon_failed_stores: u64,
+    /// With `--blk`: the blk device's writes and reads of every page as a
+    /// 4 KiB block (best round), their depth-1 round trips, and the ratio to
+    /// the tmem device's PUT and GET throughput.
+    pub blk: Option<BlkReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BlkReport {
+    pub write_pages_per_sec: f64,
+    pub read_pages_per_sec: f64,
+    pub write_latency: Latency,
+    pub read_latency: Latency,
+    pub write_ratio_to_tmem_put: f64,
+    pub read_ratio_to_tmem_get: f64,
+    /// depth >= 32: both ratios >= 0.9.
+    pub target_met: Option<bool>,
 }
 
 pub fn run(args: &DeviceArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -212,31 +244,50 @@ pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
         ..StoreConfig::default()
     };
     let threads = usize::from(args.queues);
-    let mut daemon = start_daemon(args, mem_limit)?;
-    let mut session = Session::open(args, &daemon, spin_us)?;
+    let mut daemon = start_daemon(args, mem_limit, n)?;
+    let mut session = Session::open(args, &daemon, spin_us, Device::Tmem)?;
+    let mut disk = match args.blk {
+        true => Some(Session::open(args, &daemon, spin_us, Device::Blk)?),
+        false => None,
+    };
     let mut put_time = Duration::MAX;
     let mut get_time = Duration::MAX;
+    let mut blk_times = (Duration::MAX, Duration::MAX);
     let mut store_put = Duration::MAX;
     let mut store_get = Duration::MAX;
     for round in 0..args.repeat {
         if round > 0 {
             // Each round starts from an empty device, like the store-only run.
             session.clear()?;
+            if let Some(disk) = &mut disk {
+                disk.clear()?;
+            }
         }
         let (p, g) = session.throughput(&pages)?;
         put_time = put_time.min(p);
         get_time = get_time.min(g);
+        if let Some(disk) = &mut disk {
+            let (w, r) = disk.throughput(&pages)?;
+            blk_times = (blk_times.0.min(w), blk_times.1.min(r));
+        }
         let store = Store::new(store_config.clone())?;
         store_put = store_put.min(store_puts(&store, &pages, threads)?);
         store_get = store_get.min(store_gets(&store, &pages, threads)?);
     }
     let sample = latency_sample(pages.len());
     let (put_lat, get_lat) = session.latency(&pages, &sample)?;
+    let blk_lat = match &mut disk {
+        Some(disk) => Some(disk.latency(&pages, &sample)?),
+        None => None,
+    };
     let daemon_stats = ControlClient::connect(daemon.control().unwrap_or(std::path::Path::new("")))
         .and_then(|mut c| c.stats())
         .map_err(DeviceBenchError::Control)?
         .store;
     session.close();
+    if let Some(disk) = disk {
+        disk.close();
+    }
     daemon.terminate(Duration::from_secs(10));
     // The same sample, one call at a time, straight into a store.
     let store = Store::new(store_config)?;
@@ -257,6 +308,19 @@ pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
     let polling = args.poll_us.unwrap_or(0) > 0;
     let target_latency_met = (args.depth == 1 && polling)
         .then_some(put_lat.p50_us <= store_put_us + 10.0 && get_lat.p50_us <= store_get_us + 10.0);
+    let blk = blk_lat.map(|(write_latency, read_latency)| {
+        let (write, read) = (rate(blk_times.0), rate(blk_times.1));
+        let (w, r) = (write / device_put, read / device_get);
+        BlkReport {
+            write_pages_per_sec: write,
+            read_pages_per_sec: read,
+            write_latency,
+            read_latency,
+            write_ratio_to_tmem_put: w,
+            read_ratio_to_tmem_get: r,
+            target_met: (args.depth >= 32).then_some(w >= 0.9 && r >= 0.9),
+        }
+    });
     Ok(DeviceReport {
         pages: n,
         queues: args.queues,
@@ -283,11 +347,14 @@ pub fn run_bench(args: &DeviceArgs) -> Result<DeviceReport, DeviceBenchError> {
         daemon_spill_writes: daemon_stats.total.spill_writes,
         daemon_background_writebacks: daemon_stats.background_writebacks,
         daemon_failed_stores: daemon_stats.total.failed_stores,
+        blk,
     })
 }
 
-/// The daemon, on a socket in a temporary directory of its own.
-fn start_daemon(args: &DeviceArgs, mem_limit: u64) -> Result<DaemonProcess, DeviceBenchError> {
+/// The daemon, on a socket in a temporary directory of its own; with
+/// `--blk`, a second socket serves a disk of `pages` pages, whose room the
+/// spill file must hold on top of `--spill-limit`.
+fn start_daemon(args: &DeviceArgs, mem_limit: u64, pages: u64) -> Result<DaemonProcess, DeviceBenchError> {
     let binary = match &args.daemon {
         Some(p) => p.clone(),
         None => std::env::current_exe()
@@ -307,7 +374,20 @@ fn start_daemon(args: &DeviceArgs, mem_limit: u64) -> Result<DaemonProcess, Devi
         "--dedup".into(),
         args.dedup.as_str().into(),
     ]);
-    if let Some(limit) = args.spill_limit {
+    let reserve = match args.blk {
+        true => Reservation {
+            guest: GuestId(1),
+            pages: pages.max(1),
+        }
+        .spill_bytes(),
+        false => 0,
+    };
+    if args.blk {
+        spec.vms = 2;
+        spec.socket_options = vec![String::new(), format!("blk={}", pages.max(1) * PAGE_SIZE as u64)];
+    }
+    if let Some(limit) = args.spill_limit.or(args.blk.then_some(0)) {
+        let limit = limit + reserve;
         spec = spec.args([
             "--spill-file".to_owned(),
             "{dir}/spill".into(),
@@ -327,16 +407,32 @@ fn start_daemon(args: &DeviceArgs, mem_limit: u64) -> Result<DaemonProcess, Devi
     DaemonProcess::start(&spec).map_err(DeviceBenchError::Daemon)
 }
 
+/// Which of the daemon's devices a session drives.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Device {
+    /// Socket 0: the tmem device.
+    Tmem,
+    /// Socket 1 (with `--blk`): the disk, one page per 4 KiB block.
+    Blk,
+}
+
 /// The frontend's connection to the daemon, with one queue per thread.
 struct Session {
     vmm: Vmm,
     queues: Vec<Virtqueue>,
     depth: usize,
     indirect: bool,
+    device: Device,
+    pages: u64,
 }
 
 impl Session {
-    fn open(args: &DeviceArgs, daemon: &DaemonProcess, spin_us: u64) -> Result<Self, DeviceBenchError> {
+    fn open(
+        args: &DeviceArgs,
+        daemon: &DaemonProcess,
+        spin_us: u64,
+        device: Device,
+    ) -> Result<Self, DeviceBenchError> {
         let depth = usize::from(args.depth);
         // Each request is header, page and status in three descriptors, as a Linux
         // driver lays it out; the ring must hold `depth` of them, else they go
@@ -360,7 +456,8 @@ impl Session {
             timeout: Duration::from_secs(30),
             reset_device: true,
         };
-        let mut vmm = Vmm::connect(daemon.socket(0), cfg)?;
+        let socket = if device == Device::Blk { 1 } else { 0 };
+        let mut vmm = Vmm::connect(daemon.socket(socket), cfg)?;
         let mut queues = vmm.start()?;
         for q in &mut queues {
             // Every GET is verified against the corpus; no need to pre-fill.
@@ -371,12 +468,24 @@ impl Session {
             queues,
             depth,
             indirect: !direct,
+            device,
+            pages: 0,
         })
     }
 
     /// Wall time to PUT every page, then to GET and verify every page.
     fn throughput(&mut self, pages: &[&Page]) -> Result<(Duration, Duration), DeviceBenchError> {
         let (depth, indirect) = (self.depth, self.indirect);
+        self.pages = pages.len() as u64;
+        if self.device == Device::Blk {
+            let (write, _) = timed_parallel(pages.len(), &mut self.queues, |range, q| {
+                pipelined_blk(q, pages, range, depth, VIRTIO_BLK_T_OUT)
+            })?;
+            let (read, _) = timed_parallel(pages.len(), &mut self.queues, |range, q| {
+                pipelined_blk(q, pages, range, depth, VIRTIO_BLK_T_IN)
+            })?;
+            return Ok((write, read));
+        }
         let (put, _) = timed_parallel(pages.len(), &mut self.queues, |range, q| {
             pipelined(q, pages, range, depth, indirect, Op::Put)
         })?;
@@ -387,6 +496,23 @@ impl Session {
     }
 
     fn clear(&mut self) -> Result<(), DeviceBenchError> {
+        if self.device == Device::Blk {
+            // The disk's blocks go with DISCARDs of the most ranges allowed.
+            let per_range = u64::from(MAX_RANGE_SECTORS);
+            let sectors = self.pages * SECTORS_PER_PAGE;
+            let mut start = 0;
+            while start < sectors {
+                let mut ranges = Vec::new();
+                while start < sectors && ranges.len() < MAX_RANGES * 16 {
+                    let n = per_range.min(sectors - start);
+                    ranges.extend(frontend::blk_range(start, n as u32, 0));
+                    start += n;
+                }
+                let c = self.queues[0].blk(VIRTIO_BLK_T_DISCARD, 0, &ranges, 0)?;
+                blk_check(&c, "discard", start, 1)?;
+            }
+            return Ok(());
+        }
         let r = self.queues[0].invalidate_pool(POOL)?;
         check(&r, "invalidate pool", 0, Status::Ok, 1)
     }
@@ -396,6 +522,9 @@ impl Session {
         // Start from an empty device, as the store-only latency pass starts from an
         // empty store: a PUT then stores, rather than replaces, a page.
         self.clear()?;
+        if self.device == Device::Blk {
+            return self.blk_latency(pages, sample);
+        }
         let indirect = self.indirect;
         let q = &mut self.queues[0];
         let mut put_ns = Vec::with_capacity(sample.len());
@@ -427,10 +556,99 @@ impl Session {
         Ok((Latency::of_ns(put_ns), Latency::of_ns(get_ns)))
     }
 
+    /// Round trip of each block write and read of the sample, at depth 1.
+    fn blk_latency(
+        &mut self,
+        pages: &[&Page],
+        sample: &[usize],
+    ) -> Result<(Latency, Latency), DeviceBenchError> {
+        let q = &mut self.queues[0];
+        let mut write_ns = Vec::with_capacity(sample.len());
+        let mut read_ns = Vec::with_capacity(sample.len());
+        for &i in sample {
+            let sector = i as u64 * SECTORS_PER_PAGE;
+            let t = Instant::now();
+            let c = q.blk(VIRTIO_BLK_T_OUT, sector, &pages[i][..], 0)?;
+            write_ns.push(t.elapsed().as_nanos() as u64);
+            blk_check(&c, "write", i as u64, 1)?;
+        }
+        for &i in sample {
+            let sector = i as u64 * SECTORS_PER_PAGE;
+            let t = Instant::now();
+            let c = q.blk(VIRTIO_BLK_T_IN, sector, &[], PAGE_SIZE as u32)?;
+            read_ns.push(t.elapsed().as_nanos() as u64);
+            blk_check(&c, "read", i as u64, PAGE_SIZE as u32 + 1)?;
+            if c.payload() != &pages[i][..] {
+                return Err(DeviceBenchError::Mismatch {
+                    path: "blk device (latency pass)",
+                    count: 1,
+                    first: i as u64,
+                });
+            }
+        }
+        Ok((Latency::of_ns(write_ns), Latency::of_ns(read_ns)))
+    }
+
     fn close(self) {
         drop(self.queues);
         self.vmm.disconnect();
     }
+}
+
+/// A blk request's answer: OK with `used_len` bytes written.
+fn blk_check(
+    c: &frontend::Completion,
+    what: &'static str,
+    index: u64,
+    used_len: u32,
+) -> Result<(), DeviceBenchError> {
+    if c.status_byte() == Some(0) && c.used_len == used_len {
+        Ok(())
+    } else {
+        Err(DeviceBenchError::BadReply {
+            what,
+            index,
+            status: c.status_byte().and_then(|b| Status::try_from(b).ok()),
+            used_len: c.used_len,
+        })
+    }
+}
+
+/// Writes (OUT) or reads and verifies (IN) the pages of `range` as blocks,
+/// keeping `depth` requests in flight.
+fn pipelined_blk(
+    q: &mut Virtqueue,
+    pages: &[&Page],
+    range: std::ops::Range<usize>,
+    depth: usize,
+    kind: u32,
+) -> Result<(), DeviceBenchError> {
+    let write = kind == VIRTIO_BLK_T_OUT;
+    let mut first_token = None;
+    let mut next = range.start;
+    let mut done = range.start;
+    let mut bad = Mismatches::default();
+    while done < range.end {
+        while next < range.end && q.in_flight() < depth {
+            let sector = next as u64 * SECTORS_PER_PAGE;
+            let token = if write {
+                q.submit_blk(kind, sector, &pages[next][..], 0)?
+            } else {
+                q.submit_blk(kind, sector, &[], PAGE_SIZE as u32)?
+            };
+            first_token.get_or_insert(token - (next - range.start) as u64);
+            next += 1;
+        }
+        let c = q.complete()?;
+        let index = range.start + (c.token - first_token.unwrap_or(0)) as usize;
+        let used = if write { 1 } else { PAGE_SIZE as u32 + 1 };
+        blk_check(&c, if write { "write" } else { "read" }, index as u64, used)?;
+        if !write && pages.get(index).map_or(true, |p| c.payload() != &p[..]) {
+            bad.note(index as u64);
+        }
+        done += 1;
+    }
+    mismatch_error("blk device", bad)
 }
 
 /// Up to LATENCY_SAMPLE page numbers spread evenly over the corpus.
@@ -628,6 +846,22 @@ fn print_table(r: &DeviceReport) {
         "daemon spill writes {} ({} by the background writer), rejected puts {}",
         r.daemon_spill_writes, r.daemon_background_writebacks, r.daemon_failed_stores
     );
+    if let Some(b) = &r.blk {
+        println!(
+            "blk device: write {:.0} pages/s ({:.2}x tmem put), read {:.0} pages/s ({:.2}x tmem get)",
+            b.write_pages_per_sec, b.write_ratio_to_tmem_put, b.read_pages_per_sec, b.read_ratio_to_tmem_get
+        );
+        for (name, l) in [("write", &b.write_latency), ("read", &b.read_latency)] {
+            println!(
+                "depth-1 blk {name}: p50 {:.2} us, p99 {:.2} us, mean {:.2} us ({} samples)",
+                l.p50_us, l.p99_us, l.mean_us, l.samples
+            );
+        }
+        println!(
+            "target blk >= 0.9x tmem device at depth>=32: {}",
+            yes_no(b.target_met)
+        );
+    }
 }
 
 /// Where `tmem-bench` looks for the daemon by default.
@@ -659,6 +893,7 @@ mod tests {
             dedup: DedupArg::Guest,
             daemon: Some(dir.path().join("nope")),
             repeat: 1,
+            blk: false,
             json: true,
         };
         assert!(matches!(run_bench(&args), Err(DeviceBenchError::NoDaemon(_))));

@@ -219,14 +219,15 @@ fn render_stats(stats: &Stats) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "{:<4} {:<5} {:>6} {:>16} {:>16} {:>16}  SOCKET",
-        "DEV", "CONN", "QUEUES", "PUT p50/p99 us", "GET p50/p99 us", "INV p50/p99 us"
+        "{:<4} {:<4} {:<5} {:>6} {:>16} {:>16} {:>16}  SOCKET",
+        "DEV", "KIND", "CONN", "QUEUES", "PUT p50/p99 us", "GET p50/p99 us", "INV p50/p99 us"
     );
     for d in &stats.devices {
         let _ = writeln!(
             s,
-            "{:<4} {:<5} {:>6} {:>16} {:>16} {:>16}  {}",
+            "{:<4} {:<4} {:<5} {:>6} {:>16} {:>16} {:>16}  {}",
             d.id,
+            d.kind,
             if d.connected { "yes" } else { "no" },
             d.queues,
             latency(&d.latency.put),
@@ -399,12 +400,17 @@ fn render_metrics(stats: &Stats) -> String {
     let _ = writeln!(s, "# HELP {metric} Time to serve one request, by op.");
     let _ = writeln!(s, "# TYPE {metric} summary");
     for d in &stats.devices {
-        for (op, l) in [
-            ("put", &d.latency.put),
-            ("get", &d.latency.get),
-            ("invalidate", &d.latency.invalidate),
-        ] {
-            let labels = format!("device=\"{}\",op=\"{op}\"", d.id);
+        // A disk's writes, reads and discards are its puts, gets and invalidates.
+        let ops = if d.kind == "blk" {
+            ["write", "read", "discard"]
+        } else {
+            ["put", "get", "invalidate"]
+        };
+        for (op, l) in ops
+            .into_iter()
+            .zip([&d.latency.put, &d.latency.get, &d.latency.invalidate])
+        {
+            let labels = format!("device=\"{}\",kind=\"{}\",op=\"{op}\"", d.id, d.kind);
             let _ = writeln!(s, "{metric}{{{labels},quantile=\"0.5\"}} {}", l.p50_us);
             let _ = writeln!(s, "{metric}{{{labels},quantile=\"0.99\"}} {}", l.p99_us);
             let _ = writeln!(s, "{metric}_count{{{labels}}} {}", l.count);
@@ -455,6 +461,7 @@ mod tests {
                 guests,
             },
             devices: vec![DeviceStats {
+                kind: "tmem".into(),
                 id: 0,
                 socket: "/run/vm\"0\".sock".into(),
                 connected: true,
@@ -535,9 +542,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"socket="/run/vm\"0\".sock"} 1"#), "{text}");
-        assert!(
-            text.contains("tmem_request_latency_microseconds{device=\"0\",op=\"put\",quantile=\"0.99\"} 12")
-        );
+        assert!(text.contains(
+            "tmem_request_latency_microseconds{device=\"0\",kind=\"tmem\",op=\"put\",quantile=\"0.99\"} 12"
+        ));
         // Every sample line belongs to a family declared before it.
         let mut declared = std::collections::HashSet::new();
         for line in text.lines() {

@@ -15,7 +15,7 @@ pub use self::device::{DeviceKind, DeviceSpec, DeviceSpecError, MAX_WEIGHT};
 use crate::{
     protocol::PAGE_SIZE,
     size::{parse_size, SizeError},
-    store::{DedupDomain, SpillConfig, StoreConfig},
+    store::{DedupDomain, GuestId, Reservation, SpillConfig, StoreConfig},
 };
 
 /// Most virtqueues per device. The worker-thread layout is a 64-bit queue
@@ -148,6 +148,11 @@ pub enum ConfigError {
     CapacityTooSmall(u64),
     #[error("--control {0} is also a vhost-user --socket")]
     ControlIsSocket(PathBuf),
+    #[error(
+        "blk devices need {need} bytes of spill file set apart for their whole disks, \
+         and --spill-limit is {limit}: give --spill-file and a --spill-limit of at least {need}"
+    )]
+    BlkRoom { need: u64, limit: u64 },
     #[error("--writeback-headroom {headroom} must be below --mem-limit {limit}")]
     HeadroomTooLarge { headroom: u64, limit: u64 },
 }
@@ -184,10 +189,6 @@ impl TryFrom<Args> for Config {
                 return Err(ConfigError::DuplicateSocket(spec.path.clone()));
             }
             let unsupported = match spec {
-                DeviceSpec {
-                    kind: DeviceKind::Blk { .. },
-                    ..
-                } => Some("blk="),
                 DeviceSpec { max: Some(_), .. } => Some("max="),
                 DeviceSpec { weight, .. } if *weight != 1 => Some("weight="),
                 _ => None,
@@ -213,6 +214,12 @@ impl TryFrom<Args> for Config {
             // clap's `requires` makes a lone half impossible; treat it as no spill.
             _ => None,
         };
+        let reserved = reservations(&devices);
+        let need = reserved.iter().map(Reservation::spill_bytes).sum::<u64>();
+        let limit = spill.as_ref().map_or(0, |s| s.limit);
+        if !reserved.is_empty() && need > limit {
+            return Err(ConfigError::BlkRoom { need, limit });
+        }
         let writeback_headroom = match args.writeback_headroom.as_str() {
             _ if spill.is_none() => 0,
             "auto" => (mem_limit / 16).min(AUTO_HEADROOM_MAX),
@@ -237,6 +244,7 @@ impl TryFrom<Args> for Config {
                 zstd_level: parse_compression(&args.compression)?,
                 dedup: args.dedup.into(),
                 writeback_headroom,
+                reserved,
                 ..StoreConfig::default()
             },
             queues: args.queues,
@@ -244,6 +252,22 @@ impl TryFrom<Args> for Config {
             poll: Duration::from_micros(args.poll_us),
         })
     }
+}
+
+/// Room every blk device's guest (device N is `GuestId(N)`) must be sure of:
+/// its whole disk. The store checks that the spill file can hold it.
+fn reservations(devices: &[DeviceSpec]) -> Vec<Reservation> {
+    devices
+        .iter()
+        .enumerate()
+        .filter_map(|(n, spec)| match spec.kind {
+            DeviceKind::Blk { size } => Some(Reservation {
+                guest: GuestId(n as u32),
+                pages: size / PAGE_SIZE as u64,
+            }),
+            DeviceKind::Tmem => None,
+        })
+        .collect()
 }
 
 /// `zstd` (level 1: fast, and swap pages compress well at any level) or `zstd:LEVEL`.
@@ -383,6 +407,26 @@ mod tests {
         assert_eq!(c.queues, 4);
         assert_eq!(c.capacity_pages, (1 << 30) / 4096);
         assert_eq!(c.poll, Duration::from_micros(50));
+    }
+
+    #[test]
+    fn a_blk_device_needs_its_room_in_the_spill_file() {
+        let blk = ["--socket", "/tmp/b.sock,blk=1M"];
+        assert_matches!(parse(&blk), Err(ConfigError::BlkRoom { limit: 0, .. }));
+        let mut small = blk.to_vec();
+        small.extend(["--spill-file", "/tmp", "--spill-limit", "1M"]);
+        assert_matches!(parse(&small), Err(ConfigError::BlkRoom { need, limit }) if need > limit);
+        let mut enough = blk.to_vec();
+        enough.extend(["--spill-file", "/tmp", "--spill-limit", "2M"]);
+        let c = parse(&enough).unwrap();
+        assert_eq!(c.devices[1].kind, DeviceKind::Blk { size: 1 << 20 });
+        assert_eq!(
+            c.store.reserved,
+            vec![Reservation {
+                guest: GuestId(1),
+                pages: 256
+            }]
+        );
     }
 
     #[test]

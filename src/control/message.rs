@@ -278,10 +278,18 @@ impl<'de> Deserialize<'de> for Reply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceStats {
     pub id: u32,
+    /// "tmem" or "blk"; for blk, put/get/invalidate latency is of writes,
+    /// reads and discards (with write-zeroes).
+    #[serde(default = "tmem_kind")]
+    pub kind: String,
     pub socket: String,
     pub connected: bool,
     pub queues: u16,
     pub latency: Latency,
+}
+
+fn tmem_kind() -> String {
+    "tmem".to_owned()
 }
 
 /// A `stats` answer.
@@ -672,6 +680,7 @@ mod tests {
         Stats {
             store: StoreStats::default(),
             devices: vec![DeviceStats {
+                kind: "tmem".into(),
                 id: 0,
                 socket: "/run/vm0.sock".into(),
                 connected: true,

@@ -616,6 +616,7 @@ mod tests {
 
     fn device(id: u32, socket: &str, latency: Latency) -> Arc<dyn DeviceReport> {
         Arc::new(FakeDevice(DeviceStats {
+            kind: "tmem".into(),
             id,
             socket: socket.to_owned(),
             connected: false,
@@ -690,7 +691,7 @@ mod tests {
         );
         let stats = wire(&ctx, r#"{"cmd":"stats"}"#);
         assert!(
-            stats.starts_with(r#"{"ok":true,"stats":{"devices":[{"connected":false,"id":0,"latency":{"get":{"count":0,"p50_us":0.0,"#),
+            stats.starts_with(r#"{"ok":true,"stats":{"devices":[{"connected":false,"id":0,"kind":"tmem","latency":{"get":{"count":0,"p50_us":0.0,"#),
             "{stats}"
         );
     }

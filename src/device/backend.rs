@@ -25,23 +25,36 @@ use vmm_sys_util::{
 };
 
 use super::{
+    blk::{self, Disk},
     lifecycle::{Lifecycle, RingMark, Verdict},
     worker::Worker,
     GuestMemory, Vring, MAX_QUEUE_SIZE,
 };
 use crate::{
+    config::DeviceKind,
     error_chain,
     protocol::{ConfigSpace, CAP_EXCLUSIVE_GET, CAP_PUT_FILL, CONFIG_SIZE, PAGE_SIZE},
     store::{GuestId, Store},
     telemetry::DeviceTelemetry,
 };
 
+/// What kind of device a backend serves, with what only that kind needs.
+pub(super) enum Kind {
+    /// The tmem device, with its config space.
+    Tmem([u8; CONFIG_SIZE]),
+    /// A virtio-blk disk.
+    Blk(Disk),
+}
+
+/// Largest config space read answered: vhost-user's limit.
+const MAX_CONFIG_READ: u32 = 256;
+
 /// The backend of one device for one VMM connection.
 pub struct TmemBackend {
     telemetry: Arc<DeviceTelemetry>,
     pub(super) store: Arc<Store>,
     pub(super) mem: GuestMemory,
-    config: [u8; CONFIG_SIZE],
+    pub(super) kind: Kind,
     /// How long a worker busy-polls its ring after a batch.
     pub(super) poll: Duration,
     workers: Vec<Mutex<Worker>>,
@@ -51,25 +64,33 @@ pub struct TmemBackend {
 }
 
 impl TmemBackend {
+    /// A backend for a device of `kind`; `capacity_pages` is what a tmem
+    /// device advertises (a blk device's size is in its kind).
     pub fn new(
         telemetry: Arc<DeviceTelemetry>,
         store: Arc<Store>,
         mem: GuestMemory,
+        kind: DeviceKind,
         capacity_pages: u64,
         poll: Duration,
     ) -> Self {
         let queues = usize::from(telemetry.queues);
-        let config = ConfigSpace {
-            num_queues: telemetry.queues,
-            caps: CAP_EXCLUSIVE_GET | CAP_PUT_FILL,
-            capacity_pages,
-        }
-        .to_bytes();
+        let kind = match kind {
+            DeviceKind::Tmem => Kind::Tmem(
+                ConfigSpace {
+                    num_queues: telemetry.queues,
+                    caps: CAP_EXCLUSIVE_GET | CAP_PUT_FILL,
+                    capacity_pages,
+                }
+                .to_bytes(),
+            ),
+            DeviceKind::Blk { size } => Kind::Blk(Disk::new(size, telemetry.queues, telemetry.id)),
+        };
         TmemBackend {
             telemetry,
             store,
             mem,
-            config,
+            kind,
             poll,
             workers: (0..queues)
                 .map(|_| {
@@ -119,7 +140,17 @@ impl TmemBackend {
         }
     }
 
+    /// Whether the device's pages outlive its driver: a disk's do (a reboot,
+    /// a reset or a new VMM finds the data it left), swap pages do not.
+    pub fn keeps_data(&self) -> bool {
+        matches!(self.kind, Kind::Blk(_))
+    }
+
     fn drop_pages(&self, why: &str) {
+        if self.keeps_data() {
+            debug!("device {}: {why}: a disk keeps its data", self.telemetry.id);
+            return;
+        }
         let dropped = self.store.drop_guest(self.guest());
         info!("device {}: {why}: dropped {dropped} pages", self.telemetry.id);
     }
@@ -157,6 +188,9 @@ impl VhostUserBackend for TmemBackend {
     }
 
     fn features(&self) -> u64 {
+        if let Kind::Blk(_) = self.kind {
+            return blk::features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        }
         (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
@@ -189,7 +223,21 @@ impl VhostUserBackend for TmemBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        config_slice(&self.config, offset, size).to_vec()
+        match &self.kind {
+            Kind::Tmem(config) => config_slice(config, offset, size).to_vec(),
+            // A VMM reads the config as long as its own virtio_blk_config,
+            // which may have fields this device does not offer, and takes a
+            // short answer as an error: the rest reads as zeros.
+            Kind::Blk(disk) => {
+                let size = size.min(MAX_CONFIG_READ) as usize;
+                let mut out = vec![0u8; size];
+                let config = disk.config();
+                let start = (offset as usize).min(config.len());
+                let n = (config.len() - start).min(size);
+                out[..n].copy_from_slice(&config[start..start + n]);
+                out
+            }
+        }
     }
 
     fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
@@ -284,6 +332,7 @@ mod tests {
             telemetry,
             store,
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            DeviceKind::Tmem,
             0,
             Duration::ZERO,
         )
@@ -485,6 +534,31 @@ mod tests {
         put_one(&b);
         b.judge_restart(0, mark(0));
         assert!(pages(&b), "nothing pending after a reset");
+    }
+
+    /// A disk keeps its blocks through everything that drops a tmem
+    /// device's pages: a reset, and rings that come back set up anew.
+    #[test]
+    fn a_disk_keeps_its_blocks_through_resets_and_restarts() {
+        let telemetry = Arc::new(DeviceTelemetry::new(2, "/tmp/x".into(), 1));
+        let store = Arc::new(Store::new(Default::default()).unwrap());
+        let b = TmemBackend::new(
+            telemetry,
+            store,
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            DeviceKind::Blk { size: 1 << 20 },
+            0,
+            Duration::ZERO,
+        );
+        assert!(b.keeps_data());
+        put_one(&b);
+        b.lifecycle.mark(0, mark(40));
+        b.stop_vring(0).unwrap();
+        b.judge_restart(0, mark(0));
+        assert!(pages(&b), "rings set up anew");
+        b.reset_device();
+        assert!(pages(&b), "device reset");
+        assert!(!backend().keeps_data(), "a tmem device does not");
     }
 
     #[test]

@@ -7,7 +7,9 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::{
-    backend::TmemBackend,
+    backend::{Kind, TmemBackend},
+    blk::Disk,
+    blk_request::{self, BlkOp, BlkRejection, BlkStatus},
     request::{self, DescTable, Rejection, Request},
     worker::Worker,
 };
@@ -50,10 +52,15 @@ impl TmemBackend {
         C::Target: vm_memory::GuestMemory,
     {
         let start = Instant::now();
-        let parsed = match request::indirect_with_next(mem, table, chain.head_index()) {
-            Some(rejection) => Err(rejection),
-            None => request::parse(chain, mem),
-        };
+        if let Some(rejection) = request::indirect_with_next(mem, table, chain.head_index()) {
+            // Nowhere the driver would look for a status: answer nothing.
+            self.log_error(queue, &rejection.error);
+            return 0;
+        }
+        if let Kind::Blk(disk) = &self.kind {
+            return self.handle_blk_chain(queue, disk, chain, mem, worker, start);
+        }
+        let parsed = request::parse(chain, mem);
         let req = match parsed {
             Ok(req) => req,
             Err(Rejection { error, status }) => {
@@ -75,6 +82,56 @@ impl TmemBackend {
         };
         if let Some(recorder) = self.telemetry().latency.get(queue) {
             recorder.record(OpClass::of(req.header.op), start.elapsed());
+        }
+        used
+    }
+
+    /// Serves one chain of a blk device; returns the used length.
+    fn handle_blk_chain<C>(
+        &self,
+        queue: usize,
+        disk: &Disk,
+        chain: DescriptorChain<C>,
+        mem: &GuestMemoryMmap,
+        worker: &mut Worker,
+        start: Instant,
+    ) -> u32
+    where
+        C: std::ops::Deref,
+        C::Target: vm_memory::GuestMemory,
+    {
+        let req = match blk_request::parse(chain, mem, disk.capacity()) {
+            Ok(req) => req,
+            Err(BlkRejection { error, status }) => {
+                self.log_error(queue, &error);
+                return match status {
+                    Some(addr) if mem.write_obj(error.status() as u8, addr).is_ok() => 1,
+                    _ => 0,
+                };
+            }
+        };
+        let (status, written) = match disk.execute(&self.store, self.guest(), &req, mem, &mut worker.page) {
+            Ok(done) => done,
+            Err(e) => {
+                self.log_error(queue, &e);
+                (BlkStatus::IoErr, 0)
+            }
+        };
+        let used = match mem.write_obj(status as u8, req.status) {
+            Ok(()) => written + 1,
+            Err(e) => {
+                self.log_error(queue, &e);
+                0
+            }
+        };
+        let class = match req.op {
+            BlkOp::Write { .. } => Some(OpClass::Put),
+            BlkOp::Read { .. } => Some(OpClass::Get),
+            BlkOp::Discard { .. } | BlkOp::WriteZeroes { .. } => Some(OpClass::Invalidate),
+            BlkOp::Flush | BlkOp::GetId { .. } => None,
+        };
+        if let (Some(class), Some(recorder)) = (class, self.telemetry().latency.get(queue)) {
+            recorder.record(class, start.elapsed());
         }
         used
     }

@@ -1,5 +1,7 @@
-//! The tmem virtio device: the only module that touches virtqueues. It moves
-//! requests between a guest's rings and the page store.
+//! The devices: the only module that touches virtqueues. It moves requests
+//! between a guest's rings and the page store. Two kinds share everything
+//! but their requests: the tmem device, and a virtio-blk disk (`blk`, with
+//! its parser [`blk_request`]) for guests and VMMs without a tmem driver.
 //!
 //! A request's path, by file:
 //! - [`backend`]: [`TmemBackend`], the `VhostUserBackend` implementation for
@@ -8,6 +10,7 @@
 //!   publishes used entries, signals, and busy-polls between batches;
 //! - `execute`: one chain served: parsed by [`request`] (checked whole, no
 //!   store, no allocation), acted on against the store, answered;
+//! - `blk`: the disk's config space, features and block semantics;
 //! - `lifecycle`: whether rings that stopped and started again belong to a
 //!   paused VM (pages kept) or a rebooted one (pages dropped);
 //! - `vring`: the ring type handed to vhost-user-backend, which survives a
@@ -22,6 +25,8 @@
 //! our back.
 
 pub mod backend;
+mod blk;
+pub mod blk_request;
 mod execute;
 mod lifecycle;
 pub mod request;

@@ -243,9 +243,19 @@ pub fn indirect_with_next<M: GuestMemory + ?Sized>(
     None
 }
 
-/// Validates a chain and decodes its header. Reads guest memory (the
-/// descriptors and the header) but writes nothing.
-pub fn parse<C, M>(chain: DescriptorChain<C>, mem: &M) -> Result<Request, Rejection>
+/// A chain checked whole as two byte streams, not yet read as a request of
+/// either device kind.
+pub struct Split {
+    pub readable: Stream,
+    pub writable: Stream,
+    /// The last writable byte of the chain.
+    pub status: GuestAddress,
+}
+
+/// Checks a chain's layout (descriptor count, directions, guest addresses,
+/// links) and finds its status byte. Reads the descriptors, writes nothing.
+/// Shared by both device kinds: what the bytes mean is theirs to check.
+pub fn split<C, M>(chain: DescriptorChain<C>, mem: &M) -> Result<Split, Rejection>
 where
     C: Deref,
     C::Target: GuestMemory,
@@ -301,6 +311,30 @@ where
     }
     let Some(status) = status else {
         return Err(reject(ChainError::NoStatus));
+    };
+    Ok(Split {
+        readable,
+        writable,
+        status,
+    })
+}
+
+/// Validates a chain and decodes its header. Reads guest memory (the
+/// descriptors and the header) but writes nothing.
+pub fn parse<C, M>(chain: DescriptorChain<C>, mem: &M) -> Result<Request, Rejection>
+where
+    C: Deref,
+    C::Target: GuestMemory,
+    M: GuestMemory + ?Sized,
+{
+    let Split {
+        readable,
+        writable,
+        status,
+    } = split(chain, mem)?;
+    let reject = |error| Rejection {
+        error,
+        status: Some(status),
     };
 
     if readable.len() < HEADER_SIZE {

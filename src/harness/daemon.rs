@@ -41,6 +41,8 @@ pub enum HarnessError {
 pub struct DaemonSpec {
     pub binary: PathBuf,
     pub vms: usize,
+    /// Options after VM N's socket path (`blk=64M`, say), by N.
+    pub socket_options: Vec<String>,
     /// Give the daemon a control socket.
     pub control: bool,
     pub args: Vec<OsString>,
@@ -55,6 +57,7 @@ impl DaemonSpec {
         DaemonSpec {
             binary: binary.into(),
             vms: 1,
+            socket_options: Vec::new(),
             control: true,
             args: Vec::new(),
             log_filter: "warn".into(),
@@ -106,8 +109,13 @@ impl DaemonProcess {
         let control = spec.control.then(|| dir.path().join("control.sock"));
         let log = dir.path().join("daemon.log");
         let mut cmd = Command::new(&spec.binary);
-        for s in &sockets {
-            cmd.arg("--socket").arg(s);
+        for (i, s) in sockets.iter().enumerate() {
+            let mut value = s.clone().into_os_string();
+            if let Some(options) = spec.socket_options.get(i).filter(|o| !o.is_empty()) {
+                value.push(",");
+                value.push(options);
+            }
+            cmd.arg("--socket").arg(value);
         }
         if let Some(c) = &control {
             cmd.arg("--control").arg(c);

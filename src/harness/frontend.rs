@@ -1433,6 +1433,74 @@ impl Virtqueue {
     }
 }
 
+/// virtio-blk requests, for the queues of a blk device: a 16-byte header
+/// (type, reserved, sector), then `out` device-readable (a write's data or
+/// DISCARD/WRITE_ZEROES ranges) or `in_len` device-writable bytes (a read's
+/// data, GET_ID's ID), then the status byte, each in its own descriptor, the
+/// way Linux's virtio_blk lays them out. Everything must fit one slot
+/// ([`SLOT_DATA`] bytes).
+impl Virtqueue {
+    /// Publishes one virtio-blk request; returns its token.
+    pub fn submit_blk(&mut self, kind: u32, sector: u64, out: &[u8], in_len: u32) -> Result<u64> {
+        const DATA_AT: u32 = 64;
+        let data_len = (out.len() as u32).max(in_len);
+        let status_at = DATA_AT + data_len.next_multiple_of(64);
+        let mut head = [0u8; 16];
+        head[..4].copy_from_slice(&kind.to_le_bytes());
+        head[8..].copy_from_slice(&sector.to_le_bytes());
+        let mut descs = vec![DescSpec {
+            addr: DescAddr::Slot(0),
+            len: 16,
+            writable: false,
+        }];
+        if !out.is_empty() {
+            descs.push(DescSpec {
+                addr: DescAddr::Slot(DATA_AT),
+                len: out.len() as u32,
+                writable: false,
+            });
+        }
+        if in_len > 0 {
+            descs.push(DescSpec {
+                addr: DescAddr::Slot(DATA_AT),
+                len: in_len,
+                writable: true,
+            });
+        }
+        descs.push(DescSpec {
+            addr: DescAddr::Slot(status_at),
+            len: 1,
+            writable: true,
+        });
+        if status_at >= SLOT_DATA {
+            return Err(FrontendError::Layout(format!(
+                "{data_len} bytes of data do not fit a {SLOT_DATA}-byte slot"
+            )));
+        }
+        let chain = RawChain {
+            descs,
+            indirect: false,
+            ..RawChain::default()
+        };
+        self.submit_parts(&chain, &chain.descs, &[(0, &head[..]), (DATA_AT, out)])
+    }
+
+    /// One virtio-blk request, waited for.
+    pub fn blk(&mut self, kind: u32, sector: u64, out: &[u8], in_len: u32) -> Result<Completion> {
+        let token = self.submit_blk(kind, sector, out, in_len)?;
+        self.wait_token(token)
+    }
+}
+
+/// One DISCARD or WRITE_ZEROES range.
+pub fn blk_range(sector: u64, sectors: u32, flags: u32) -> [u8; 16] {
+    let mut raw = [0u8; 16];
+    raw[..8].copy_from_slice(&sector.to_le_bytes());
+    raw[8..12].copy_from_slice(&sectors.to_le_bytes());
+    raw[12..].copy_from_slice(&flags.to_le_bytes());
+    raw
+}
+
 /// A request header with the given fields.
 pub fn header(op: Op, flags: u8, pool: u32, index: u64, arg: u64) -> RequestHeader {
     RequestHeader {

@@ -55,6 +55,22 @@ impl Budget {
             .is_ok()
     }
 
+    /// Takes `bytes` from the budget, past the limit if need be: for the
+    /// metadata of a guest whose room is guaranteed (see `Reservation`).
+    pub fn force(&self, bytes: u64) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// [`Budget::try_reserve`], or [`Budget::force`] when `force`.
+    pub fn reserve(&self, bytes: u64, force: bool) -> bool {
+        if force {
+            self.force(bytes);
+            true
+        } else {
+            self.try_reserve(bytes)
+        }
+    }
+
     /// Moves the counter from what a holder had counted to what it now holds.
     pub fn settle(&self, counted: &mut u64, now: u64) {
         if now > *counted {

@@ -296,6 +296,7 @@ impl IndexShard {
         at: At,
         handle: u32,
         budget: &Budget,
+        force: bool,
     ) -> Result<Option<u32>, NoRoom> {
         let (hi, lo) = at.split();
         let h = slot_hash(at.run, lo);
@@ -320,7 +321,7 @@ impl IndexShard {
                     + PoolRec::new(hasher.clone()).growth(hi)
             }
         };
-        if !budget.try_reserve(need) {
+        if !budget.reserve(need, force) {
             return Err(NoRoom);
         }
         self.counted += need;
@@ -557,14 +558,14 @@ mod tests {
         let k = Keys::new();
         let b = Budget::new(1 << 30);
         let mut s = IndexShard::new(&k);
-        assert_eq!(s.insert(&k, at(&k, 1, 2, 3), 10, &b), Ok(None));
-        assert_eq!(s.insert(&k, at(&k, 1, 2, 3), 11, &b), Ok(Some(10)));
+        assert_eq!(s.insert(&k, at(&k, 1, 2, 3), 10, &b, false), Ok(None));
+        assert_eq!(s.insert(&k, at(&k, 1, 2, 3), 11, &b, false), Ok(Some(10)));
         assert_eq!(s.get(at(&k, 1, 2, 3)), Some(11));
         assert_eq!(s.get(at(&k, 1, 2, 4)), None);
         assert_eq!(s.get(at(&k, 1, 3, 3)), None);
         assert_eq!(s.get(at(&k, 2, 2, 3)), None);
         // The upper half of the index is part of the key.
-        assert_eq!(s.insert(&k, at(&k, 1, 2, 3 | (1 << 32)), 12, &b), Ok(None));
+        assert_eq!(s.insert(&k, at(&k, 1, 2, 3 | (1 << 32)), 12, &b, false), Ok(None));
         assert_eq!(s.get(at(&k, 1, 2, 3)), Some(11));
         assert_eq!(s.remove(&k, at(&k, 1, 2, 3), &b), Some(11));
         assert_eq!(s.remove(&k, at(&k, 1, 2, 3), &b), None);
@@ -578,7 +579,7 @@ mod tests {
         let b = Budget::new(1 << 30);
         let mut s = IndexShard::new(&k);
         for i in 0..10_000 {
-            s.insert(&k, at(&k, 0, 0, i), i as u32, &b).unwrap();
+            s.insert(&k, at(&k, 0, 0, i), i as u32, &b, false).unwrap();
         }
         assert_eq!(b.used(), s.heap_bytes());
         assert_eq!(s.recount(), s.heap_bytes());
@@ -595,7 +596,7 @@ mod tests {
 
         let tight = Budget::new(0);
         let mut t = IndexShard::new(&k);
-        assert_eq!(t.insert(&k, at(&k, 0, 0, 1), 1, &tight), Err(NoRoom));
+        assert_eq!(t.insert(&k, at(&k, 0, 0, 1), 1, &tight, false), Err(NoRoom));
         assert_eq!(t.get(at(&k, 0, 0, 1)), None);
         assert_eq!((t.heap_bytes(), tight.used()), (0, 0));
     }
@@ -607,7 +608,7 @@ mod tests {
         let mut s = IndexShard::new(&k);
         for (g, p) in [(0, 0), (0, 1), (1, 0)] {
             for i in 0..5 {
-                s.insert(&k, at(&k, g, p, i), g * 100 + p * 10 + i as u32, &b)
+                s.insert(&k, at(&k, g, p, i), g * 100 + p * 10 + i as u32, &b, false)
                     .unwrap();
                 s.counters(g, p).stored_pages += 1;
             }
@@ -646,7 +647,7 @@ mod tests {
         let k = Keys::new();
         let b = Budget::new(1 << 30);
         let mut s = IndexShard::new(&k);
-        s.insert(&k, at(&k, 0, 1, 1), 1, &b).unwrap();
+        s.insert(&k, at(&k, 0, 1, 1), 1, &b, false).unwrap();
         let before = s.heap_bytes();
         for pool in 100..10_000 {
             assert_eq!(s.remove(&k, at(&k, 0, pool, 1), &b), None);
@@ -667,12 +668,12 @@ mod tests {
         let mut s = IndexShard::new(&k);
         let cost = |s: &mut IndexShard, pool| {
             let (v, heap) = (s.visited(), s.heap_bytes());
-            s.insert(&k, at(&k, 9, pool, 0), 1, &b).unwrap();
+            s.insert(&k, at(&k, 9, pool, 0), 1, &b, false).unwrap();
             (s.visited() - v, s.heap_bytes() - heap)
         };
         let alone = cost(&mut s, 0);
         for pool in 0..20_000 {
-            s.insert(&k, at(&k, 8, pool, u64::from(pool) << 32), pool, &b)
+            s.insert(&k, at(&k, 8, pool, u64::from(pool) << 32), pool, &b, false)
                 .unwrap();
         }
         assert_eq!(cost(&mut s, 1).0, alone.0, "tables visited by one insert");

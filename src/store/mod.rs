@@ -114,6 +114,35 @@ pub struct StoreConfig {
     /// RAM the background writer keeps free below `mem_limit` (see
     /// [`Store::background_writeback`]); 0 = puts make their own room.
     pub writeback_headroom: u64,
+    /// Guests whose puts must never be rejected for room (blk devices), with
+    /// the most pages each may hold. See [`Reservation`].
+    pub reserved: Vec<Reservation>,
+}
+
+/// Room set apart for one guest that cannot be told "rejected" (a block
+/// device): a whole-page slot in the spill file for each of its `pages`
+/// (plus [`RESERVE_SLACK`]), taken from the spill limit at start. Its puts
+/// then never fail for room: when RAM is full, its pages go to its own part
+/// of the file, and its metadata (records, index entries; a few dozen bytes
+/// a page) is counted in the RAM budget even past the limit, which other
+/// guests then make up for. Its objects are never shared with another guest,
+/// so the slots it holds are its own pages'.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    pub guest: GuestId,
+    pub pages: u64,
+}
+
+/// Slots a reservation holds beyond its pages: an overwrite stores the new
+/// object before it lets go of the old one, so each put in flight (one per
+/// queue worker, at most 64 queues) may hold one slot more for a moment.
+pub const RESERVE_SLACK: u64 = 64;
+
+impl Reservation {
+    /// Spill file bytes this reservation takes.
+    pub fn spill_bytes(&self) -> u64 {
+        spill::reserve_bytes(self.pages.saturating_add(RESERVE_SLACK))
+    }
 }
 
 impl Default for StoreConfig {
@@ -126,6 +155,7 @@ impl Default for StoreConfig {
             raw_threshold: PAGE_SIZE - PAGE_SIZE / 32,
             shards: 0,
             writeback_headroom: 0,
+            reserved: Vec::new(),
         }
     }
 }
@@ -162,6 +192,12 @@ pub enum StoreError {
     SpillNotPrivate { path: PathBuf, links: u64, mode: u32 },
     #[error("cannot draw random bytes for the spill file from the OS")]
     SpillKey(#[source] getrandom::Error),
+    #[error("a guest with reserved room needs a spill file to hold it")]
+    ReservationWithoutSpill,
+    #[error("reserved room needs {need} bytes of spill file, the limit is {limit}")]
+    ReservationTooLarge { need: u64, limit: u64 },
+    #[error("cannot write out the spill file's reserved room")]
+    Reserve(#[source] std::io::Error),
     #[error("spill file cannot seal another page")]
     SpillSeal,
     #[error("spill file I/O failed")]
@@ -264,6 +300,8 @@ pub struct Store {
     headroom: u64,
     pressure: pressure::Pressure,
     background_writebacks: AtomicU64,
+    /// Guests with a [`Reservation`]: few (one per blk device), so a scan.
+    reserved: Vec<u32>,
 }
 
 /// An object a put holds a reference on, about to be linked at its index.
@@ -302,8 +340,14 @@ impl Store {
     /// at once), and sealed with AES-256-GCM under a key drawn from the OS now
     /// and kept only in this process. Its pages go with the process.
     pub fn new(config: StoreConfig) -> Result<Self, StoreError> {
+        let reserves: Vec<(u32, u64)> = config
+            .reserved
+            .iter()
+            .map(|r| (r.guest.0, r.pages.saturating_add(RESERVE_SLACK)))
+            .collect();
         let spill = match &config.spill {
-            Some(s) => Some(SpillFile::open(&s.path, s.limit)?),
+            Some(s) => Some(SpillFile::open(&s.path, s.limit, &reserves)?),
+            None if !reserves.is_empty() => return Err(StoreError::ReservationWithoutSpill),
             None => None,
         };
         Ok(Store::with_spill(config, spill))
@@ -346,6 +390,7 @@ impl Store {
             headroom: config.writeback_headroom,
             pressure: pressure::Pressure::default(),
             background_writebacks: AtomicU64::new(0),
+            reserved: config.reserved.iter().map(|r| r.guest.0).collect(),
         };
         // The fixed part (the shard arrays, the spill cipher) is host memory too.
         let fixed = std::mem::size_of::<Store>()
@@ -375,11 +420,18 @@ impl Store {
     }
 
     fn by(&self, guest: GuestId, pool: u32) -> By {
+        let reserved = self.is_reserved(guest);
         By {
             guest: guest.0,
             pool,
-            private: self.dedup != DedupDomain::Global,
+            private: self.dedup != DedupDomain::Global || reserved,
+            reserved,
         }
+    }
+
+    /// Whether `guest`'s puts must never be rejected for room.
+    fn is_reserved(&self, guest: GuestId) -> bool {
+        self.reserved.contains(&guest.0)
     }
 
     fn split_handle(&self, handle: u32) -> (usize, u32) {
@@ -390,6 +442,9 @@ impl Store {
     fn domain(&self, guest: GuestId) -> u32 {
         match self.dedup {
             DedupDomain::Off | DedupDomain::Guest => guest.0,
+            // A reserved guest's objects are its own (its slots count only
+            // its pages): a domain of its own keeps other guests' keys apart.
+            DedupDomain::Global if self.is_reserved(guest) => guest.0.wrapping_add(1),
             DedupDomain::Global => 0,
         }
     }
@@ -512,7 +567,7 @@ impl Store {
         let at = self.at(guest, pool, index);
         loop {
             let mut ix = self.index_shard(at);
-            match ix.insert(&self.keys, at, handle, &self.budget) {
+            match ix.insert(&self.keys, at, handle, &self.budget, self.is_reserved(guest)) {
                 Ok(old) => {
                     let old_fill = old.map(|h| self.release(h));
                     let c = ix.counters(guest.0, pool);
@@ -986,6 +1041,91 @@ mod tests {
             ..StoreConfig::default()
         })
         .unwrap()
+    }
+
+    fn reserving_store(dir: &tempfile::TempDir, mem_limit: u64, spill_limit: u64, pages: u64) -> Store {
+        Store::new(StoreConfig {
+            mem_limit,
+            spill: Some(SpillConfig {
+                path: dir.path().join("spill"),
+                limit: spill_limit,
+            }),
+            reserved: vec![Reservation {
+                guest: GuestId(1),
+                pages,
+            }],
+            ..StoreConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_reservation_needs_a_spill_file_that_holds_it() {
+        let r = Reservation {
+            guest: GuestId(0),
+            pages: 100,
+        };
+        let no_spill = Store::new(StoreConfig {
+            reserved: vec![r],
+            ..StoreConfig::default()
+        });
+        assert_matches!(no_spill.err(), Some(StoreError::ReservationWithoutSpill));
+        let dir = tempfile::tempdir().unwrap();
+        let small = Store::new(StoreConfig {
+            spill: Some(SpillConfig {
+                path: dir.path().to_owned(),
+                limit: r.spill_bytes() - 1,
+            }),
+            reserved: vec![r],
+            ..StoreConfig::default()
+        });
+        assert_matches!(small.err(), Some(StoreError::ReservationTooLarge { need, .. }) if need == r.spill_bytes());
+    }
+
+    /// The room guarantee: with RAM far too small and another guest filling
+    /// the shared part of the file, every put of the reserved guest is
+    /// stored, overwrites included, and reads back.
+    #[test]
+    fn a_reserved_guest_is_never_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let pages = 600u64;
+        let r = Reservation {
+            guest: GuestId(1),
+            pages,
+        };
+        let s = reserving_store(&dir, 1 << 20, r.spill_bytes() + (256 << 10), pages);
+        let mut other_rejected = 0;
+        for round in 0..2u64 {
+            for i in 0..pages {
+                // The other guest takes whatever RAM and shared file there is.
+                for j in 0..3 {
+                    if put(&s, 0, 0, i * 3 + j, &noise_page(round << 40 | i << 2 | j)) == PutOutcome::Rejected
+                    {
+                        other_rejected += 1;
+                    }
+                }
+                let outcome = s
+                    .put(GuestId(1), 0, i, &noise_page(1 << 50 | round << 40 | i))
+                    .unwrap();
+                assert_eq!(outcome, PutOutcome::Stored, "round {round} page {i}");
+                // Zero pages and twins are metadata only: never refused either.
+                if i % 7 == 0 {
+                    assert_eq!(s.put_fill(GuestId(1), 1, i, 0).unwrap(), PutOutcome::Stored);
+                }
+            }
+        }
+        assert!(other_rejected > 0, "the other guest met a full store");
+        let mut page = [0u8; PAGE_SIZE];
+        for i in 0..pages {
+            assert_eq!(
+                s.get(GuestId(1), 0, i, &mut page, false).unwrap(),
+                GetOutcome::Found
+            );
+            assert_eq!(page, noise_page(1 << 50 | 1 << 40 | i), "page {i}");
+        }
+        let g = &s.stats().guests[&1];
+        assert_eq!(g.total.stored_pages, pages + pages.div_ceil(7));
+        assert_eq!(g.total.failed_stores, 0);
     }
 
     fn spill_store(dir: &tempfile::TempDir, mem_limit: u64, spill_limit: u64) -> Store {

@@ -38,6 +38,9 @@ pub struct By {
     pub guest: u32,
     pub pool: u32,
     pub private: bool,
+    /// The guest has reserved room: its metadata may go past the budget, and
+    /// its payloads spill into its own part of the file.
+    pub reserved: bool,
 }
 
 /// What a dedup lookup found.
@@ -249,10 +252,17 @@ impl ObjShard {
             + self.owners.growth(by.guest, by.pool);
         // New chunks for puts leave one chunk of headroom, for compaction to move into.
         let keep = if alloc_growth > 0 { CHUNK as u64 } else { 0 };
-        if !self.slab.has_room(self.max_ids)
-            || (alloc_growth > 0 && !self.alloc.can_grow())
-            || !budget.try_reserve_leaving(growth, keep)
-        {
+        if !self.slab.has_room(self.max_ids) || (alloc_growth > 0 && !self.alloc.can_grow()) {
+            return Obtained::NeedRoom;
+        }
+        // A reserved guest's metadata alone (a fill, or a twin's record) is
+        // never refused; its payloads still wait for room or go to the file.
+        let fits = if by.reserved && alloc_growth == 0 {
+            budget.reserve(growth, true)
+        } else {
+            budget.try_reserve_leaving(growth, keep)
+        };
+        if !fits {
             return Obtained::NeedRoom;
         }
         self.counted += growth;
@@ -432,13 +442,13 @@ impl ObjShard {
         };
         let growth =
             (self.dedup_growth(dedup) + self.slab.growth()) as u64 + self.owners.growth(by.guest, by.pool);
-        if !self.slab.has_room(self.max_ids) || !budget.try_reserve(growth) {
+        if !self.slab.has_room(self.max_ids) || !budget.reserve(growth, by.reserved) {
             return Ok(Obtained::NeedRoom);
         }
         self.counted += growth;
         // The record is inserted after the write; nothing else takes an id in between.
         let id = self.slab.next_id();
-        let Some(offset) = spill.write(payload, self.label(id, key))? else {
+        let Some(offset) = spill.write_for(by.guest, payload, self.label(id, key))? else {
             self.settle(budget);
             return Ok(Obtained::NeedRoom);
         };
@@ -629,7 +639,8 @@ impl ObjShard {
         let len = obj.len();
         let loc = Loc::unpack(obj.loc());
         let label = self.label(id, obj.key());
-        let Some(offset) = spill.write(self.alloc.bytes(loc, len), label)? else {
+        let guest = self.owners.guest_of(obj.owner(), id).unwrap_or(u32::MAX);
+        let Some(offset) = spill.write_for(guest, self.alloc.bytes(loc, len), label)? else {
             return Ok(Evicted::TierFull);
         };
         self.alloc.free(loc, len);
@@ -712,6 +723,7 @@ mod tests {
             guest: 0,
             pool,
             private: false,
+            reserved: false,
         }
     }
 
@@ -793,7 +805,7 @@ mod tests {
     #[test]
     fn find_page_decodes_candidates_in_either_tier_and_compares_whole_pages() {
         let dir = tempfile::tempdir().unwrap();
-        let spill = SpillFile::open(&dir.path().join("s"), 1 << 20).unwrap();
+        let spill = SpillFile::open(&dir.path().join("s"), 1 << 20, &[]).unwrap();
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
         let mut page = [0u8; PAGE_SIZE];
@@ -889,7 +901,7 @@ mod tests {
     #[test]
     fn spill_round_trip_and_release_frees_file_space() {
         let dir = tempfile::tempdir().unwrap();
-        let spill = SpillFile::open(&dir.path().join("s"), 1 << 20).unwrap();
+        let spill = SpillFile::open(&dir.path().join("s"), 1 << 20, &[]).unwrap();
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
         let p: Vec<u8> = (0..700u32).map(|i| i as u8).collect();
@@ -961,7 +973,7 @@ mod tests {
     #[test]
     fn full_tier_keeps_the_object_in_ram() {
         let dir = tempfile::tempdir().unwrap();
-        let spill = SpillFile::open(&dir.path().join("s"), 0).unwrap();
+        let spill = SpillFile::open(&dir.path().join("s"), 0, &[]).unwrap();
         let budget = Budget::new(1 << 30);
         let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
         let (a, _) = id_of(s.obtain(&data(1, &[5u8; 300], true), by(0), &budget, None));

@@ -127,6 +127,8 @@ fn nonce(ctr: [u8; CTR]) -> Nonce<U12> {
 struct Space {
     /// First free slot of each slot length (in units), linked through the file.
     heads: [u64; MAX_UNITS + 1],
+    /// Where this space starts in the file.
+    base: u64,
     /// End of the space ever handed out.
     end: u64,
     /// Most the file may grow to: the limit, lowered when the FS said ENOSPC.
@@ -137,7 +139,28 @@ struct Space {
 pub struct SpillFile {
     file: File,
     sealing: Sealing,
+    /// The shared part of the file, from offset 0 to the limit less the
+    /// reservations.
     space: Mutex<Space>,
+    /// Reserved parts, after the shared one, one per reserved guest.
+    reserves: Vec<Reserve>,
+}
+
+/// A part of the file only one guest's objects may use, with a slot for each
+/// of the pages it may hold. Every slot there is a whole page long, whatever
+/// its payload, so freed slots fit any payload and the part never fragments:
+/// a guest with at most `slots` objects in the file always finds one.
+struct Reserve {
+    guest: u32,
+    /// Where the part is in the file: `start..end`.
+    start: u64,
+    end: u64,
+    space: Mutex<Space>,
+}
+
+/// Bytes of file a reservation of `slots` whole-page slots takes.
+pub fn reserve_bytes(slots: u64) -> u64 {
+    slots.saturating_mul(MAX_UNITS as u64 * UNIT)
 }
 
 /// Shows the descriptor and whether slots are sealed; never the key.
@@ -162,27 +185,81 @@ impl SpillFile {
     /// (regular or not), which is never opened, let alone truncated. The
     /// directories leading to `path` are resolved as usual. A limit past
     /// [`MAX_FILE_BYTES`] is lowered to it.
-    pub fn open(path: &Path, limit: u64) -> Result<Self, StoreError> {
-        Ok(SpillFile::over(create_private(path)?, Sealing::fresh()?, limit))
+    ///
+    /// `reserves` (guest, slots) are set apart at the end of the limit and written out now, so that the filesystem has already
+    /// given their blocks when a reserved guest needs them: a write there never
+    /// meets ENOSPC. The shared part gets what the reservations leave.
+    pub fn open(path: &Path, limit: u64, reserves: &[(u32, u64)]) -> Result<Self, StoreError> {
+        let need = reserves
+            .iter()
+            .fold(0u64, |sum, &(_, slots)| sum.saturating_add(reserve_bytes(slots)));
+        let limit = limit.min(MAX_FILE_BYTES);
+        if need > limit {
+            return Err(StoreError::ReservationTooLarge { need, limit });
+        }
+        let mut spill = SpillFile::over(create_private(path)?, Sealing::fresh()?, limit - need);
+        let mut base = limit - need;
+        for &(guest, slots) in reserves {
+            let bytes = reserve_bytes(slots);
+            write_zeros(&spill.file, base, bytes).map_err(StoreError::Reserve)?;
+            spill.reserves.push(Reserve {
+                guest,
+                start: base,
+                end: base + bytes,
+                space: Mutex::new(Space::new(base, base + bytes)),
+            });
+            base += bytes;
+        }
+        Ok(spill)
     }
 
     fn over(file: File, sealing: Sealing, limit: u64) -> Self {
         SpillFile {
             file,
             sealing,
-            space: Mutex::new(Space {
-                heads: [NONE; MAX_UNITS + 1],
-                end: 0,
-                cap: limit.min(MAX_FILE_BYTES),
-                live_bytes: 0,
-            }),
+            space: Mutex::new(Space::new(0, limit.min(MAX_FILE_BYTES))),
+            reserves: Vec::new(),
+        }
+    }
+
+    /// The reserved part of `guest`, if it has one.
+    fn reserve_of(&self, guest: u32) -> Option<&Reserve> {
+        self.reserves.iter().find(|r| r.guest == guest)
+    }
+
+    /// The space a slot at `offset` was taken from, and the units of its slot.
+    fn space_at(&self, offset: u64, len: usize) -> (&Mutex<Space>, usize) {
+        for r in &self.reserves {
+            if (r.start..r.end).contains(&offset) {
+                return (&r.space, MAX_UNITS);
+            }
+        }
+        (&self.space, units_for(len))
+    }
+
+    /// Writes one payload of an object owned by `guest`: into its reserved
+    /// part if it has one (a whole-page slot), else into the shared part.
+    /// `Ok(None)` means that part is full.
+    pub fn write_for(&self, guest: u32, payload: &[u8], label: Label) -> Result<Option<u64>, StoreError> {
+        match self.reserve_of(guest) {
+            Some(r) => self.write_in(&r.space, MAX_UNITS, payload, label),
+            None => self.write(payload, label),
         }
     }
 
     /// Writes one payload for the object `label`; `Ok(None)` means the tier is full.
     pub fn write(&self, payload: &[u8], label: Label) -> Result<Option<u64>, StoreError> {
-        let units = units_for(payload.len());
-        let Some((offset, fresh)) = self.space.lock().take(units, &self.file) else {
+        self.write_in(&self.space, units_for(payload.len()), payload, label)
+    }
+
+    fn write_in(
+        &self,
+        space: &Mutex<Space>,
+        units: usize,
+        payload: &[u8],
+        label: Label,
+    ) -> Result<Option<u64>, StoreError> {
+        let Some((offset, fresh)) = space.lock().take(units, &self.file) else {
             return Ok(None);
         };
         let mut buf = [0u8; HDR + PAGE_SIZE];
@@ -191,14 +268,14 @@ impl SpillFile {
         let written = match self.seal(offset, label, &mut buf[..len]) {
             Ok(()) => self.file.write_all_at(&buf[..len], offset),
             Err(e) => {
-                self.space.lock().give_back(offset, units, &self.file);
+                space.lock().give_back(offset, units, &self.file);
                 return Err(e);
             }
         };
         match written {
             Ok(()) => Ok(Some(offset)),
             Err(e) => {
-                let mut space = self.space.lock();
+                let mut space = space.lock();
                 space.give_back(offset, units, &self.file);
                 if is_no_space(&e) {
                     if fresh {
@@ -259,7 +336,8 @@ impl SpillFile {
 
     /// Returns the slot of a payload of `len` bytes at `offset` for reuse.
     pub fn free(&self, offset: u64, len: usize) {
-        self.space.lock().give_back(offset, units_for(len), &self.file);
+        let (space, units) = self.space_at(offset, len);
+        space.lock().give_back(offset, units, &self.file);
     }
 
     /// Host memory this holds outside itself: the cipher's key schedule.
@@ -272,7 +350,8 @@ impl SpillFile {
 
     /// Bytes of the file handed out so far (its length, holes included).
     pub fn file_bytes(&self) -> u64 {
-        self.space.lock().end
+        let reserved = self.reserves.iter().map(|r| r.end).max().unwrap_or(0);
+        self.space.lock().end.max(reserved)
     }
 
     /// Bytes of slots holding live objects.
@@ -296,6 +375,16 @@ impl SpillFile {
 }
 
 impl Space {
+    fn new(base: u64, cap: u64) -> Self {
+        Space {
+            heads: [NONE; MAX_UNITS + 1],
+            base,
+            end: base,
+            cap,
+            live_bytes: 0,
+        }
+    }
+
     /// Finds a slot of `units`; the flag says whether it extends the file.
     fn take(&mut self, units: usize, file: &File) -> Option<(u64, bool)> {
         let bytes = units as u64 * UNIT;
@@ -324,7 +413,7 @@ impl Space {
         if self.live_bytes == 0 {
             // Nothing live: the whole file is free again.
             self.heads = [NONE; MAX_UNITS + 1];
-            self.end = 0;
+            self.end = self.base;
         } else if offset + bytes == self.end {
             self.end = offset;
         } else {
@@ -357,7 +446,7 @@ impl Space {
                 n.copy_from_slice(&link[8..]);
                 let n = u64::from_le_bytes(n);
                 // A damaged link must not hand out space past the end or off the grid.
-                if n == NONE || (n < self.end && n % UNIT == 0) {
+                if n == NONE || ((self.base..self.end).contains(&n) && n % UNIT == 0) {
                     n
                 } else {
                     NONE
@@ -368,6 +457,18 @@ impl Space {
         self.heads[units] = next;
         Some(off)
     }
+}
+
+/// Writes `len` zero bytes at `offset`, so the filesystem allocates them.
+fn write_zeros(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64);
+        file.write_all_at(&zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
 }
 
 fn is_no_space(e: &io::Error) -> bool {
@@ -605,7 +706,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        let f = SpillFile::open(&dir.path().join("spill"), 1 << 20).unwrap();
+        let f = SpillFile::open(&dir.path().join("spill"), 1 << 20, &[]).unwrap();
         let mut offs = Vec::new();
         for (i, len) in [1usize, 100, 1000, 4096].into_iter().enumerate() {
             offs.push((
@@ -633,7 +734,7 @@ mod tests {
     #[test]
     fn freed_space_is_reused() {
         let dir = tempfile::tempdir().unwrap();
-        let f = SpillFile::open(&dir.path().join("spill"), 1 << 20).unwrap();
+        let f = SpillFile::open(&dir.path().join("spill"), 1 << 20, &[]).unwrap();
         let a = f.write(&payload(1000, 1), label(1)).unwrap().unwrap();
         let _b = f.write(&payload(1000, 2), label(2)).unwrap().unwrap();
         let end = f.file_bytes();
@@ -642,7 +743,7 @@ mod tests {
         assert_eq!(c, a, "same slot length reuses the freed slot");
         assert_eq!(f.file_bytes(), end);
         // A shorter payload splits a longer free slot when the file is at its cap.
-        let g = SpillFile::open(dir.path(), 5 * UNIT * 2).unwrap();
+        let g = SpillFile::open(dir.path(), 5 * UNIT * 2, &[]).unwrap();
         let big = g
             .write(&payload(4 * UNIT as usize, 4), label(4))
             .unwrap()
@@ -663,7 +764,7 @@ mod tests {
     #[test]
     fn free_lists_live_in_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let f = SpillFile::open(dir.path(), 1 << 20).unwrap();
+        let f = SpillFile::open(dir.path(), 1 << 20, &[]).unwrap();
         let offs: Vec<u64> = (0..4)
             .map(|i| f.write(&payload(300, i), label(1)).unwrap().unwrap())
             .collect();
@@ -689,17 +790,49 @@ mod tests {
     #[test]
     fn limit_makes_the_tier_full() {
         let dir = tempfile::tempdir().unwrap();
-        let f = SpillFile::open(&dir.path().join("spill"), 3 * UNIT).unwrap();
+        let f = SpillFile::open(&dir.path().join("spill"), 3 * UNIT, &[]).unwrap();
         assert!(f.write(&payload(200, 0), label(0)).unwrap().is_some());
         assert!(f.write(&payload(200, 0), label(0)).unwrap().is_none());
         assert!(f.write(&payload(50, 0), label(0)).unwrap().is_some());
         assert!(f.file_bytes() <= 3 * UNIT);
     }
 
+    /// A reserved part holds exactly its slots, each whole-page long: any mix
+    /// of payload sizes fits until every slot is taken, a freed slot takes a
+    /// page, and the other guests' writes stay in the shared part.
+    #[test]
+    fn a_reserved_part_holds_its_slots_whatever_their_payloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = 40 * UNIT;
+        let f = SpillFile::open(dir.path(), shared + reserve_bytes(3), &[(7, 3)]).unwrap();
+        let small = f.write_for(7, &payload(10, 1), label(1)).unwrap().unwrap();
+        let page = f.write_for(7, &payload(PAGE_SIZE, 2), label(2)).unwrap().unwrap();
+        let mid = f.write_for(7, &payload(1000, 3), label(3)).unwrap().unwrap();
+        for off in [small, page, mid] {
+            assert!(off >= shared, "in the reserved part: {off}");
+        }
+        assert!(
+            f.write_for(7, &payload(10, 4), label(4)).unwrap().is_none(),
+            "three slots"
+        );
+        // Other guests fill the shared part and never reach the reserved one.
+        while let Some(off) = f.write_for(1, &payload(500, 5), label(5)).unwrap() {
+            assert!(off + units_for(500) as u64 * UNIT <= shared);
+        }
+        f.free(small, 10);
+        let again = f.write_for(7, &payload(PAGE_SIZE, 6), label(6)).unwrap().unwrap();
+        assert_eq!(again, small, "the freed small slot takes a whole page");
+        let mut out = [0u8; PAGE_SIZE];
+        f.read(again, PAGE_SIZE, label(6), &mut out).unwrap();
+        assert_eq!(out[..], payload(PAGE_SIZE, 6)[..]);
+        f.read(mid, 1000, label(3), &mut out).unwrap();
+        assert_eq!(out[..1000], payload(1000, 3)[..]);
+    }
+
     #[test]
     fn corrupt_byte_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let f = SpillFile::open(dir.path(), 1 << 20).unwrap();
+        let f = SpillFile::open(dir.path(), 1 << 20, &[]).unwrap();
         let off = f.write(&payload(777, 9), label(42)).unwrap().unwrap();
         let keep = f.write(&payload(500, 3), label(43)).unwrap().unwrap();
         // One byte in the payload, in the tag and in the nonce counter: each fails,
@@ -740,7 +873,7 @@ mod tests {
     #[test]
     fn a_slot_replayed_elsewhere_does_not_open() {
         let dir = tempfile::tempdir().unwrap();
-        let f = SpillFile::open(dir.path(), 1 << 20).unwrap();
+        let f = SpillFile::open(dir.path(), 1 << 20, &[]).unwrap();
         let a = f.write(&payload(600, 1), label(1)).unwrap().unwrap();
         let b = f.write(&payload(600, 2), label(1)).unwrap().unwrap();
         let mut out = [0u8; PAGE_SIZE];
@@ -763,7 +896,7 @@ mod tests {
     #[test]
     fn every_write_has_its_own_nonce() {
         let dir = tempfile::tempdir().unwrap();
-        let f = SpillFile::open(dir.path(), 1 << 20).unwrap();
+        let f = SpillFile::open(dir.path(), 1 << 20, &[]).unwrap();
         let p = payload(1000, 5);
         let a = f.write(&p, label(9)).unwrap().unwrap();
         let first = slot_bytes(&f, a, 1000);
@@ -774,7 +907,7 @@ mod tests {
         assert_ne!(first[..CTR], second[..CTR]);
         assert_ne!(first[HDR..], second[HDR..]);
         // A second file has its own key: the same write looks different again.
-        let g = SpillFile::open(dir.path(), 1 << 20).unwrap();
+        let g = SpillFile::open(dir.path(), 1 << 20, &[]).unwrap();
         assert_eq!(g.write(&p, label(9)).unwrap(), Some(0));
         assert_eq!(f.write(&p, label(9)).unwrap(), Some(a + 8 * UNIT));
         assert_ne!(
@@ -786,7 +919,7 @@ mod tests {
     #[test]
     fn no_plaintext_reaches_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let f = SpillFile::open(dir.path(), 1 << 20).unwrap();
+        let f = SpillFile::open(dir.path(), 1 << 20, &[]).unwrap();
         let marker = b"guest secret: hunter2 ";
         let page: Vec<u8> = marker.iter().copied().cycle().take(PAGE_SIZE).collect();
         let off = f.write(&page, label(1)).unwrap().unwrap();
@@ -835,7 +968,7 @@ mod tests {
     #[test]
     fn a_directory_gets_an_unnamed_0600_file() {
         let dir = tempfile::tempdir().unwrap();
-        let f = SpillFile::open(dir.path(), 1 << 20).unwrap();
+        let f = SpillFile::open(dir.path(), 1 << 20, &[]).unwrap();
         assert_private(&f);
         f.write(&payload(100, 1), label(1)).unwrap().unwrap();
         assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
@@ -844,11 +977,11 @@ mod tests {
     #[test]
     fn a_new_name_is_never_left_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let f = SpillFile::open(&dir.path().join("spill.bin"), 1 << 20).unwrap();
+        let f = SpillFile::open(&dir.path().join("spill.bin"), 1 << 20, &[]).unwrap();
         assert_private(&f);
         assert!(entries(dir.path()).is_empty());
         // A relative name is made in the working directory, likewise.
-        let g = SpillFile::open(Path::new("target-spill-test-name-never-made"), 1 << 20).unwrap();
+        let g = SpillFile::open(Path::new("target-spill-test-name-never-made"), 1 << 20, &[]).unwrap();
         assert_private(&g);
         assert!(!Path::new("target-spill-test-name-never-made").exists());
     }
@@ -885,7 +1018,7 @@ mod tests {
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o666)).unwrap();
         let link = dir.path().join("spill");
         symlink(&target, &link).unwrap();
-        assert_matches!(SpillFile::open(&link, 1 << 20), Err(StoreError::SpillSymlink(p)) if p == link);
+        assert_matches!(SpillFile::open(&link, 1 << 20, &[]), Err(StoreError::SpillSymlink(p)) if p == link);
         assert_eq!(std::fs::read(&target).unwrap(), b"do not truncate");
         assert_eq!(std::fs::metadata(&target).unwrap().mode() & 0o777, 0o666);
         // A link to a directory, or a dangling one, is refused too.
@@ -894,13 +1027,13 @@ mod tests {
         let dir_link = dir.path().join("dir-link");
         symlink(&sub, &dir_link).unwrap();
         assert_matches!(
-            SpillFile::open(&dir_link, 1 << 20),
+            SpillFile::open(&dir_link, 1 << 20, &[]),
             Err(StoreError::SpillSymlink(_))
         );
         let dangling = dir.path().join("dangling");
         symlink(dir.path().join("nowhere"), &dangling).unwrap();
         assert_matches!(
-            SpillFile::open(&dangling, 1 << 20),
+            SpillFile::open(&dangling, 1 << 20, &[]),
             Err(StoreError::SpillSymlink(_))
         );
         assert!(!dir.path().join("nowhere").exists());
@@ -913,14 +1046,14 @@ mod tests {
         let old = dir.path().join("spill");
         std::fs::write(&old, b"an old spill file").unwrap();
         std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let e = SpillFile::open(&old, 1 << 20).err().unwrap();
+        let e = SpillFile::open(&old, 1 << 20, &[]).err().unwrap();
         assert_matches!(&e, StoreError::SpillExists(p) if *p == old);
         assert!(e.to_string().contains("never reused"), "{e}");
         assert_eq!(std::fs::read(&old).unwrap(), b"an old spill file");
         assert_eq!(std::fs::metadata(&old).unwrap().mode() & 0o777, 0o666);
         // Devices are files too.
         assert_matches!(
-            SpillFile::open(Path::new("/dev/null"), 1 << 20),
+            SpillFile::open(Path::new("/dev/null"), 1 << 20, &[]),
             Err(StoreError::SpillExists(_))
         );
     }
@@ -932,7 +1065,7 @@ mod tests {
         let missing = dir.path().join("missing");
         for path in [missing.join("spill"), dir.path().join("new/")] {
             assert_matches!(
-                SpillFile::open(&path, 1 << 20),
+                SpillFile::open(&path, 1 << 20, &[]),
                 Err(StoreError::OpenSpill { source, .. }) if source.kind() == io::ErrorKind::NotFound,
                 "{path:?}"
             );
@@ -944,7 +1077,7 @@ mod tests {
             std::fs::create_dir(&ro).unwrap();
             std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o500)).unwrap();
             assert_matches!(
-                SpillFile::open(&ro, 1 << 20),
+                SpillFile::open(&ro, 1 << 20, &[]),
                 Err(StoreError::OpenSpill { source, .. }) if source.kind() == io::ErrorKind::PermissionDenied
             );
         }

@@ -38,8 +38,15 @@ impl Daemon {
 
     /// `vms` sockets plus extra command-line arguments.
     pub fn with(vms: usize, extra: &[&str]) -> Daemon {
+        Daemon::with_options(&vec![""; vms], extra)
+    }
+
+    /// One socket per entry of `options`, with those options after its path
+    /// (`blk=16M`, say), plus extra command-line arguments.
+    pub fn with_options(options: &[&str], extra: &[&str]) -> Daemon {
         let mut spec = DaemonSpec::new(env!("CARGO_BIN_EXE_vhost-user-tmem"));
-        spec.vms = vms;
+        spec.vms = options.len();
+        spec.socket_options = options.iter().map(|o| o.to_string()).collect();
         spec.timeout = TIMEOUT;
         spec.log_filter = std::env::var("RUST_LOG").unwrap_or("warn".into());
         if !extra.contains(&"--mem-limit") {
