@@ -28,7 +28,7 @@ use vhost_user_tmem::{
     config::{Args, Config, DeviceKind, DeviceSpec, AUTO_HEADROOM_MAX, MAX_POLL_US, MAX_QUEUES},
     error_chain,
     size::{parse_size, ByteSize, SizeError},
-    store::PAGE_SIZE,
+    store::{GuestId, Reservation, PAGE_SIZE},
 };
 
 const MAX_ARGS: usize = 32;
@@ -145,7 +145,26 @@ struct Expected {
 
 /// Device options this build serves.
 fn supported(spec: &DeviceSpec) -> bool {
-    spec.kind == DeviceKind::Tmem && spec.max.is_none() && spec.weight == 1
+    spec.max.is_none() && spec.weight == 1
+}
+
+/// Spill file bytes the blk devices set apart: each disk's blocks and a few
+/// spare slots, never wrapping.
+fn blk_room(devices: &[DeviceSpec]) -> u128 {
+    devices
+        .iter()
+        .enumerate()
+        .filter_map(|(n, spec)| match spec.kind {
+            DeviceKind::Blk { size } => Some(u128::from(
+                Reservation {
+                    guest: GuestId(n as u32),
+                    pages: size / PAGE_SIZE as u64,
+                }
+                .spill_bytes(),
+            )),
+            DeviceKind::Tmem => None,
+        })
+        .sum()
 }
 
 fn expected(args: &Args) -> Option<Expected> {
@@ -177,6 +196,10 @@ fn expected(args: &Args) -> Option<Expected> {
         (Some(_), Some(limit)) => Some(size(limit)?),
         _ => None,
     };
+    let room = blk_room(&devices);
+    if room > 0 && room > u128::from(spill_limit.unwrap_or(0)) {
+        return None;
+    }
     let headroom = match (spill_limit, args.writeback_headroom.as_str()) {
         (None, _) => 0,
         (Some(_), "auto") => (mem_limit / 16).min(AUTO_HEADROOM_MAX),

@@ -215,7 +215,12 @@ impl TryFrom<Args> for Config {
             _ => None,
         };
         let reserved = reservations(&devices);
-        let need = reserved.iter().map(Reservation::spill_bytes).sum::<u64>();
+        // Saturating: disks too large to add up are as refused as any other
+        // that does not fit.
+        let need = reserved
+            .iter()
+            .map(Reservation::spill_bytes)
+            .fold(0u64, u64::saturating_add);
         let limit = spill.as_ref().map_or(0, |s| s.limit);
         if !reserved.is_empty() && need > limit {
             return Err(ConfigError::BlkRoom { need, limit });
