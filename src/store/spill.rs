@@ -186,9 +186,9 @@ impl SpillFile {
     /// directories leading to `path` are resolved as usual. A limit past
     /// [`MAX_FILE_BYTES`] is lowered to it.
     ///
-    /// `reserves` (guest, slots) are set apart at the end of the limit and written out now, so that the filesystem has already
-    /// given their blocks when a reserved guest needs them: a write there never
-    /// meets ENOSPC. The shared part gets what the reservations leave.
+    /// `reserves` (guest, slots) are set apart at the end of the limit and
+    /// allocated now, so that the filesystem has already given their blocks
+    /// when a reserved guest needs them: a write there never meets ENOSPC. The shared part gets what the reservations leave.
     pub fn open(path: &Path, limit: u64, reserves: &[(u32, u64)]) -> Result<Self, StoreError> {
         let need = reserves
             .iter()
@@ -201,7 +201,7 @@ impl SpillFile {
         let mut base = limit - need;
         for &(guest, slots) in reserves {
             let bytes = reserve_bytes(slots);
-            write_zeros(&spill.file, base, bytes).map_err(StoreError::Reserve)?;
+            allocate(&spill.file, base, bytes).map_err(StoreError::Reserve)?;
             spill.reserves.push(Reserve {
                 guest,
                 start: base,
@@ -459,8 +459,18 @@ impl Space {
     }
 }
 
-/// Writes `len` zero bytes at `offset`, so the filesystem allocates them.
-fn write_zeros(file: &File, offset: u64, len: u64) -> io::Result<()> {
+/// Makes the filesystem allocate `len` bytes at `offset` now, so that no
+/// later write there can fail for room. fallocate does that without writing
+/// (ext4, xfs, tmpfs); where it is not supported, zeros are written instead.
+fn allocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), offset, len) {
+        Ok(()) => return Ok(()),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {}
+        Err(e) => return Err(e.into()),
+    }
     let zeros = vec![0u8; 1 << 20];
     let mut done = 0;
     while done < len {
