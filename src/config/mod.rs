@@ -14,6 +14,7 @@ use thiserror::Error;
 pub use self::device::{DeviceKind, DeviceSpec, DeviceSpecError, MAX_WEIGHT};
 use crate::{
     protocol::PAGE_SIZE,
+    sandbox::{Credentials, LookupError, SandboxConfig, SandboxMode},
     size::{parse_size, SizeError},
     store::{DedupDomain, SpillConfig, StoreConfig},
 };
@@ -72,6 +73,35 @@ pub struct Args {
     /// Which pages may share one stored copy.
     #[arg(long, value_enum, default_value_t = DedupArg::Guest)]
     pub dedup: DedupArg,
+    /// Confinement once set up: seccomp allow-lists (a forbidden syscall
+    /// kills the daemon), Landlock and no_new_privs. "log" only logs a
+    /// forbidden syscall (kernel audit log); "off" is for debugging.
+    #[arg(long, value_enum, default_value_t = SandboxArg::On)]
+    pub sandbox: SandboxArg,
+    /// User (name or id) to run as once the sockets are bound.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Group (name or id) to run as once the sockets are bound; the user's
+    /// primary group by default.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxArg {
+    On,
+    Log,
+    Off,
+}
+
+impl From<SandboxArg> for SandboxMode {
+    fn from(arg: SandboxArg) -> Self {
+        match arg {
+            SandboxArg::On => SandboxMode::On,
+            SandboxArg::Log => SandboxMode::Log,
+            SandboxArg::Off => SandboxMode::Off,
+        }
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +142,7 @@ pub struct Config {
     pub queues: u16,
     pub capacity_pages: u64,
     pub poll: Duration,
+    pub sandbox: SandboxConfig,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -150,6 +181,10 @@ pub enum ConfigError {
     ControlIsSocket(PathBuf),
     #[error("--writeback-headroom {headroom} must be below --mem-limit {limit}")]
     HeadroomTooLarge { headroom: u64, limit: u64 },
+    #[error("invalid --user or --group")]
+    Credentials(#[source] LookupError),
+    #[error("--user and --group need the sandbox; they cannot go with --sandbox off")]
+    CredentialsWithoutSandbox,
 }
 
 /// Cap of the "auto" headroom: past this, the writer runs long enough ahead.
@@ -228,6 +263,11 @@ impl TryFrom<Args> for Config {
         if capacity != 0 && capacity < PAGE_SIZE as u64 {
             return Err(ConfigError::CapacityTooSmall(capacity));
         }
+        if args.sandbox == SandboxArg::Off && (args.user.is_some() || args.group.is_some()) {
+            return Err(ConfigError::CredentialsWithoutSandbox);
+        }
+        let credentials = Credentials::resolve(args.user.as_deref(), args.group.as_deref())
+            .map_err(ConfigError::Credentials)?;
         Ok(Config {
             devices,
             control: args.control,
@@ -242,6 +282,10 @@ impl TryFrom<Args> for Config {
             queues: args.queues,
             capacity_pages: capacity / PAGE_SIZE as u64,
             poll: Duration::from_micros(args.poll_us),
+            sandbox: SandboxConfig {
+                mode: args.sandbox.into(),
+                credentials,
+            },
         })
     }
 }
