@@ -61,6 +61,12 @@ impl Ruleset {
 /// How far the kernel enforced the ruleset, for the log.
 pub(super) struct Status(RestrictionStatus);
 
+impl Status {
+    pub(super) fn fully_enforced(&self) -> bool {
+        matches!(self.0.ruleset, RulesetStatus::FullyEnforced)
+    }
+}
+
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let abi = match self.0.landlock {

@@ -219,7 +219,11 @@ pub fn enter(role: Role) -> Result<(), SandboxError> {
         set_no_new_privs()?;
         let status = sandbox.ruleset.restrict(role)?;
         if !sandbox.reported.swap(true, Ordering::Relaxed) {
-            info!("{status}");
+            if status.fully_enforced() {
+                info!("{status}");
+            } else {
+                warn!("{status}");
+            }
         }
     }
     sandbox.programs.apply(role)?;
