@@ -526,4 +526,50 @@ mod tests {
             })
         );
     }
+
+    #[test]
+    fn sandbox_is_on_by_default_and_can_log_or_be_off() {
+        assert_eq!(parse(&[]).unwrap().sandbox, SandboxConfig::default());
+        assert_eq!(SandboxConfig::default().mode, SandboxMode::On);
+        for (arg, mode) in [
+            ("on", SandboxMode::On),
+            ("log", SandboxMode::Log),
+            ("off", SandboxMode::Off),
+        ] {
+            assert_eq!(parse(&["--sandbox", arg]).unwrap().sandbox.mode, mode);
+        }
+        assert!(Args::try_parse_from(["vhost-user-tmem", "--socket", "/a", "--sandbox", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn user_and_group_are_resolved_and_need_the_sandbox() {
+        let c = parse(&["--user", "root"]).unwrap();
+        assert_eq!(
+            c.sandbox.credentials,
+            Credentials {
+                uid: Some(0),
+                gid: Some(0)
+            }
+        );
+        let c = parse(&["--group", "0"]).unwrap();
+        assert_eq!(
+            c.sandbox.credentials,
+            Credentials {
+                uid: None,
+                gid: Some(0)
+            }
+        );
+        assert_matches!(
+            parse(&["--user", "no-such-user-tmem"]),
+            Err(ConfigError::Credentials(LookupError::NoUser(_)))
+        );
+        assert_matches!(
+            parse(&["--group", "no-such-group-tmem"]),
+            Err(ConfigError::Credentials(LookupError::NoGroup(_)))
+        );
+        assert_eq!(
+            parse(&["--sandbox", "off", "--user", "root"]),
+            Err(ConfigError::CredentialsWithoutSandbox)
+        );
+    }
 }
