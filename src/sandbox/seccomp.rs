@@ -335,6 +335,8 @@ const FCNTL: Allow = allow!(
         ]
     )
 );
+// The requests are `c_ulong` on glibc and `c_int` on other C libraries.
+#[allow(clippy::unnecessary_cast)]
 const IOCTL: Allow = allow!(
     ioctl,
     Args::OneOf(1, &[libc::FIONBIO as u64, libc::FIONREAD as u64])
