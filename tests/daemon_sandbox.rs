@@ -13,23 +13,24 @@ use vhost_user_tmem::{
     protocol::Status,
 };
 
-/// Each thread of `pid`: its name, and its `Seccomp` and `NoNewPrivs` lines.
-fn threads(pid: i32) -> Vec<(String, String, String)> {
+/// Each thread of `pid`: its name and its status file.
+fn threads(pid: i32) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task") {
         let dir = task.expect("task entry").path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
         let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.trim().to_owned())
-                .unwrap_or_default()
-        };
-        out.push((comm.trim().to_owned(), field("Seccomp:"), field("NoNewPrivs:")));
+        out.push((comm.trim().to_owned(), status));
     }
     out
+}
+
+/// The value of one line of a status file.
+fn field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map_or("", str::trim)
 }
 
 /// A daemon with a VMM on two queues, a spill file with its writer, and a
@@ -77,9 +78,17 @@ fn every_thread_runs_under_seccomp_with_no_new_privs() {
     ] {
         assert!(names.contains(&wanted), "no {wanted} thread among {names:?}");
     }
-    for (name, seccomp, nnp) in &threads {
-        assert_eq!(seccomp, "2", "thread {name} is not under a seccomp filter");
-        assert_eq!(nnp, "1", "thread {name} has no no_new_privs");
+    for (name, status) in &threads {
+        assert_eq!(
+            field(status, "Seccomp:"),
+            "2",
+            "thread {name} is not under a seccomp filter"
+        );
+        assert_eq!(
+            field(status, "NoNewPrivs:"),
+            "1",
+            "thread {name} has no no_new_privs"
+        );
     }
     // Confined, it still serves the control socket and stops cleanly.
     let Busy { daemon: mut d, .. } = busy;
@@ -92,9 +101,48 @@ fn every_thread_runs_under_seccomp_with_no_new_privs() {
 #[test]
 fn sandbox_off_confines_nothing() {
     let busy = busy_daemon(&["--sandbox", "off"]);
-    for (name, seccomp, nnp) in threads(busy.daemon.pid()) {
-        assert_eq!((seccomp.as_str(), nnp.as_str()), ("0", "0"), "thread {name}");
+    for (name, status) in threads(busy.daemon.pid()) {
+        let fields = (field(&status, "Seccomp:"), field(&status, "NoNewPrivs:"));
+        assert_eq!(fields, ("0", "0"), "thread {name}");
     }
     let Busy { daemon: mut d, .. } = busy;
     assert!(d.terminate().success());
+}
+
+/// `--user`: every thread drops to the user (and its group) once set-up
+/// is over, and the daemon still serves guests, spills, and answers root on
+/// its control socket. Needs root to start with.
+#[test]
+fn user_drops_root_in_every_thread() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: nothing to drop");
+        return;
+    }
+    let busy = busy_daemon(&["--user", "65534", "--group", "65534", "--mem-limit", "1M"]);
+    for (name, status) in threads(busy.daemon.pid()) {
+        for name_of_ids in ["Uid:", "Gid:"] {
+            let ids: Vec<&str> = field(&status, name_of_ids).split_whitespace().collect();
+            assert_eq!(ids, ["65534"; 4], "thread {name}: {name_of_ids}");
+        }
+        assert_eq!(field(&status, "Groups:"), "65534", "thread {name}");
+    }
+    let Busy {
+        daemon: mut d,
+        _vmm: vmm,
+        _queues: mut queues,
+        ..
+    } = busy;
+    // Past the 1M limit: pages go to the spill file, opened as root.
+    for i in 0..1024u64 {
+        assert_eq!(
+            queues[0].put(2, i, &page(1000 + i)).unwrap().status,
+            Some(Status::Ok)
+        );
+    }
+    assert_eq!(queues[0].get(2, 3, false).unwrap().page, page(1003));
+    assert!(d.total_counter("spill_writes") > 0, "{}", d.stats());
+    drop((vmm, queues));
+    d.assert_alive();
+    assert!(d.terminate().success(), "{}", d.log());
 }
