@@ -89,6 +89,16 @@ fn every_thread_runs_under_seccomp_with_no_new_privs() {
             "1",
             "thread {name} has no no_new_privs"
         );
+        // The refusing filter and the role's allow-list; a thread made by a
+        // confined one has narrowed its creator's with a third.
+        let filters = match name.as_str() {
+            "vring_worker" | "tmem-ctl-client" => "3",
+            _ => "2",
+        };
+        let counted = field(status, "Seccomp_filters:");
+        if !counted.is_empty() {
+            assert_eq!(counted, filters, "thread {name}: filters installed");
+        }
     }
     // Confined, it still serves the control socket and stops cleanly.
     let Busy { daemon: mut d, .. } = busy;
