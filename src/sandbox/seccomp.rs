@@ -18,6 +18,7 @@ use super::{Role, SandboxError, SandboxMode};
 /// One allowed syscall, with the arguments it may take.
 #[derive(Clone, Copy, Debug)]
 struct Allow {
+    /// `SYS_` and the syscall's name.
     name: &'static str,
     nr: c_long,
     args: Args,
@@ -32,247 +33,49 @@ enum Args {
     HasBits(u8, u64),
 }
 
+/// `allow!(SYS_read)`: `read`, whatever its arguments; `allow!(SYS_read, args)`.
 macro_rules! allow {
-    ($name:ident) => {
-        Allow {
-            name: stringify!($name),
-            nr: paste_nr!($name),
-            args: Args::Any,
-        }
+    ($nr:ident) => {
+        allow!($nr, Args::Any)
     };
-    ($name:ident, $args:expr) => {
+    ($nr:ident, $args:expr) => {
         Allow {
-            name: stringify!($name),
-            nr: paste_nr!($name),
+            name: stringify!($nr),
+            nr: libc::$nr,
             args: $args,
         }
     };
 }
 
-macro_rules! paste_nr {
-    (read) => {
-        libc::SYS_read
-    };
-    (write) => {
-        libc::SYS_write
-    };
-    (writev) => {
-        libc::SYS_writev
-    };
-    (close) => {
-        libc::SYS_close
-    };
-    (futex) => {
-        libc::SYS_futex
-    };
-    (mmap) => {
-        libc::SYS_mmap
-    };
-    (munmap) => {
-        libc::SYS_munmap
-    };
-    (mremap) => {
-        libc::SYS_mremap
-    };
-    (mprotect) => {
-        libc::SYS_mprotect
-    };
-    (madvise) => {
-        libc::SYS_madvise
-    };
-    (brk) => {
-        libc::SYS_brk
-    };
-    (rt_sigprocmask) => {
-        libc::SYS_rt_sigprocmask
-    };
-    (rt_sigreturn) => {
-        libc::SYS_rt_sigreturn
-    };
-    (rt_sigtimedwait) => {
-        libc::SYS_rt_sigtimedwait
-    };
-    (sigaltstack) => {
-        libc::SYS_sigaltstack
-    };
-    (exit) => {
-        libc::SYS_exit
-    };
-    (exit_group) => {
-        libc::SYS_exit_group
-    };
-    (clock_gettime) => {
-        libc::SYS_clock_gettime
-    };
-    (clock_nanosleep) => {
-        libc::SYS_clock_nanosleep
-    };
-    (nanosleep) => {
-        libc::SYS_nanosleep
-    };
-    (sched_yield) => {
-        libc::SYS_sched_yield
-    };
-    (sched_getaffinity) => {
-        libc::SYS_sched_getaffinity
-    };
-    (getrandom) => {
-        libc::SYS_getrandom
-    };
-    (gettid) => {
-        libc::SYS_gettid
-    };
-    (getpid) => {
-        libc::SYS_getpid
-    };
-    (geteuid) => {
-        libc::SYS_geteuid
-    };
-    (restart_syscall) => {
-        libc::SYS_restart_syscall
-    };
-    (clone) => {
-        libc::SYS_clone
-    };
-    (clone3) => {
-        libc::SYS_clone3
-    };
-    (set_robust_list) => {
-        libc::SYS_set_robust_list
-    };
-    (rseq) => {
-        libc::SYS_rseq
-    };
-    (prctl) => {
-        libc::SYS_prctl
-    };
-    (seccomp) => {
-        libc::SYS_seccomp
-    };
-    (shutdown) => {
-        libc::SYS_shutdown
-    };
-    (unlinkat) => {
-        libc::SYS_unlinkat
-    };
-    (newfstatat) => {
-        libc::SYS_newfstatat
-    };
-    (statx) => {
-        libc::SYS_statx
-    };
-    (fstat) => {
-        libc::SYS_fstat
-    };
-    (accept4) => {
-        libc::SYS_accept4
-    };
-    (recvmsg) => {
-        libc::SYS_recvmsg
-    };
-    (sendmsg) => {
-        libc::SYS_sendmsg
-    };
-    (recvfrom) => {
-        libc::SYS_recvfrom
-    };
-    (sendto) => {
-        libc::SYS_sendto
-    };
-    (socketpair) => {
-        libc::SYS_socketpair
-    };
-    (getsockopt) => {
-        libc::SYS_getsockopt
-    };
-    (setsockopt) => {
-        libc::SYS_setsockopt
-    };
-    (epoll_create1) => {
-        libc::SYS_epoll_create1
-    };
-    (epoll_ctl) => {
-        libc::SYS_epoll_ctl
-    };
-    (epoll_pwait) => {
-        libc::SYS_epoll_pwait
-    };
-    (eventfd2) => {
-        libc::SYS_eventfd2
-    };
-    (fcntl) => {
-        libc::SYS_fcntl
-    };
-    (ioctl) => {
-        libc::SYS_ioctl
-    };
-    (ppoll) => {
-        libc::SYS_ppoll
-    };
-    (pread64) => {
-        libc::SYS_pread64
-    };
-    (pwrite64) => {
-        libc::SYS_pwrite64
-    };
-    (fallocate) => {
-        libc::SYS_fallocate
-    };
-    (fdatasync) => {
-        libc::SYS_fdatasync
-    };
-    (fsync) => {
-        libc::SYS_fsync
-    };
-    (unlink) => {
-        libc::SYS_unlink
-    };
-    (lstat) => {
-        libc::SYS_lstat
-    };
-    (poll) => {
-        libc::SYS_poll
-    };
-    (openat) => {
-        libc::SYS_openat
-    };
-    (open) => {
-        libc::SYS_open
-    };
-    (epoll_wait) => {
-        libc::SYS_epoll_wait
-    };
-}
-
 /// What every thread does: memory, locks, time, logging to stderr, leaving.
 const BASE: &[Allow] = &[
-    allow!(read),
-    allow!(write),
-    allow!(writev),
-    allow!(close),
-    allow!(futex),
-    allow!(mmap),
-    allow!(munmap),
-    allow!(mremap),
-    allow!(mprotect),
-    allow!(madvise),
-    allow!(brk),
-    allow!(rt_sigprocmask),
-    allow!(rt_sigreturn),
-    allow!(sigaltstack),
-    allow!(exit),
-    allow!(exit_group),
-    allow!(clock_gettime),
-    allow!(clock_nanosleep),
-    allow!(nanosleep),
-    allow!(sched_yield),
-    allow!(getrandom),
-    allow!(gettid),
-    allow!(getpid),
-    allow!(restart_syscall),
+    allow!(SYS_read),
+    allow!(SYS_write),
+    allow!(SYS_writev),
+    allow!(SYS_close),
+    allow!(SYS_futex),
+    allow!(SYS_mmap),
+    allow!(SYS_munmap),
+    allow!(SYS_mremap),
+    allow!(SYS_mprotect),
+    allow!(SYS_madvise),
+    allow!(SYS_brk),
+    allow!(SYS_rt_sigprocmask),
+    allow!(SYS_rt_sigreturn),
+    allow!(SYS_sigaltstack),
+    allow!(SYS_exit),
+    allow!(SYS_exit_group),
+    allow!(SYS_clock_gettime),
+    allow!(SYS_clock_nanosleep),
+    allow!(SYS_nanosleep),
+    allow!(SYS_sched_yield),
+    allow!(SYS_getrandom),
+    allow!(SYS_gettid),
+    allow!(SYS_getpid),
+    allow!(SYS_restart_syscall),
     FCNTL,
     // Refused with EACCES by the second filter (see `REFUSED`), never run.
-    allow!(openat),
+    allow!(SYS_openat),
 ];
 
 /// Syscalls that fail with EACCES instead of killing the process: glibc
@@ -280,50 +83,53 @@ const BASE: &[Allow] = &[
 /// makes an arena, the overcommit policy when it shrinks a heap) and copes
 /// when it cannot. Opening a file by path never succeeds in the sandbox.
 #[cfg(target_arch = "x86_64")]
-const REFUSED: &[Allow] = &[allow!(openat), allow!(open)];
+const REFUSED: &[Allow] = &[allow!(SYS_openat), allow!(SYS_open)];
 #[cfg(not(target_arch = "x86_64"))]
-const REFUSED: &[Allow] = &[allow!(openat)];
+const REFUSED: &[Allow] = &[allow!(SYS_openat)];
 
 /// Creating a thread (which then names itself) and letting it narrow its
 /// filter.
 const SPAWN: &[Allow] = &[
-    allow!(clone, Args::HasBits(0, libc::CLONE_THREAD as u64)),
-    allow!(clone3),
-    allow!(set_robust_list),
-    allow!(rseq),
-    allow!(sched_getaffinity),
+    allow!(SYS_clone, Args::HasBits(0, libc::CLONE_THREAD as u64)),
+    allow!(SYS_clone3),
+    allow!(SYS_set_robust_list),
+    allow!(SYS_rseq),
+    allow!(SYS_sched_getaffinity),
     allow!(
-        prctl,
+        SYS_prctl,
         Args::OneOf(0, &[libc::PR_SET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64])
     ),
-    allow!(seccomp, Args::OneOf(0, &[libc::SECCOMP_SET_MODE_FILTER as u64])),
+    allow!(
+        SYS_seccomp,
+        Args::OneOf(0, &[libc::SECCOMP_SET_MODE_FILTER as u64])
+    ),
 ];
 
 /// Reading, writing, growing and punching the spill file through its
 /// descriptor.
 const SPILL: &[Allow] = &[
-    allow!(pread64),
-    allow!(pwrite64),
-    allow!(fallocate),
-    allow!(fdatasync),
-    allow!(fsync),
+    allow!(SYS_pread64),
+    allow!(SYS_pwrite64),
+    allow!(SYS_fallocate),
+    allow!(SYS_fdatasync),
+    allow!(SYS_fsync),
 ];
 
 /// Removing a socket file at shutdown, once sure it is still ours.
 #[cfg(target_arch = "x86_64")]
 const REMOVE_SOCKET: &[Allow] = &[
-    allow!(unlinkat),
-    allow!(unlink),
-    allow!(newfstatat),
-    allow!(lstat),
-    allow!(statx),
+    allow!(SYS_unlinkat),
+    allow!(SYS_unlink),
+    allow!(SYS_newfstatat),
+    allow!(SYS_lstat),
+    allow!(SYS_statx),
 ];
 #[cfg(not(target_arch = "x86_64"))]
-const REMOVE_SOCKET: &[Allow] = &[allow!(unlinkat), allow!(newfstatat), allow!(statx)];
+const REMOVE_SOCKET: &[Allow] = &[allow!(SYS_unlinkat), allow!(SYS_newfstatat), allow!(SYS_statx)];
 
 /// The flags and requests a descriptor's users set and ask.
 const FCNTL: Allow = allow!(
-    fcntl,
+    SYS_fcntl,
     Args::OneOf(
         1,
         &[
@@ -338,56 +144,53 @@ const FCNTL: Allow = allow!(
 // The requests are `c_ulong` on glibc and `c_int` on other C libraries.
 #[allow(clippy::unnecessary_cast)]
 const IOCTL: Allow = allow!(
-    ioctl,
+    SYS_ioctl,
     Args::OneOf(1, &[libc::FIONBIO as u64, libc::FIONREAD as u64])
 );
 
-const MAIN: &[Allow] = &[allow!(rt_sigtimedwait), allow!(shutdown)];
-const WATCHDOG: &[Allow] = &[allow!(rt_sigtimedwait)];
+const MAIN: &[Allow] = &[allow!(SYS_rt_sigtimedwait), allow!(SYS_shutdown)];
+const WATCHDOG: &[Allow] = &[allow!(SYS_rt_sigtimedwait)];
 #[cfg(target_arch = "x86_64")]
-const WORKER: &[Allow] = &[allow!(epoll_pwait), allow!(epoll_wait)];
+const WORKER: &[Allow] = &[allow!(SYS_epoll_pwait), allow!(SYS_epoll_wait)];
 #[cfg(not(target_arch = "x86_64"))]
-const WORKER: &[Allow] = &[allow!(epoll_pwait)];
+const WORKER: &[Allow] = &[allow!(SYS_epoll_pwait)];
 const DEVICE: &[Allow] = &[
-    allow!(accept4),
-    allow!(recvmsg),
-    allow!(sendmsg),
-    allow!(shutdown),
-    allow!(epoll_create1),
-    allow!(epoll_ctl),
-    allow!(eventfd2),
-    allow!(fstat),
-    FCNTL,
+    allow!(SYS_accept4),
+    allow!(SYS_recvmsg),
+    allow!(SYS_sendmsg),
+    allow!(SYS_shutdown),
+    allow!(SYS_epoll_create1),
+    allow!(SYS_epoll_ctl),
+    allow!(SYS_eventfd2),
+    allow!(SYS_fstat),
     IOCTL,
 ];
 #[cfg(target_arch = "x86_64")]
 const CONTROL_CLIENT: &[Allow] = &[
-    allow!(poll),
-    allow!(ppoll),
-    allow!(recvfrom),
-    allow!(sendto),
-    allow!(getsockopt),
-    allow!(setsockopt),
-    allow!(shutdown),
-    allow!(geteuid),
-    FCNTL,
+    allow!(SYS_poll),
+    allow!(SYS_ppoll),
+    allow!(SYS_recvfrom),
+    allow!(SYS_sendto),
+    allow!(SYS_getsockopt),
+    allow!(SYS_setsockopt),
+    allow!(SYS_shutdown),
+    allow!(SYS_geteuid),
     IOCTL,
 ];
 #[cfg(not(target_arch = "x86_64"))]
 const CONTROL_CLIENT: &[Allow] = &[
-    allow!(ppoll),
-    allow!(recvfrom),
-    allow!(sendto),
-    allow!(getsockopt),
-    allow!(setsockopt),
-    allow!(shutdown),
-    allow!(geteuid),
-    FCNTL,
+    allow!(SYS_ppoll),
+    allow!(SYS_recvfrom),
+    allow!(SYS_sendto),
+    allow!(SYS_getsockopt),
+    allow!(SYS_setsockopt),
+    allow!(SYS_shutdown),
+    allow!(SYS_geteuid),
     IOCTL,
 ];
 const CONTROL: &[Allow] = &[
-    allow!(accept4),
-    allow!(socketpair, Args::OneOf(0, &[libc::AF_UNIX as u64])),
+    allow!(SYS_accept4),
+    allow!(SYS_socketpair, Args::OneOf(0, &[libc::AF_UNIX as u64])),
 ];
 
 /// The lists that make up `role`'s allow-list, its children's included.
@@ -411,7 +214,11 @@ fn lists(role: Role) -> Vec<&'static [Allow]> {
 
 /// The names of the syscalls `role` allows, sorted, for the docs and tests.
 pub fn allowed_syscalls(role: Role) -> Vec<&'static str> {
-    let mut names: Vec<_> = lists(role).into_iter().flatten().map(|a| a.name).collect();
+    let mut names: Vec<_> = lists(role)
+        .into_iter()
+        .flatten()
+        .map(|a| a.name.trim_start_matches("SYS_"))
+        .collect();
     names.sort_unstable();
     names.dedup();
     names
