@@ -412,12 +412,31 @@ start_daemon() {
         >"$run/daemon.log" 2>&1 &
     DAEMON_PID=$!
     for i in $(seq 100); do
-        [ -S "$run/tmem.sock" ] && [ -S "$run/control.sock" ] && return 0
+        [ -S "$run/tmem.sock" ] && [ -S "$run/control.sock" ] && {
+            check_sandboxed "$run" "$@"
+            return 0
+        }
         kill -0 "$DAEMON_PID" 2>/dev/null || break
         sleep 0.1
     done
     cat "$run/daemon.log" >&2
     die "daemon did not come up (log: $run/daemon.log)"
+}
+
+# check_sandboxed RUNDIR [daemon args...]: unless given --sandbox off, every
+# thread of the daemon is under its seccomp filter ("Seccomp: 2") once
+# set-up is over, which follows the sockets' binding by a moment.
+check_sandboxed() {
+    local run=$1 i status
+    shift
+    case " $* " in *" --sandbox off "*) return 0 ;; esac
+    for i in $(seq 50); do
+        status=$(cat /proc/"$DAEMON_PID"/task/*/status 2>/dev/null | grep '^Seccomp:' | sort -u)
+        [ "$(printf '%s\n' "$status" | tr -d '[:space:]')" = "Seccomp:2" ] && return 0
+        sleep 0.1
+    done
+    cat "$run/daemon.log" >&2
+    die "daemon threads are not all sandboxed (seccomp: $(printf '%s' "$status" | tr '\n' ' '))"
 }
 
 stop_daemon() {

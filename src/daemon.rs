@@ -44,6 +44,7 @@ use crate::{
     control::{ControlContext, ControlError, ControlServer, DeviceReport},
     device::TmemBackend,
     error_chain,
+    sandbox::{self, Role, SandboxError},
     store::{Store, StoreError},
     telemetry::DeviceTelemetry,
 };
@@ -95,6 +96,8 @@ pub enum DaemonError {
     },
     #[error("cannot start the background writeback thread")]
     SpawnWriter(#[source] io::Error),
+    #[error("cannot confine the daemon (--sandbox off runs it unconfined)")]
+    Sandbox(#[source] SandboxError),
 }
 
 /// vhost-user-backend's error type implements `Display` but not `Error`.
@@ -141,6 +144,20 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         listeners.push(listen(&device.socket)?);
     }
 
+    // Before the first thread, which confines itself as it starts.
+    let socket_dirs: Vec<PathBuf> = devices
+        .iter()
+        .map(|d| d.socket.as_path())
+        .chain(config.control.as_deref())
+        .map(|p| {
+            p.parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_owned()
+        })
+        .collect();
+    sandbox::prepare(&config.sandbox, &socket_dirs).map_err(DaemonError::Sandbox)?;
+
     let control = match &config.control {
         Some(path) => {
             let ctx = ControlContext {
@@ -161,7 +178,10 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         let (store, stopping) = (store.clone(), stopping.clone());
         let thread = thread::Builder::new()
             .name("tmem-writeback".into())
-            .spawn(move || writeback_loop(&store, &stopping))
+            .spawn(move || {
+                sandbox::enter_or_exit(Role::Writeback);
+                writeback_loop(&store, &stopping)
+            })
             .map_err(DaemonError::SpawnWriter)?;
         Some(thread)
     } else {
@@ -185,7 +205,10 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         };
         let thread = thread::Builder::new()
             .name(format!("tmem-dev{}", device.id))
-            .spawn(move || serve.run(listener))
+            .spawn(move || {
+                sandbox::enter_or_exit(Role::Device);
+                serve.run(listener)
+            })
             .map_err(|source| DaemonError::Spawn {
                 id: device.id,
                 source,
@@ -197,6 +220,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             thread,
         });
     }
+    sandbox::enter(Role::Main).map_err(DaemonError::Sandbox)?;
     info!(
         "serving {} device(s), {} queue(s) each, memory limit {} bytes, writeback headroom {} bytes",
         devices.len(),
@@ -289,6 +313,7 @@ fn start_watchdog(signals: libc::sigset_t, deadline: Instant) {
     let spawned = thread::Builder::new()
         .name("tmem-shutdown".into())
         .spawn(move || {
+            sandbox::enter_or_exit(Role::Watchdog);
             // Made now: nothing may be allocated once shutdown is stuck.
             let late = format!("shutdown did not finish within {SHUTDOWN_DEADLINE:?}");
             match wait_for_signal_until(&signals, deadline) {

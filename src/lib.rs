@@ -18,6 +18,8 @@
 //! - [`control`]: the control socket server, its typed messages, and the client.
 //! - [`daemon`]: the run loop: one store, one listener per device, the control
 //!   socket, the background writer, and shutdown.
+//! - [`sandbox`]: the daemon's confinement once set up: seccomp allow-lists
+//!   per thread role, Landlock, no_new_privs, `--user`/`--group`.
 //! - [`stats`]: per-op latency histograms.
 //! - [`size`]: byte sizes as operators write them (`512M`, `4GiB`).
 //!
@@ -35,6 +37,7 @@ pub mod device;
 #[cfg(feature = "harness")]
 pub mod harness;
 pub mod protocol;
+pub mod sandbox;
 pub mod size;
 pub mod stats;
 pub mod store;

@@ -25,8 +25,9 @@ use std::{ffi::OsString, os::unix::ffi::OsStringExt, path::PathBuf, str::FromStr
 use clap::Parser;
 use serde_json::Value;
 use vhost_user_tmem::{
-    config::{Args, Config, DeviceKind, DeviceSpec, AUTO_HEADROOM_MAX, MAX_POLL_US, MAX_QUEUES},
+    config::{Args, Config, DeviceKind, DeviceSpec, SandboxArg, AUTO_HEADROOM_MAX, MAX_POLL_US, MAX_QUEUES},
     error_chain,
+    sandbox::Credentials,
     size::{parse_size, ByteSize, SizeError},
     store::{GuestId, Reservation, PAGE_SIZE},
 };
@@ -211,6 +212,14 @@ fn expected(args: &Args) -> Option<Expected> {
     let capacity = size(&args.capacity)?;
     if capacity != 0 && capacity < PAGE_SIZE as u64 {
         return None;
+    }
+    if args.user.is_some() || args.group.is_some() {
+        // Names are looked up in the host's user database, so the
+        // reference takes the lookup as given and checks only the rule.
+        if args.sandbox == SandboxArg::Off {
+            return None;
+        }
+        Credentials::resolve(args.user.as_deref(), args.group.as_deref()).ok()?;
     }
     let zstd_level = match args.compression.strip_prefix("zstd") {
         Some("") => 1,

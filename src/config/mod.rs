@@ -14,6 +14,7 @@ use thiserror::Error;
 pub use self::device::{DeviceKind, DeviceSpec, DeviceSpecError, MAX_WEIGHT};
 use crate::{
     protocol::PAGE_SIZE,
+    sandbox::{Credentials, LookupError, SandboxConfig, SandboxMode},
     size::{parse_size, SizeError},
     store::{DedupDomain, GuestId, Reservation, SpillConfig, StoreConfig},
 };
@@ -72,6 +73,35 @@ pub struct Args {
     /// Which pages may share one stored copy.
     #[arg(long, value_enum, default_value_t = DedupArg::Guest)]
     pub dedup: DedupArg,
+    /// Confinement once set up: seccomp allow-lists (a forbidden syscall
+    /// kills the daemon), Landlock and no_new_privs. "log" only logs a
+    /// forbidden syscall (kernel audit log); "off" is for debugging.
+    #[arg(long, value_enum, default_value_t = SandboxArg::On)]
+    pub sandbox: SandboxArg,
+    /// User (name or id) to run as once the sockets are bound.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Group (name or id) to run as once the sockets are bound; the user's
+    /// primary group by default.
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxArg {
+    On,
+    Log,
+    Off,
+}
+
+impl From<SandboxArg> for SandboxMode {
+    fn from(arg: SandboxArg) -> Self {
+        match arg {
+            SandboxArg::On => SandboxMode::On,
+            SandboxArg::Log => SandboxMode::Log,
+            SandboxArg::Off => SandboxMode::Off,
+        }
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +142,7 @@ pub struct Config {
     pub queues: u16,
     pub capacity_pages: u64,
     pub poll: Duration,
+    pub sandbox: SandboxConfig,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -155,6 +186,10 @@ pub enum ConfigError {
     BlkRoom { need: u64, limit: u64 },
     #[error("--writeback-headroom {headroom} must be below --mem-limit {limit}")]
     HeadroomTooLarge { headroom: u64, limit: u64 },
+    #[error("invalid --user or --group")]
+    Credentials(#[source] LookupError),
+    #[error("--user and --group need the sandbox; they cannot go with --sandbox off")]
+    CredentialsWithoutSandbox,
 }
 
 /// Cap of the "auto" headroom: past this, the writer runs long enough ahead.
@@ -240,6 +275,11 @@ impl TryFrom<Args> for Config {
         if capacity != 0 && capacity < PAGE_SIZE as u64 {
             return Err(ConfigError::CapacityTooSmall(capacity));
         }
+        if args.sandbox == SandboxArg::Off && (args.user.is_some() || args.group.is_some()) {
+            return Err(ConfigError::CredentialsWithoutSandbox);
+        }
+        let credentials = Credentials::resolve(args.user.as_deref(), args.group.as_deref())
+            .map_err(ConfigError::Credentials)?;
         Ok(Config {
             devices,
             control: args.control,
@@ -255,6 +295,10 @@ impl TryFrom<Args> for Config {
             queues: args.queues,
             capacity_pages: capacity / PAGE_SIZE as u64,
             poll: Duration::from_micros(args.poll_us),
+            sandbox: SandboxConfig {
+                mode: args.sandbox.into(),
+                credentials,
+            },
         })
     }
 }
@@ -529,6 +573,52 @@ mod tests {
                 option: "mem-limit",
                 source: SizeError::NoNumber(_)
             })
+        );
+    }
+
+    #[test]
+    fn sandbox_is_on_by_default_and_can_log_or_be_off() {
+        assert_eq!(parse(&[]).unwrap().sandbox, SandboxConfig::default());
+        assert_eq!(SandboxConfig::default().mode, SandboxMode::On);
+        for (arg, mode) in [
+            ("on", SandboxMode::On),
+            ("log", SandboxMode::Log),
+            ("off", SandboxMode::Off),
+        ] {
+            assert_eq!(parse(&["--sandbox", arg]).unwrap().sandbox.mode, mode);
+        }
+        assert!(Args::try_parse_from(["vhost-user-tmem", "--socket", "/a", "--sandbox", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn user_and_group_are_resolved_and_need_the_sandbox() {
+        let c = parse(&["--user", "root"]).unwrap();
+        assert_eq!(
+            c.sandbox.credentials,
+            Credentials {
+                uid: Some(0),
+                gid: Some(0)
+            }
+        );
+        let c = parse(&["--group", "0"]).unwrap();
+        assert_eq!(
+            c.sandbox.credentials,
+            Credentials {
+                uid: None,
+                gid: Some(0)
+            }
+        );
+        assert_matches!(
+            parse(&["--user", "no-such-user-tmem"]),
+            Err(ConfigError::Credentials(LookupError::NoUser(_)))
+        );
+        assert_matches!(
+            parse(&["--group", "no-such-group-tmem"]),
+            Err(ConfigError::Credentials(LookupError::NoGroup(_)))
+        );
+        assert_eq!(
+            parse(&["--sandbox", "off", "--user", "root"]),
+            Err(ConfigError::CredentialsWithoutSandbox)
         );
     }
 }

@@ -323,6 +323,7 @@ fn accept_loop(
     clients: &Arc<Clients>,
     limits: Limits,
 ) {
+    crate::sandbox::enter_or_exit(crate::sandbox::Role::Control);
     let daemon_uid = peer::daemon_uid();
     loop {
         match wait_for_client(listener, woken) {
@@ -531,6 +532,7 @@ impl Read for Timed {
 }
 
 fn serve_client(stream: UnixStream, ctx: &ControlContext, place: &Place, limits: Limits) {
+    crate::sandbox::enter_or_exit(crate::sandbox::Role::ControlClient);
     let mut reader = BufReader::new(Timed {
         stream,
         deadline: Instant::now() + limits.request,

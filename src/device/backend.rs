@@ -278,6 +278,9 @@ impl VhostUserBackend for TmemBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        // vhost-user-backend starts the workers; this is the first code of
+        // ours that runs on one.
+        crate::sandbox::enter_once(crate::sandbox::Role::Worker);
         if evset != EventSet::IN {
             debug!("device {}: ignoring event set {evset:?}", self.telemetry.id);
             return Ok(());
