@@ -442,6 +442,7 @@ mod tests {
             GuestStats {
                 total: pool.clone(),
                 pools,
+                ..GuestStats::default()
             },
         );
         Stats {

@@ -18,6 +18,7 @@ use super::{
     codec,
     keys::Keys,
     owners::{ObjCounters, Owners},
+    share::Mask,
     slab::{key_hash, Obj, Slab, Tier, INDEXED, MAX_REFS, REFERENCED},
     spill::{units_for, Label, SpillFile, UNIT},
     Page, StoreError, PAGE_SIZE,
@@ -201,13 +202,24 @@ impl ObjShard {
         self.owners.counters(owner, id)
     }
 
-    /// A new record for `obj`, with one reference, owned by `by`.
-    fn insert_obj(&mut self, obj: Obj, by: By) -> u32 {
+    /// The guest that created object `id` (its account pays for it).
+    fn guest_of(&self, id: u32) -> u32 {
+        self.owners
+            .guest_of(self.slab.get(id).owner(), id)
+            .unwrap_or(u32::MAX)
+    }
+
+    /// A new record for `obj`, with one reference, owned by `by`; its
+    /// metadata goes on `by`'s guest's account.
+    fn insert_obj(&mut self, obj: Obj, by: By, budget: &Budget) -> u32 {
+        let before = self.owners.guest_meta(by.guest);
         let id = self.slab.insert(obj);
         let owner = self.owners.acquire(by.guest, by.pool, id);
         self.slab.get_mut(id).set_owner(owner);
         let meta = obj_meta(obj.tier(), obj.has(INDEXED));
         self.owners.charge(owner, id, meta, true);
+        let after = self.owners.guest_meta(by.guest);
+        budget.shares().ram(by.guest, after as i64 - before as i64);
         id
     }
 
@@ -262,7 +274,7 @@ impl ObjShard {
             Content::Data { .. } => Tier::Ram,
         };
         let flags = REFERENCED | if dedup { INDEXED } else { 0 };
-        let id = self.insert_obj(Obj::new(key, tier, payload_len, 0, flags), by);
+        let id = self.insert_obj(Obj::new(key, tier, payload_len, 0, flags), by, budget);
         match *content {
             Content::Data { payload, .. } => {
                 let loc = self.alloc.alloc(payload.len(), id);
@@ -281,8 +293,11 @@ impl ObjShard {
         if tier == Tier::Ram {
             self.in_ram += 1;
         }
+        let ram = obj_ram_bytes(tier, payload_len);
+        budget.shares().ram(by.guest, ram as i64);
+        budget.shares().payload(by.guest, ram as i64);
         let c = self.counters(id);
-        c.mem_used_bytes += obj_ram_bytes(tier, payload_len);
+        c.mem_used_bytes += ram;
         if tier == Tier::Ram {
             c.unique_pages += 1;
             c.compr_data_bytes += payload_len as u64;
@@ -439,13 +454,14 @@ impl ObjShard {
         // The record is inserted after the write; nothing else takes an id in between.
         let id = self.slab.next_id();
         let Some(offset) = spill.write(payload, self.label(id, key))? else {
+            budget.shares().set_spill_full();
             self.settle(budget);
             return Ok(Obtained::NeedRoom);
         };
         let flags = REFERENCED | if dedup { INDEXED } else { 0 };
         let mut obj = Obj::new(key, Tier::Spilled, payload.len(), 0, flags);
         obj.set_loc(offset / UNIT);
-        let inserted = self.insert_obj(obj, by);
+        let inserted = self.insert_obj(obj, by, budget);
         debug_assert_eq!(inserted, id);
         if dedup {
             let slab = &self.slab;
@@ -457,8 +473,10 @@ impl ObjShard {
         c.unique_pages += 1;
         c.compr_data_bytes += payload.len() as u64;
         c.spilled_pages += 1;
-        c.spill_file_bytes += units_for(payload.len()) as u64 * UNIT;
+        let slot = units_for(payload.len()) as u64 * UNIT;
+        c.spill_file_bytes += slot;
         c.spill_writes += 1;
+        budget.shares().spill(by.guest, slot as i64);
         self.settle(budget);
         Ok(Obtained::Ref { id, hit: false })
     }
@@ -482,6 +500,8 @@ impl ObjShard {
             }
         }
         let len = obj.len();
+        let guest = self.guest_of(id);
+        let shares = budget.shares();
         match obj.tier() {
             Tier::Ram => {
                 self.alloc.free(Loc::unpack(obj.loc()), len);
@@ -490,6 +510,7 @@ impl ObjShard {
             Tier::Spilled => {
                 if let Some(spill) = spill {
                     spill.free(obj.loc() * UNIT, len);
+                    shares.spill_freed();
                 }
             }
             Tier::Fill => {
@@ -497,18 +518,27 @@ impl ObjShard {
             }
             Tier::Free => {}
         }
+        let ram = obj_ram_bytes(obj.tier(), len);
+        let slot = if obj.tier() == Tier::Spilled {
+            units_for(len) as u64 * UNIT
+        } else {
+            0
+        };
         let c = self.counters(id);
-        c.mem_used_bytes -= obj_ram_bytes(obj.tier(), len);
+        c.mem_used_bytes -= ram;
         if obj.tier() != Tier::Fill {
             c.unique_pages -= 1;
             c.compr_data_bytes -= len as u64;
         }
-        if obj.tier() == Tier::Spilled {
-            c.spill_file_bytes -= units_for(len) as u64 * UNIT;
-        }
+        c.spill_file_bytes -= slot;
+        let meta_before = self.owners.guest_meta(guest);
         self.owners
             .charge(obj.owner(), id, obj_meta(obj.tier(), obj.has(INDEXED)), false);
         self.owners.release(obj.owner(), id);
+        let meta_freed = meta_before - self.owners.guest_meta(guest);
+        shares.ram(guest, -((ram + meta_freed) as i64));
+        shares.payload(guest, -(ram as i64));
+        shares.spill(guest, -(slot as i64));
         self.slab.remove(id);
         if self.slab.live() == 0 {
             // Empty: give every table back, so the store returns to its start.
@@ -617,12 +647,38 @@ impl ObjShard {
 
     /// Writes one cold RAM object to the spill file. Its RAM becomes a hole,
     /// which compaction turns into free host memory.
+    #[cfg(test)]
     pub fn evict(&mut self, spill: &SpillFile, budget: &Budget) -> Result<Evicted, StoreError> {
+        self.evict_of(spill, budget, None)
+    }
+
+    /// [`ObjShard::evict`], or with `prefer`, the coldest object of one of
+    /// those guests among the next `scan` records the CLOCK hand passes:
+    /// other guests' records are passed over with their referenced bits
+    /// left alone. The bound keeps a guest that holds few RAM objects (or
+    /// only metadata) from making each call walk the whole shard.
+    pub fn evict_of(
+        &mut self,
+        spill: &SpillFile,
+        budget: &Budget,
+        prefer: Option<(&Mask, usize)>,
+    ) -> Result<Evicted, StoreError> {
         if self.in_ram == 0 {
             return Ok(Evicted::NoVictim);
         }
-        let scan = 2 * self.slab.high_water() as usize + 1;
-        let Some(id) = self.slab.next_victim(scan, |_| true) else {
+        let victim = match prefer {
+            None => {
+                let scan = 2 * self.slab.high_water() as usize + 1;
+                self.slab.next_victim(scan, |_, _| true)
+            }
+            Some((mask, scan)) => {
+                let owners = &self.owners;
+                self.slab.next_victim(scan, |id, o| {
+                    owners.guest_of(o.owner(), id).is_some_and(|g| mask.contains(g))
+                })
+            }
+        };
+        let Some(id) = victim else {
             return Ok(Evicted::NoVictim);
         };
         let obj = *self.slab.get(id);
@@ -630,6 +686,7 @@ impl ObjShard {
         let loc = Loc::unpack(obj.loc());
         let label = self.label(id, obj.key());
         let Some(offset) = spill.write(self.alloc.bytes(loc, len), label)? else {
+            budget.shares().set_spill_full();
             return Ok(Evicted::TierFull);
         };
         self.alloc.free(loc, len);
@@ -638,10 +695,16 @@ impl ObjShard {
         o.set_tier(Tier::Spilled);
         self.in_ram -= 1;
         o.set_loc(offset / UNIT);
+        let guest = self.guest_of(id);
+        let freed = obj_ram_bytes(Tier::Ram, len) - obj_ram_bytes(Tier::Spilled, len);
+        let slot = units_for(len) as u64 * UNIT;
+        budget.shares().ram(guest, -(freed as i64));
+        budget.shares().payload(guest, -(freed as i64));
+        budget.shares().spill(guest, slot as i64);
         let c = self.counters(id);
-        c.mem_used_bytes -= obj_ram_bytes(Tier::Ram, len) - obj_ram_bytes(Tier::Spilled, len);
+        c.mem_used_bytes -= freed;
         c.spilled_pages += u64::from(obj.refs());
-        c.spill_file_bytes += units_for(len) as u64 * UNIT;
+        c.spill_file_bytes += slot;
         c.spill_writes += 1;
         c.writebacks += u64::from(obj.refs());
         self.settle(budget);
@@ -956,6 +1019,44 @@ mod tests {
         // Moved payloads are still found by dedup.
         let (again, hit) = id_of(s.obtain(&data(1, &payload(0), true), by(0), &budget, None));
         assert!(hit && again == ids[0]);
+    }
+
+    #[test]
+    fn preferred_writeback_takes_only_the_named_guests_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = SpillFile::open(&dir.path().join("s"), 1 << 20).unwrap();
+        let budget = Budget::new(1 << 30);
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
+        let of = |guest| By {
+            guest,
+            pool: 0,
+            private: true,
+        };
+        let mut ids = [Vec::new(), Vec::new()];
+        for i in 0..40u32 {
+            let guest = i % 2;
+            let p = vec![i as u8; 200];
+            ids[guest as usize].push(id_of(s.obtain(&data(i + 1, &p, true), of(guest), &budget, None)).0);
+        }
+        let ram = |g: u32| budget.shares().view(g, 1 << 30, 0).ram_bytes;
+        let guest0 = ram(0);
+        let mut mask = Mask::default();
+        mask.insert_guest(1);
+        let mut written = 0;
+        while s.evict_of(&spill, &budget, Some((&mask, 64))).unwrap() == Evicted::One {
+            written += 1;
+        }
+        assert_eq!(written, 20, "every object of guest 1, none of guest 0");
+        for &id in &ids[0] {
+            let o = s.slab.get(id);
+            assert_eq!(o.tier(), Tier::Ram);
+            assert!(o.has(REFERENCED), "guest 0's objects keep their bit");
+        }
+        assert!(ids[1].iter().all(|&id| s.slab.get(id).tier() == Tier::Spilled));
+        assert_eq!(ram(0), guest0);
+        assert_eq!(budget.shares().view(1, 1 << 30, 0).spill_bytes, 20 * 2 * UNIT);
+        // Unpreferred, the CLOCK takes guest 0's.
+        assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::One);
     }
 
     #[test]
