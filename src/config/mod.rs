@@ -188,8 +188,6 @@ impl TryFrom<Args> for Config {
                     kind: DeviceKind::Blk { .. },
                     ..
                 } => Some("blk="),
-                DeviceSpec { max: Some(_), .. } => Some("max="),
-                DeviceSpec { weight, .. } if *weight != 1 => Some("weight="),
                 _ => None,
             };
             if let Some(option) = unsupported {
@@ -454,6 +452,13 @@ mod tests {
             Err(ConfigError::DuplicateSocket(_)),
             "options do not make a path another socket"
         );
+    }
+
+    #[test]
+    fn caps_and_weights_are_taken() {
+        let c = parse(&["--socket", "/tmp/b.sock,max=64M,weight=3"]).unwrap();
+        assert_eq!((c.devices[0].max, c.devices[0].weight), (None, 1));
+        assert_eq!((c.devices[1].max, c.devices[1].weight), (Some(64 << 20), 3));
     }
 
     #[test]
