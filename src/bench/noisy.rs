@@ -9,7 +9,7 @@
 //!
 //! The victim is measured alone, then under attack (once the attacker has
 //! stored as much as the whole RAM budget, so RAM is full and the
-//! attacker's pages are spilling). Reported: the victim's rejected puts,
+//! attacker's pages are spilling), each phase on a fresh daemon. Reported: the victim's rejected puts,
 //! its get latency (p50/p99) in both phases, what the attacker stored, had
 //! rejected and spilled, and whether the target holds: no victim rejects,
 //! and a victim p99 under attack within 2x of alone.
@@ -32,6 +32,8 @@ use crate::{
     },
     protocol::{Status, PAGE_SIZE},
     size::parse_size,
+    stats::OpLatency,
+    store::StoreStats,
 };
 
 const POOL: u32 = 0;
@@ -47,6 +49,10 @@ pub struct NoisyArgs {
     /// The daemon's spill file limit; 0 runs without a spill file.
     #[arg(long, value_parser = parse_size, default_value = "256M")]
     pub spill_limit: u64,
+    /// Directory for the spill file (default: the daemon's temporary
+    /// directory), e.g. a tmpfs to leave the disk out of the figures.
+    #[arg(long)]
+    pub spill_dir: Option<PathBuf>,
     /// The victim's working set, in pages (default: an eighth of the RAM
     /// budget in uncompressed pages, a fraction of its share once compressed).
     #[arg(long)]
@@ -60,6 +66,9 @@ pub struct NoisyArgs {
     /// Passed to the daemon: how long a worker busy-polls before sleeping.
     #[arg(long)]
     pub poll_us: Option<u64>,
+    /// Passed to the daemon as --writeback-headroom (SIZE, auto or 0).
+    #[arg(long)]
+    pub writeback_headroom: Option<String>,
     /// The daemon binary; default: `vhost-user-tmem` beside this program.
     #[arg(long)]
     pub daemon: Option<PathBuf>,
@@ -108,8 +117,14 @@ pub struct NoisyReport {
     pub spill_limit: u64,
     pub victim_pages: u64,
     pub victim_weight: u32,
+    /// Round trips seen by the victim (submit, kick, used entry).
     pub alone: VictimPhase,
     pub attacked: VictimPhase,
+    /// The daemon's own time to serve the victim's gets (from taking a
+    /// request off the ring to writing its status), without the wake-ups
+    /// and scheduling on either side.
+    pub alone_service_get: OpLatency,
+    pub attacked_service_get: OpLatency,
     /// Pages the attacker stored and had rejected, over the whole attack.
     pub attacker_puts: u64,
     pub attacker_rejects: u64,
@@ -168,6 +183,53 @@ fn noise_page(seed: u64, out: &mut [u8; PAGE_SIZE]) {
 }
 
 pub fn run_bench(args: &NoisyArgs) -> Result<NoisyReport, NoisyError> {
+    let n = args
+        .victim_pages
+        .unwrap_or(args.mem_limit / 8 / PAGE_SIZE as u64)
+        .max(1);
+    let alone = phase(args, n, false)?;
+    let attacked = phase(args, n, true)?;
+    let p99_ratio = attacked.victim.get_latency.p99_us / alone.victim.get_latency.p99_us.max(1e-3);
+    let store = &attacked.stats;
+    let guest = |id: usize| store.guests.get(&(id as u32)).cloned().unwrap_or_default();
+    let (v, a) = (guest(VICTIM), guest(ATTACKER));
+    Ok(NoisyReport {
+        mem_limit: args.mem_limit,
+        spill_limit: args.spill_limit,
+        victim_pages: n,
+        victim_weight: args.victim_weight,
+        target_met: alone.victim.rejects == 0 && attacked.victim.rejects == 0 && p99_ratio <= 2.0,
+        p99_ratio,
+        alone_service_get: alone.service_get,
+        attacked_service_get: attacked.service_get,
+        alone: alone.victim,
+        attacked: attacked.victim,
+        attacker_puts: attacked.attacker_puts,
+        attacker_rejects: attacked.attacker_rejects,
+        attacker_puts_per_sec: attacked.attacker_puts_per_sec,
+        attacker_spilled_pages: a.total.spilled_pages,
+        victim_spilled_pages: v.total.spilled_pages,
+        victim_ram_bytes: v.budget.ram_bytes,
+        victim_fair_share_bytes: v.budget.fair_share_bytes,
+        attacker_ram_bytes: a.budget.ram_bytes,
+        attacker_fair_share_bytes: a.budget.fair_share_bytes,
+    })
+}
+
+/// One phase, on a daemon of its own (so its latency counters hold this
+/// phase alone): the victim fills its working set, then, with or without
+/// the attacker flooding, is measured for `--secs`.
+struct Phase {
+    victim: VictimPhase,
+    /// The daemon's own time to serve the victim's gets.
+    service_get: OpLatency,
+    attacker_puts: u64,
+    attacker_rejects: u64,
+    attacker_puts_per_sec: f64,
+    stats: StoreStats,
+}
+
+fn phase(args: &NoisyArgs, n: u64, attack: bool) -> Result<Phase, NoisyError> {
     let mut daemon = start_daemon(args)?;
     let control = daemon.control().map(|p| p.to_owned()).unwrap_or_default();
     let mut ctl = ControlClient::connect(&control).map_err(NoisyError::Control)?;
@@ -177,59 +239,44 @@ pub fn run_bench(args: &NoisyArgs) -> Result<NoisyReport, NoisyError> {
     }
     let (_victim_vmm, mut victim) = connect(&daemon, VICTIM)?;
     let (_attacker_vmm, mut attacker) = connect(&daemon, ATTACKER)?;
-
-    let n = args
-        .victim_pages
-        .unwrap_or(args.mem_limit / 8 / PAGE_SIZE as u64)
-        .max(1);
     for i in 0..n {
         expect(victim.put(POOL, i, &victim_page(i))?.status, "victim", i)?;
     }
     let span = Duration::from_secs_f64(args.secs.max(0.1));
     let mut versions = vec![0u64; n as usize];
-    let alone = victim_phase(&mut victim, &mut versions, span)?;
-
-    // Under attack: RAM is full of the attacker's pages before the clock starts.
     let stop = AtomicBool::new(false);
     let (stored, rejected) = (AtomicU64::new(0), AtomicU64::new(0));
+    // Attacked, RAM is full of the attacker's pages before the clock starts.
     let fill = args.mem_limit / PAGE_SIZE as u64;
-    let (attacked, attack_time) = std::thread::scope(|scope| {
+    let (victim_phase, attack_time) = std::thread::scope(|scope| {
+        if !attack {
+            return Ok((victim_phase(&mut victim, &mut versions, span)?, Duration::ZERO));
+        }
         let flood = scope.spawn(|| flood(&mut attacker, &stop, &stored, &rejected));
         while stored.load(Ordering::Relaxed) + rejected.load(Ordering::Relaxed) < fill && !flood.is_finished()
         {
             std::thread::sleep(Duration::from_millis(10));
         }
-        let attacked = victim_phase(&mut victim, &mut versions, span);
+        let measured = victim_phase(&mut victim, &mut versions, span);
         stop.store(true, Ordering::Relaxed);
         let attack_time = flood.join().map_err(|_| NoisyError::AttackerPanicked)?;
-        Ok::<_, NoisyError>((attacked?, attack_time?))
+        Ok::<_, NoisyError>((measured?, attack_time?))
     })?;
-    let stats = ctl.stats().map_err(NoisyError::Control)?.store;
+    let stats = ctl.stats().map_err(NoisyError::Control)?;
     daemon.terminate(Duration::from_secs(10));
-
-    let guest = |id: usize| stats.guests.get(&(id as u32)).cloned().unwrap_or_default();
-    let (v, a) = (guest(VICTIM), guest(ATTACKER));
-    let attacker_puts = stored.load(Ordering::Relaxed);
-    let p99_ratio = attacked.get_latency.p99_us / alone.get_latency.p99_us.max(1e-3);
-    Ok(NoisyReport {
-        mem_limit: args.mem_limit,
-        spill_limit: args.spill_limit,
-        victim_pages: n,
-        victim_weight: args.victim_weight,
-        target_met: alone.rejects == 0 && attacked.rejects == 0 && p99_ratio <= 2.0,
-        p99_ratio,
-        alone,
-        attacked,
-        attacker_puts,
-        attacker_rejects: rejected.load(Ordering::Relaxed),
-        attacker_puts_per_sec: (attacker_puts + rejected.load(Ordering::Relaxed)) as f64
-            / attack_time.as_secs_f64().max(1e-9),
-        attacker_spilled_pages: a.total.spilled_pages,
-        victim_spilled_pages: v.total.spilled_pages,
-        victim_ram_bytes: v.budget.ram_bytes,
-        victim_fair_share_bytes: v.budget.fair_share_bytes,
-        attacker_ram_bytes: a.budget.ram_bytes,
-        attacker_fair_share_bytes: a.budget.fair_share_bytes,
+    let service_get = stats
+        .devices
+        .get(VICTIM)
+        .map(|d| d.latency.get)
+        .unwrap_or_default();
+    let (puts, rejects) = (stored.load(Ordering::Relaxed), rejected.load(Ordering::Relaxed));
+    Ok(Phase {
+        victim: victim_phase,
+        service_get,
+        attacker_puts: puts,
+        attacker_rejects: rejects,
+        attacker_puts_per_sec: (puts + rejects) as f64 / attack_time.as_secs_f64().max(1e-9),
+        stats: stats.store,
     })
 }
 
@@ -355,15 +402,22 @@ fn start_daemon(args: &NoisyArgs) -> Result<DaemonProcess, NoisyError> {
     let mut spec = DaemonSpec::new(binary).args(["--mem-limit".to_owned(), args.mem_limit.to_string()]);
     spec.vms = 2;
     if args.spill_limit > 0 {
+        let dir = args
+            .spill_dir
+            .as_ref()
+            .map_or_else(|| "{dir}".to_owned(), |d| d.display().to_string());
         spec = spec.args([
             "--spill-file".to_owned(),
-            "{dir}/spill".into(),
+            dir,
             "--spill-limit".into(),
             args.spill_limit.to_string(),
         ]);
     }
     if let Some(us) = args.poll_us {
         spec = spec.args(["--poll-us".to_owned(), us.to_string()]);
+    }
+    if let (Some(headroom), true) = (&args.writeback_headroom, args.spill_limit > 0) {
+        spec = spec.args(["--writeback-headroom", headroom.as_str()]);
     }
     spec.log_filter = "warn".into();
     DaemonProcess::start(&spec).map_err(NoisyError::Daemon)
@@ -387,6 +441,13 @@ fn print_table(r: &NoisyReport) {
             name, p.gets, p.puts, p.rejects, p.get_latency.p50_us, p.get_latency.p99_us, p.put_latency.p99_us
         );
     }
+    println!(
+        "victim gets as the daemon served them (p50/p99 us): alone {:.1}/{:.1}, attacked {:.1}/{:.1}",
+        r.alone_service_get.p50_us,
+        r.alone_service_get.p99_us,
+        r.attacked_service_get.p50_us,
+        r.attacked_service_get.p99_us
+    );
     println!(
         "attacker: {} stored, {} rejected ({:.0} puts/s), {} spilled; RAM {} KiB of a {} KiB share (victim {} KiB of {} KiB, {} spilled)",
         r.attacker_puts,

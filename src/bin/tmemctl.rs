@@ -433,6 +433,59 @@ fn render_metrics(stats: &Stats) -> String {
     );
     let _ = writeln!(s, "# TYPE {metric} counter");
     let _ = writeln!(s, "{metric} {}", stats.store.background_writebacks);
+    let budgets: [(&str, &str, &str, fn(&GuestBudget) -> Option<u64>); 7] = [
+        (
+            "tmem_device_ram_bytes",
+            "gauge",
+            "RAM the device's pages and metadata hold.",
+            |b| Some(b.ram_bytes),
+        ),
+        (
+            "tmem_device_spill_bytes",
+            "gauge",
+            "Spill file space the device's pages hold.",
+            |b| Some(b.spill_bytes),
+        ),
+        (
+            "tmem_device_fair_share_bytes",
+            "gauge",
+            "The device's fair share of RAM.",
+            |b| Some(b.fair_share_bytes),
+        ),
+        (
+            "tmem_device_max_bytes",
+            "gauge",
+            "Cap on the device's RAM plus spill (absent: none).",
+            |b| b.max_bytes,
+        ),
+        (
+            "tmem_device_weight",
+            "gauge",
+            "The device's weight in the sharing of RAM.",
+            |b| Some(u64::from(b.weight)),
+        ),
+        (
+            "tmem_device_max_rejects_total",
+            "counter",
+            "Puts refused at the device's cap.",
+            |b| Some(b.max_rejects),
+        ),
+        (
+            "tmem_device_share_rejects_total",
+            "counter",
+            "Puts refused while over its share with both tiers full.",
+            |b| Some(b.share_rejects),
+        ),
+    ];
+    for (metric, kind, what, value) in budgets {
+        let _ = writeln!(s, "# HELP {metric} {what}");
+        let _ = writeln!(s, "# TYPE {metric} {kind}");
+        for (dev, guest) in &stats.store.guests {
+            if let Some(v) = value(&guest.budget) {
+                let _ = writeln!(s, "{metric}{{device=\"{dev}\"}} {v}");
+            }
+        }
+    }
     let _ = writeln!(
         s,
         "# HELP tmem_device_connected Whether a VMM is attached to the device."
@@ -599,6 +652,14 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"socket="/run/vm\"0\".sock"} 1"#), "{text}");
+        assert!(
+            text.contains("tmem_device_max_bytes{device=\"0\"} 1073741824\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tmem_device_max_rejects_total{device=\"0\"} 7\n"),
+            "{text}"
+        );
         assert!(
             text.contains("tmem_request_latency_microseconds{device=\"0\",op=\"put\",quantile=\"0.99\"} 12")
         );
