@@ -112,10 +112,12 @@ fn the_over_share_device_spills_first() {
     assert_eq!(d.guest_counter(1, "spilled_pages"), 0);
     assert_eq!(d.guest_counter(1, "spill_reads"), 0);
     assert!(d.guest_counter(0, "spilled_pages") > 2000);
-    let (a, v) = (budget(&d, 0), budget(&d, 1));
+    // Both from one snapshot: the shares move with the store's own part.
+    let guests = d.stats()["store"]["guests"].clone();
+    let (a, v) = (guests["0"]["budget"].clone(), guests["1"]["budget"].clone());
     assert_eq!(v["weight"], 2);
     let share = |b: &serde_json::Value| b["fair_share_bytes"].as_u64().unwrap();
-    assert!(share(&v) / 2 - share(&a) <= 1, "{a} {v}");
+    assert!((share(&v) / 2).abs_diff(share(&a)) <= 1, "{a} {v}");
     assert!(a["ram_bytes"].as_u64().unwrap() > share(&a) / 2, "{a}");
     assert!(v["ram_bytes"].as_u64().unwrap() < share(&v), "{v}");
     assert!(a["spill_bytes"].as_u64().unwrap() > 2000 * 4096, "{a}");

@@ -136,10 +136,16 @@ pub struct NoisyReport {
     pub victim_fair_share_bytes: u64,
     pub attacker_ram_bytes: u64,
     pub attacker_fair_share_bytes: u64,
-    /// Attacked p99 over alone p99 (gets).
+    /// Attacked p99 over alone p99 (the victim's get round trips).
     pub p99_ratio: f64,
     /// Victim rejects 0 in both phases, and `p99_ratio <= 2`.
     pub target_met: bool,
+    /// The same ratio of the daemon's own service times: what the store
+    /// and the device layer cost the victim, without the CPU the attacker's
+    /// threads take from the victim's on a host with few cores.
+    pub service_p99_ratio: f64,
+    /// Victim rejects 0, and `service_p99_ratio <= 2`.
+    pub service_target_met: bool,
 }
 
 pub fn run(args: &NoisyArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -190,6 +196,8 @@ pub fn run_bench(args: &NoisyArgs) -> Result<NoisyReport, NoisyError> {
     let alone = phase(args, n, false)?;
     let attacked = phase(args, n, true)?;
     let p99_ratio = attacked.victim.get_latency.p99_us / alone.victim.get_latency.p99_us.max(1e-3);
+    let service_p99_ratio = attacked.service_get.p99_us / alone.service_get.p99_us.max(1e-3);
+    let no_rejects = alone.victim.rejects == 0 && attacked.victim.rejects == 0;
     let store = &attacked.stats;
     let guest = |id: usize| store.guests.get(&(id as u32)).cloned().unwrap_or_default();
     let (v, a) = (guest(VICTIM), guest(ATTACKER));
@@ -198,8 +206,10 @@ pub fn run_bench(args: &NoisyArgs) -> Result<NoisyReport, NoisyError> {
         spill_limit: args.spill_limit,
         victim_pages: n,
         victim_weight: args.victim_weight,
-        target_met: alone.victim.rejects == 0 && attacked.victim.rejects == 0 && p99_ratio <= 2.0,
+        target_met: no_rejects && p99_ratio <= 2.0,
         p99_ratio,
+        service_target_met: no_rejects && service_p99_ratio <= 2.0,
+        service_p99_ratio,
         alone_service_get: alone.service_get,
         attacked_service_get: attacked.service_get,
         alone: alone.victim,
@@ -460,9 +470,12 @@ fn print_table(r: &NoisyReport) {
         r.victim_fair_share_bytes >> 10,
         r.victim_spilled_pages,
     );
+    let met = |m: bool| if m { "met" } else { "NOT met" };
     println!(
-        "target (victim rejects 0, get p99 within 2x of alone): {} (p99 ratio {:.2})",
-        if r.target_met { "met" } else { "NOT met" },
-        r.p99_ratio
+        "target (victim rejects 0, get p99 within 2x of alone): round trip {} (p99 ratio {:.2}), daemon service {} (ratio {:.2})",
+        met(r.target_met),
+        r.p99_ratio,
+        met(r.service_target_met),
+        r.service_p99_ratio
     );
 }

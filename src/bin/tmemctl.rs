@@ -433,7 +433,13 @@ fn render_metrics(stats: &Stats) -> String {
     );
     let _ = writeln!(s, "# TYPE {metric} counter");
     let _ = writeln!(s, "{metric} {}", stats.store.background_writebacks);
-    let budgets: [(&str, &str, &str, fn(&GuestBudget) -> Option<u64>); 7] = [
+    type Family = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&GuestBudget) -> Option<u64>,
+    );
+    let budgets: [Family; 7] = [
         (
             "tmem_device_ram_bytes",
             "gauge",

@@ -722,15 +722,17 @@ impl Store {
         let n = self.objects.len();
         let start = self.evict_hand.fetch_add(1, Ordering::Relaxed);
         let scan = (FAIR_SCAN / n).max(slab::BLOCK);
+        let mut payload = [0u8; PAGE_SIZE];
         for k in 0..n {
             let shard = &self.objects[(start + k) % n].0;
-            match shard
-                .lock()
-                .evict_of(spill, &self.budget, prefer.map(|m| (m, scan)))?
-            {
-                Evicted::NoVictim => continue,
-                done => return Ok(done),
-            }
+            let Some(pick) = shard.lock().begin_evict(prefer.map(|m| (m, scan)), &mut payload) else {
+                continue;
+            };
+            // The file write (sealing and all) runs with no lock held: a
+            // disk that stalls it stalls this writeback, not other guests'
+            // gets on the shard.
+            let written = spill.write(&payload[..pick.payload_len()], pick.label());
+            return shard.lock().end_evict(pick, written, spill, &self.budget);
         }
         Ok(Evicted::NoVictim)
     }

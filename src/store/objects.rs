@@ -101,6 +101,26 @@ pub enum Evicted {
     TierFull,
 }
 
+/// A writeback under way: the object, its payload length and its slot's label.
+#[derive(Debug)]
+pub struct Writing {
+    id: u32,
+    len: usize,
+    label: Label,
+}
+
+impl Writing {
+    /// Bytes of payload to write.
+    pub fn payload_len(&self) -> usize {
+        self.len
+    }
+
+    /// What the slot is sealed under.
+    pub fn label(&self) -> Label {
+        self.label
+    }
+}
+
 pub struct ObjShard {
     slab: Slab,
     dedup: HashTable<u32>,
@@ -122,6 +142,11 @@ pub struct ObjShard {
     /// before the next try, so a shard with thinly spread holes is not
     /// rescanned on every free.
     compact_floor: u64,
+    /// The object whose payload is being written to the file with the
+    /// lock released (see [`ObjShard::begin_evict`]), and whether its last
+    /// reference went meanwhile.
+    writing: Option<u32>,
+    cancelled: bool,
     max_ids: u32,
     /// This shard's part of an object handle: handle = `handle_base | id`.
     handle_base: u32,
@@ -141,6 +166,8 @@ impl ObjShard {
             counted: 0,
             in_ram: 0,
             compact_floor: 0,
+            writing: None,
+            cancelled: false,
             max_ids,
             handle_base,
         }
@@ -494,6 +521,9 @@ impl ObjShard {
         if obj.refs() > 0 {
             return fill;
         }
+        if self.writing == Some(id) {
+            self.cancelled = true;
+        }
         if obj.has(INDEXED) {
             if let Ok(entry) = self.dedup.find_entry(obj.table_hash(), |&i| i == id) {
                 entry.remove();
@@ -657,16 +687,36 @@ impl ObjShard {
     /// other guests' records are passed over with their referenced bits
     /// left alone. The bound keeps a guest that holds few RAM objects (or
     /// only metadata) from making each call walk the whole shard.
+    #[cfg(test)]
     pub fn evict_of(
         &mut self,
         spill: &SpillFile,
         budget: &Budget,
         prefer: Option<(&Mask, usize)>,
     ) -> Result<Evicted, StoreError> {
-        if self.in_ram == 0 {
+        let mut buf = [0u8; PAGE_SIZE];
+        let Some(pick) = self.begin_evict(prefer, &mut buf) else {
             return Ok(Evicted::NoVictim);
+        };
+        let written = spill.write(&buf[..pick.len], pick.label);
+        self.end_evict(pick, written, spill, budget)
+    }
+
+    /// The first half of a writeback, under the lock: picks the victim (as
+    /// [`ObjShard::evict_of`] says) and copies its payload into `buf`. The
+    /// caller writes it to the file with the lock released, so guests'
+    /// gets and puts on this shard do not wait for the file, then calls
+    /// [`ObjShard::end_evict`]. One writeback at a time per shard: while
+    /// one is out, this finds no victim here.
+    pub fn begin_evict(
+        &mut self,
+        prefer: Option<(&Mask, usize)>,
+        buf: &mut [u8; PAGE_SIZE],
+    ) -> Option<Writing> {
+        if self.in_ram == 0 || self.writing.is_some() {
+            return None;
         }
-        let victim = match prefer {
+        let id = match prefer {
             None => {
                 let scan = 2 * self.slab.high_water() as usize + 1;
                 self.slab.next_victim(scan, |_, _| true)
@@ -677,19 +727,47 @@ impl ObjShard {
                     owners.guest_of(o.owner(), id).is_some_and(|g| mask.contains(g))
                 })
             }
-        };
-        let Some(id) = victim else {
-            return Ok(Evicted::NoVictim);
-        };
+        }?;
         let obj = *self.slab.get(id);
         let len = obj.len();
-        let loc = Loc::unpack(obj.loc());
-        let label = self.label(id, obj.key());
-        let Some(offset) = spill.write(self.alloc.bytes(loc, len), label)? else {
+        buf[..len].copy_from_slice(self.alloc.bytes(Loc::unpack(obj.loc()), len));
+        self.writing = Some(id);
+        self.cancelled = false;
+        Some(Writing {
+            id,
+            len,
+            label: self.label(id, obj.key()),
+        })
+    }
+
+    /// The second half: the write's outcome. The object may have been
+    /// freed meanwhile (its last reference dropped): then the slot just
+    /// written goes back. It may have been read, referenced again or moved
+    /// by compaction: its record is read afresh.
+    pub fn end_evict(
+        &mut self,
+        pick: Writing,
+        written: Result<Option<u64>, StoreError>,
+        spill: &SpillFile,
+        budget: &Budget,
+    ) -> Result<Evicted, StoreError> {
+        debug_assert_eq!(self.writing, Some(pick.id));
+        self.writing = None;
+        let cancelled = std::mem::take(&mut self.cancelled);
+        let Some(offset) = written? else {
             budget.shares().set_spill_full();
             return Ok(Evicted::TierFull);
         };
-        self.alloc.free(loc, len);
+        if cancelled {
+            spill.free(offset, pick.len);
+            // Its RAM was freed all the same.
+            return Ok(Evicted::One);
+        }
+        let id = pick.id;
+        let obj = *self.slab.get(id);
+        let len = obj.len();
+        debug_assert_eq!((obj.tier(), len), (Tier::Ram, pick.len));
+        self.alloc.free(Loc::unpack(obj.loc()), len);
         // It stays in the dedup table: equal pages still find it, in the file.
         let o = self.slab.get_mut(id);
         o.set_tier(Tier::Spilled);
@@ -1057,6 +1135,46 @@ mod tests {
         assert_eq!(budget.shares().view(1, 1 << 30, 0).spill_bytes, 20 * 2 * UNIT);
         // Unpreferred, the CLOCK takes guest 0's.
         assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::One);
+    }
+
+    /// The lock is let go while the file is written: the object may be
+    /// read, or freed, meanwhile.
+    #[test]
+    fn a_writeback_survives_what_happens_while_the_file_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = SpillFile::open(&dir.path().join("s"), 1 << 20).unwrap();
+        let budget = Budget::new(1 << 30);
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
+        let p: Vec<u8> = (0..900u32).map(|i| (i * 7) as u8).collect();
+        let (a, _) = id_of(s.obtain(&data(1, &p, true), by(0), &budget, None));
+        let (b, _) = id_of(s.obtain(&data(2, &p[..800], true), by(0), &budget, None));
+        let mut buf = [0u8; PAGE_SIZE];
+        let pick = s.begin_evict(None, &mut buf).unwrap();
+        let first = pick.id;
+        assert!(
+            s.begin_evict(None, &mut [0u8; PAGE_SIZE]).is_none(),
+            "one at a time"
+        );
+        // Read while it is written: still in RAM.
+        let (mut page, mut frame) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+        assert_matches::assert_matches!(
+            s.load(first, &mut page, &mut frame, Some(&spill)),
+            Ok(Loaded::Frame(_))
+        );
+        let written = spill.write(&buf[..pick.payload_len()], pick.label());
+        assert_eq!(s.end_evict(pick, written, &spill, &budget).unwrap(), Evicted::One);
+        assert_eq!(s.slab.get(first).tier(), Tier::Spilled);
+        // Freed while it is written: the slot goes back, the counters balance.
+        let pick = s.begin_evict(None, &mut buf).unwrap();
+        let second = pick.id;
+        assert_eq!(second, if first == a { b } else { a });
+        let written = spill.write(&buf[..pick.payload_len()], pick.label());
+        s.release(second, Some(&spill), &budget);
+        assert_eq!(s.end_evict(pick, written, &spill, &budget).unwrap(), Evicted::One);
+        s.release(first, Some(&spill), &budget);
+        assert_eq!((spill.live_bytes(), s.live_objects(), s.chunk_bytes()), (0, 0, 0));
+        let v = budget.shares().view(0, 1 << 30, 0);
+        assert_eq!((v.ram_bytes, v.spill_bytes), (0, 0));
     }
 
     #[test]
