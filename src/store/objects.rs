@@ -6,9 +6,11 @@
 //! always one 32-bit handle. Objects are placed in a shard by content hash, so
 //! identical pages meet in the same shard and its dedup table.
 //!
-//! The caller holds the shard's lock around every call. Spill I/O for an
-//! object happens under that lock: it is the slow path, and it keeps the
-//! object from being freed (and its file slot reused) during the read.
+//! The caller holds the shard's lock around every call. Spill reads for an
+//! object happen under that lock: it is the slow path, and it keeps the
+//! object from being freed (and its file slot reused) during the read. A
+//! writeback is split in two calls ([`ObjShard::begin_evict`],
+//! [`ObjShard::end_evict`]) so that its file write runs without the lock.
 
 use hashbrown::{HashMap, HashTable};
 
