@@ -424,7 +424,7 @@ impl Store {
             return Ok(self.reject(guest, pool, index));
         }
         if let Some(word) = codec::fill_value(page) {
-            return self.put_fill(guest, pool, index, word);
+            return self.put_fill_admitted(guest, pool, index, word);
         }
         let (key, shard_hash) = self.keys.page(page, self.domain(guest));
         let mut candidates = 0;
@@ -482,10 +482,19 @@ impl Store {
         index: u64,
         fill: u64,
     ) -> Result<PutOutcome, StoreError> {
-        // A fill from `put` was admitted there; checking again costs two loads.
         if !self.admits(guest) {
             return Ok(self.reject(guest, pool, index));
         }
+        self.put_fill_admitted(guest, pool, index, fill)
+    }
+
+    fn put_fill_admitted(
+        &self,
+        guest: GuestId,
+        pool: u32,
+        index: u64,
+        fill: u64,
+    ) -> Result<PutOutcome, StoreError> {
         let domain = self.domain(guest);
         let content = Content::Fill {
             word: fill,
