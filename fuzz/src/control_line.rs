@@ -66,7 +66,7 @@ impl Harness {
         let store = Arc::new(Store::new(config.store.clone()).expect("store"));
         let devices = (0..DEVICES)
             .map(|id| {
-                let socket = config.sockets[id as usize].clone();
+                let socket = config.devices[id as usize].path.clone();
                 Arc::new(DeviceTelemetry::new(id, socket, 2)) as Arc<dyn DeviceReport>
             })
             .collect();
