@@ -689,6 +689,12 @@ impl Store {
         };
         Ok(match self.evict_fair(spill, guest, false)? {
             Evicted::One => Room::Made,
+            // Another thread's writeback will free RAM: wait for it rather
+            // than store the page straight into the file under a shard lock.
+            Evicted::Busy => {
+                std::thread::yield_now();
+                Room::Made
+            }
             Evicted::TierFull | Evicted::NoVictim => Room::Full,
         })
     }
@@ -732,18 +738,22 @@ impl Store {
         let start = self.evict_hand.fetch_add(1, Ordering::Relaxed);
         let scan = (FAIR_SCAN / n).max(slab::BLOCK);
         let mut payload = [0u8; PAGE_SIZE];
+        let mut busy = false;
         for k in 0..n {
             let shard = &self.objects[(start + k) % n].0;
-            let Some(pick) = shard.lock().begin_evict(prefer.map(|m| (m, scan)), &mut payload) else {
+            let mut locked = shard.lock();
+            let Some(pick) = locked.begin_evict(prefer.map(|m| (m, scan)), &mut payload) else {
+                busy |= locked.writing();
                 continue;
             };
+            drop(locked);
             // The file write (sealing and all) runs with no lock held: a
             // disk that stalls it stalls this writeback, not other guests'
             // gets on the shard.
             let written = spill.write(&payload[..pick.payload_len()], pick.label());
             return shard.lock().end_evict(pick, written, spill, &self.budget);
         }
-        Ok(Evicted::NoVictim)
+        Ok(if busy { Evicted::Busy } else { Evicted::NoVictim })
     }
 
     pub fn get(

@@ -101,6 +101,9 @@ pub enum Evicted {
     NoVictim,
     /// The spill tier is full (limit or ENOSPC).
     TierFull,
+    /// No victim, but another writeback is under way in a shard that had
+    /// none to offer: room is coming.
+    Busy,
 }
 
 /// A writeback under way: the object, its payload length and its slot's label.
@@ -709,7 +712,7 @@ impl ObjShard {
     /// caller writes it to the file with the lock released, so guests'
     /// gets and puts on this shard do not wait for the file, then calls
     /// [`ObjShard::end_evict`]. One writeback at a time per shard: while
-    /// one is out, this finds no victim here.
+    /// one is out, this finds no victim here (see [`ObjShard::writing`]).
     pub fn begin_evict(
         &mut self,
         prefer: Option<(&Mask, usize)>,
@@ -746,6 +749,11 @@ impl ObjShard {
     /// freed meanwhile (its last reference dropped): then the slot just
     /// written goes back. It may have been read, referenced again or moved
     /// by compaction: its record is read afresh.
+    /// Whether a writeback of this shard is under way.
+    pub fn writing(&self) -> bool {
+        self.writing.is_some()
+    }
+
     pub fn end_evict(
         &mut self,
         pick: Writing,
