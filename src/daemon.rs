@@ -40,12 +40,12 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::{
-    config::{Config, DeviceKind},
+    config::{Config, DeviceKind, DeviceSpec},
     control::{ControlContext, ControlError, ControlServer, DeviceReport},
     device::TmemBackend,
     error_chain,
     sandbox::{self, Role, SandboxError},
-    store::{Store, StoreError},
+    store::{GuestId, ShareError, Store, StoreError},
     telemetry::DeviceTelemetry,
 };
 
@@ -98,6 +98,12 @@ pub enum DaemonError {
     SpawnWriter(#[source] io::Error),
     #[error("cannot confine the daemon (--sandbox off runs it unconfined)")]
     Sandbox(#[source] SandboxError),
+    #[error("cannot set the max= or weight= of device {id}")]
+    Budget {
+        id: u32,
+        #[source]
+        source: ShareError,
+    },
 }
 
 /// vhost-user-backend's error type implements `Display` but not `Error`.
@@ -130,6 +136,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     let signals = block_signals().map_err(DaemonError::Signals)?;
 
     let store = Arc::new(Store::new(config.store.clone()).map_err(DaemonError::Store)?);
+    set_budgets(&store, &config.devices)?;
     let devices: Vec<Arc<DeviceTelemetry>> = config
         .devices
         .iter()
@@ -342,6 +349,21 @@ fn exit_now(why: &str) -> ! {
     }
     // SAFETY: _exit(2) ends the process without returning or touching its memory.
     unsafe { libc::_exit(1) }
+}
+
+/// Gives each device (guest N is device N) the cap and weight of its
+/// `--socket` options.
+fn set_budgets(store: &Store, devices: &[DeviceSpec]) -> Result<(), DaemonError> {
+    for (id, spec) in devices.iter().enumerate() {
+        let id = id as u32;
+        if spec.max.is_none() && spec.weight == 1 {
+            continue;
+        }
+        let budget = |source| DaemonError::Budget { id, source };
+        store.set_guest_max(GuestId(id), spec.max).map_err(budget)?;
+        store.set_guest_weight(GuestId(id), spec.weight).map_err(budget)?;
+    }
+    Ok(())
 }
 
 /// Runs the store's background writer until shutdown.

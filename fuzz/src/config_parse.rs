@@ -144,9 +144,10 @@ struct Expected {
     zstd_level: i32,
 }
 
-/// Device options this build serves.
+/// Device options that go together: a disk's room is set apart whole, so
+/// it takes no max.
 fn supported(spec: &DeviceSpec) -> bool {
-    spec.max.is_none() && spec.weight == 1
+    !matches!(spec.kind, DeviceKind::Blk { .. }) || spec.max.is_none()
 }
 
 /// Spill file bytes the blk devices set apart: each disk's blocks and a few

@@ -156,13 +156,26 @@ impl Harness {
                 self.model.retain(|k, _| !(k.0 == device && k.1 == pool));
             }
             (Request::DropPool { .. }, Reply::Error(_)) => {}
+            (Request::SetDevice { device, max, weight }, Reply::Ok(Answer::Budget(b))) => {
+                assert!(*device < DEVICES, "{}: a device that does not exist", what());
+                if let Some(max) = max {
+                    assert_eq!(b.max_bytes, max.bytes(), "{}: the cap", what());
+                }
+                if let Some(weight) = weight {
+                    assert_eq!(b.weight, *weight, "{}: the weight", what());
+                }
+            }
+            (Request::SetDevice { .. }, Reply::Error(_)) => {}
             (request, reply) => panic!("{}: {request:?} answered {reply:?}", what()),
         }
         // The pages are read back after every command that could touch them,
         // and once at the end for the others.
         if matches!(
             request,
-            Request::SetConfig { .. } | Request::Writeback { .. } | Request::DropPool { .. }
+            Request::SetConfig { .. }
+                | Request::Writeback { .. }
+                | Request::DropPool { .. }
+                | Request::SetDevice { .. }
         ) {
             self.check_pages(n);
         }

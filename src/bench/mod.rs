@@ -5,6 +5,7 @@ use clap::Parser;
 
 pub mod device;
 pub mod hostile;
+pub mod noisy;
 pub mod store;
 
 #[derive(Debug, Parser)]
@@ -18,6 +19,10 @@ pub enum BenchCommand {
     /// What one hostile guest's input costs: pool churn, dedup hash
     /// flooding, index-group scans.
     Hostile(hostile::HostileArgs),
+    /// A noisy neighbour: two devices on one daemon, an attacker flooding
+    /// incompressible pages and a victim using a working set within its
+    /// share; the victim's rejects and get latency, alone and attacked.
+    Noisy(noisy::NoisyArgs),
 }
 
 impl BenchCommand {
@@ -26,6 +31,7 @@ impl BenchCommand {
             BenchCommand::Store(args) => store::run(&args),
             BenchCommand::Device(args) => device::run(&args),
             BenchCommand::Hostile(args) => hostile::run(&args),
+            BenchCommand::Noisy(args) => noisy::run(&args),
         }
     }
 }

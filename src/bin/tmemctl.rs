@@ -1,7 +1,8 @@
 //! `tmemctl`: inspect and steer a running `vhost-user-tmem` through its control
 //! socket.
 //!
-//! `stats [--json]`, `watch`, `config`, `set mem-limit SIZE`, `writeback N`,
+//! `stats [--json]`, `watch`, `config`, `set mem-limit SIZE`,
+//! `set max DEVICE SIZE|none`, `set weight DEVICE N`, `writeback N`,
 //! `drop-pool DEVICE POOL`, `metrics` (Prometheus text exposition).
 
 use std::{
@@ -15,11 +16,11 @@ use std::{
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 use vhost_user_tmem::{
-    control::{ClientError, ConfigView, ControlClient, Stats, DEFAULT_CONTROL_PATH},
+    control::{Cap, ClientError, ConfigView, ControlClient, Stats, DEFAULT_CONTROL_PATH},
     error_chain,
     size::ByteSize,
     stats::OpLatency,
-    store::Counters,
+    store::{Counters, GuestBudget},
 };
 
 #[derive(Parser, Debug)]
@@ -69,6 +70,12 @@ enum Cmd {
 enum SetCmd {
     /// RAM budget of the store, e.g. 512M or 4G.
     MemLimit { size: ByteSize },
+    /// Cap on one device's RAM plus spill, e.g. 1G, or "none". Lowering it
+    /// below what the device holds drops nothing: its puts are refused
+    /// until it is under.
+    Max { device: u32, size: Cap },
+    /// One device's weight (1 to 10000) in the sharing of RAM.
+    Weight { device: u32, weight: u32 },
 }
 
 fn main() -> ExitCode {
@@ -120,6 +127,18 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 &mut out,
                 &format!("mem-limit set to {}\n", bytes_h(config.mem_limit)),
             )
+        }
+        Cmd::Set {
+            what: SetCmd::Max { device, size },
+        } => {
+            let budget = client.set_device(device, Some(size), None)?;
+            print(&mut out, &format!("device {device}: {}\n", budget_line(&budget)))
+        }
+        Cmd::Set {
+            what: SetCmd::Weight { device, weight },
+        } => {
+            let budget = client.set_device(device, None, Some(weight))?;
+            print(&mut out, &format!("device {device}: {}\n", budget_line(&budget)))
         }
         Cmd::Writeback { pages } => {
             let written = client.writeback(pages)?;
@@ -178,6 +197,18 @@ fn latency(l: &OpLatency) -> String {
     }
 }
 
+/// "max 1.0 GiB, weight 2, RAM 3.0 MiB (fair share 128.0 MiB), spill 0 B".
+fn budget_line(b: &GuestBudget) -> String {
+    format!(
+        "max {}, weight {}, RAM {} (fair share {}), spill {}",
+        b.max_bytes.map_or_else(|| "none".to_owned(), bytes_h),
+        b.weight,
+        bytes_h(b.ram_bytes),
+        bytes_h(b.fair_share_bytes),
+        bytes_h(b.spill_bytes),
+    )
+}
+
 fn render_stats(stats: &Stats) -> String {
     let t = &stats.store.total;
     let limit = stats.store.mem_limit_bytes;
@@ -234,6 +265,27 @@ fn render_stats(stats: &Stats) -> String {
             latency(&d.latency.get),
             latency(&d.latency.invalidate),
             d.socket,
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "{:<4} {:>6} {:>11} {:>11} {:>11} {:>11} {:>8} {:>8}",
+        "DEV", "WEIGHT", "RAM", "FAIR SHARE", "SPILL", "MAX", "CAPPED", "YIELDED"
+    );
+    for (dev, guest) in &stats.store.guests {
+        let b = &guest.budget;
+        let _ = writeln!(
+            s,
+            "{:<4} {:>6} {:>11} {:>11} {:>11} {:>11} {:>8} {:>8}",
+            dev,
+            b.weight,
+            bytes_h(b.ram_bytes),
+            bytes_h(b.fair_share_bytes),
+            bytes_h(b.spill_bytes),
+            b.max_bytes.map_or_else(|| "none".to_owned(), bytes_h),
+            b.max_rejects,
+            b.share_rejects,
         );
     }
     let _ = writeln!(s);
@@ -382,6 +434,65 @@ fn render_metrics(stats: &Stats) -> String {
     );
     let _ = writeln!(s, "# TYPE {metric} counter");
     let _ = writeln!(s, "{metric} {}", stats.store.background_writebacks);
+    type Family = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&GuestBudget) -> Option<u64>,
+    );
+    let budgets: [Family; 7] = [
+        (
+            "tmem_device_ram_bytes",
+            "gauge",
+            "RAM the device's pages and metadata hold.",
+            |b| Some(b.ram_bytes),
+        ),
+        (
+            "tmem_device_spill_bytes",
+            "gauge",
+            "Spill file space the device's pages hold.",
+            |b| Some(b.spill_bytes),
+        ),
+        (
+            "tmem_device_fair_share_bytes",
+            "gauge",
+            "The device's fair share of RAM.",
+            |b| Some(b.fair_share_bytes),
+        ),
+        (
+            "tmem_device_max_bytes",
+            "gauge",
+            "Cap on the device's RAM plus spill (absent: none).",
+            |b| b.max_bytes,
+        ),
+        (
+            "tmem_device_weight",
+            "gauge",
+            "The device's weight in the sharing of RAM.",
+            |b| Some(u64::from(b.weight)),
+        ),
+        (
+            "tmem_device_max_rejects_total",
+            "counter",
+            "Puts refused at the device's cap.",
+            |b| Some(b.max_rejects),
+        ),
+        (
+            "tmem_device_share_rejects_total",
+            "counter",
+            "Puts refused while over its share with both tiers full.",
+            |b| Some(b.share_rejects),
+        ),
+    ];
+    for (metric, kind, what, value) in budgets {
+        let _ = writeln!(s, "# HELP {metric} {what}");
+        let _ = writeln!(s, "# TYPE {metric} {kind}");
+        for (dev, guest) in &stats.store.guests {
+            if let Some(v) = value(&guest.budget) {
+                let _ = writeln!(s, "{metric}{{device=\"{dev}\"}} {v}");
+            }
+        }
+    }
     let _ = writeln!(
         s,
         "# HELP tmem_device_connected Whether a VMM is attached to the device."
@@ -448,6 +559,14 @@ mod tests {
             GuestStats {
                 total: pool.clone(),
                 pools,
+                budget: GuestBudget {
+                    ram_bytes: 3 << 20,
+                    max_bytes: Some(1 << 30),
+                    weight: 2,
+                    fair_share_bytes: 512 << 20,
+                    max_rejects: 7,
+                    ..GuestBudget::default()
+                },
             },
         );
         Stats {
@@ -499,6 +618,10 @@ mod tests {
         assert!(text.contains("3.5/12.0"), "{text}");
         assert!(text.contains("25.0%"), "{text}");
         assert!(text.contains(" all "), "{text}");
+        assert!(
+            text.contains("0         2     3.0 MiB   512.0 MiB         0 B     1.0 GiB        7        0"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -542,6 +665,14 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"socket="/run/vm\"0\".sock"} 1"#), "{text}");
+        assert!(
+            text.contains("tmem_device_max_bytes{device=\"0\"} 1073741824\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tmem_device_max_rejects_total{device=\"0\"} 7\n"),
+            "{text}"
+        );
         assert!(text.contains(
             "tmem_request_latency_microseconds{device=\"0\",kind=\"tmem\",op=\"put\",quantile=\"0.99\"} 12"
         ));
@@ -569,6 +700,30 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["tmemctl", "set", "mem-limit", "12Q"]).is_err());
         assert_eq!(cli.control, PathBuf::from(DEFAULT_CONTROL_PATH));
+        let cli = Cli::parse_from(["tmemctl", "set", "max", "1", "2G"]);
+        assert!(
+            matches!(cli.cmd, Cmd::Set { what: SetCmd::Max { device: 1, size: Cap::Bytes(ref s) } } if s.bytes() == 2 << 30)
+        );
+        let cli = Cli::parse_from(["tmemctl", "set", "max", "0", "none"]);
+        assert!(matches!(
+            cli.cmd,
+            Cmd::Set {
+                what: SetCmd::Max {
+                    device: 0,
+                    size: Cap::None
+                }
+            }
+        ));
+        let cli = Cli::parse_from(["tmemctl", "set", "weight", "2", "3"]);
+        assert!(matches!(
+            cli.cmd,
+            Cmd::Set {
+                what: SetCmd::Weight { device: 2, weight: 3 }
+            }
+        ));
+        assert!(Cli::try_parse_from(["tmemctl", "set", "max", "1", "lots"]).is_err());
+        assert!(Cli::try_parse_from(["tmemctl", "set", "weight", "x", "3"]).is_err());
+        assert!(Cli::try_parse_from(["tmemctl", "set", "weight", "1"]).is_err());
         let cli = Cli::parse_from(["tmemctl", "drop-pool", "1", "7"]);
         assert!(matches!(cli.cmd, Cmd::DropPool { device: 1, pool: 7 }));
         assert!(Cli::try_parse_from(["tmemctl", "writeback", "-3"]).is_err());

@@ -171,8 +171,8 @@ pub enum ConfigError {
         #[source]
         source: DeviceSpecError,
     },
-    #[error("--socket {path}: {option} is not supported by this build yet")]
-    Unsupported { path: PathBuf, option: &'static str },
+    #[error("--socket {0}: a blk device has its whole disk's room set apart, so max= does not apply")]
+    MaxOnBlk(PathBuf),
     #[error("--socket {0} is given more than once")]
     DuplicateSocket(PathBuf),
     #[error("--capacity {0} is smaller than one page ({PAGE_SIZE} bytes)")]
@@ -223,16 +223,8 @@ impl TryFrom<Args> for Config {
             if !seen.insert(&spec.path) {
                 return Err(ConfigError::DuplicateSocket(spec.path.clone()));
             }
-            let unsupported = match spec {
-                DeviceSpec { max: Some(_), .. } => Some("max="),
-                DeviceSpec { weight, .. } if *weight != 1 => Some("weight="),
-                _ => None,
-            };
-            if let Some(option) = unsupported {
-                return Err(ConfigError::Unsupported {
-                    path: spec.path.clone(),
-                    option,
-                });
+            if let (DeviceKind::Blk { .. }, Some(_)) = (spec.kind, spec.max) {
+                return Err(ConfigError::MaxOnBlk(spec.path.clone()));
             }
         }
         if let Some(control) = &args.control {
@@ -547,6 +539,13 @@ mod tests {
             Err(ConfigError::DuplicateSocket(_)),
             "options do not make a path another socket"
         );
+    }
+
+    #[test]
+    fn caps_and_weights_are_taken() {
+        let c = parse(&["--socket", "/tmp/b.sock,max=64M,weight=3"]).unwrap();
+        assert_eq!((c.devices[0].max, c.devices[0].weight), (None, 1));
+        assert_eq!((c.devices[1].max, c.devices[1].weight), (Some(64 << 20), 3));
     }
 
     #[test]

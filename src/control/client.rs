@@ -9,8 +9,8 @@ use std::{
 
 use thiserror::Error;
 
-use super::message::{Answer, ConfigView, Reply, Request, Stats};
-use crate::size::ByteSize;
+use super::message::{Answer, Cap, ConfigView, Reply, Request, Stats};
+use crate::{size::ByteSize, store::GuestBudget};
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -119,6 +119,21 @@ impl ControlClient {
         match self.call(&Request::DropPool { device, pool })? {
             Answer::Dropped(dropped) => Ok(dropped),
             _ => Err(ClientError::Mismatch { request: "drop-pool" }),
+        }
+    }
+
+    /// Sets a device's cap and/or weight; returns its budget then.
+    pub fn set_device(
+        &mut self,
+        device: u32,
+        max: Option<Cap>,
+        weight: Option<u32>,
+    ) -> Result<GuestBudget, ClientError> {
+        match self.call(&Request::SetDevice { device, max, weight })? {
+            Answer::Budget(budget) => Ok(budget),
+            _ => Err(ClientError::Mismatch {
+                request: "set-device",
+            }),
         }
     }
 }

@@ -6,7 +6,11 @@
 //! `"ok":true` with the command's one result key ([`Answer`]), or `"ok":false`
 //! with an `"error"` ([`Reply`]).
 
-use std::{fmt, str::Utf8Error, time::Duration};
+use std::{
+    fmt,
+    str::{FromStr, Utf8Error},
+    time::Duration,
+};
 
 use serde::{
     de::{
@@ -21,9 +25,9 @@ use thiserror::Error;
 
 use super::MAX_LINE;
 use crate::{
-    size::ByteSize,
+    size::{ByteSize, SizeError},
     stats::Latency,
-    store::{DedupDomain, StoreStats},
+    store::{DedupDomain, GuestBudget, StoreStats},
 };
 
 /// One request. The variants are the commands: `cmd` is a variant's name in
@@ -47,6 +51,85 @@ pub enum Request {
     Writeback { pages: u64 },
     /// Drops every page of one pool of one device.
     DropPool { device: u32, pool: u32 },
+    /// Changes one device's cap or weight at run time; answered with its
+    /// budget then.
+    SetDevice {
+        device: u32,
+        /// Cap on the guest's RAM plus spill, or `"none"`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max: Option<Cap>,
+        /// Its weight in the sharing of RAM.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        weight: Option<u32>,
+    },
+}
+
+/// A device's cap: a size (a number of bytes or a size string), or
+/// `"none"` for no cap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cap {
+    None,
+    Bytes(ByteSize),
+}
+
+impl Cap {
+    pub fn bytes(&self) -> Option<u64> {
+        match self {
+            Cap::None => None,
+            Cap::Bytes(size) => Some(size.bytes()),
+        }
+    }
+}
+
+impl FromStr for Cap {
+    type Err = SizeError;
+
+    fn from_str(text: &str) -> Result<Self, SizeError> {
+        if text == "none" {
+            return Ok(Cap::None);
+        }
+        text.parse().map(Cap::Bytes)
+    }
+}
+
+impl Serialize for Cap {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Cap::None => serializer.serialize_str("none"),
+            Cap::Bytes(size) => size.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Cap {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(CapVisitor)
+    }
+}
+
+struct CapVisitor;
+
+impl Visitor<'_> for CapVisitor {
+    type Value = Cap;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a number of bytes, a size string like \"1G\", or \"none\"")
+    }
+
+    fn visit_u64<E: de::Error>(self, bytes: u64) -> Result<Cap, E> {
+        Ok(Cap::Bytes(ByteSize::from(bytes)))
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<Cap, E> {
+        match u64::try_from(value) {
+            Ok(bytes) => Ok(Cap::Bytes(ByteSize::from(bytes))),
+            Err(_) => Err(E::invalid_value(Unexpected::Signed(value), &self)),
+        }
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Cap, E> {
+        text.parse().map_err(E::custom)
+    }
 }
 
 impl Request {
@@ -223,6 +306,8 @@ pub enum Answer {
     Written(u64),
     /// To `drop-pool`: pages dropped.
     Dropped(u64),
+    /// To `set-device`: the device's budget with the new setting.
+    Budget(GuestBudget),
 }
 
 /// One reply line: `{"ok":true,<answer>}` or `{"ok":false,"error":"..."}`.
@@ -514,6 +599,22 @@ mod tests {
                 Request::DropPool { device: 0, pool: 3 },
                 r#"{"cmd":"drop-pool","device":0,"pool":3}"#,
             ),
+            (
+                Request::SetDevice {
+                    device: 1,
+                    max: Some("2G".parse().unwrap()),
+                    weight: None,
+                },
+                r#"{"cmd":"set-device","device":1,"max":"2G"}"#,
+            ),
+            (
+                Request::SetDevice {
+                    device: 1,
+                    max: Some(Cap::None),
+                    weight: Some(3),
+                },
+                r#"{"cmd":"set-device","device":1,"max":"none","weight":3}"#,
+            ),
         ] {
             assert_eq!(serde_json::to_string(&request).unwrap(), line);
             assert_eq!(parse(line).unwrap(), request);
@@ -524,7 +625,36 @@ mod tests {
     fn the_commands_are_the_variants() {
         assert_eq!(
             Request::commands(),
-            ["stats", "get-config", "set-config", "writeback", "drop-pool"]
+            [
+                "stats",
+                "get-config",
+                "set-config",
+                "writeback",
+                "drop-pool",
+                "set-device"
+            ]
+        );
+    }
+
+    #[test]
+    fn set_device_values() {
+        assert_eq!(
+            parse(r#"{"cmd":"set-device","device":0,"max":4096}"#).unwrap(),
+            Request::SetDevice {
+                device: 0,
+                max: Some(Cap::Bytes(ByteSize::from(4096))),
+                weight: None
+            }
+        );
+        let e = parse(r#"{"cmd":"set-device","device":0,"max":"lots"}"#).unwrap_err();
+        assert_matches!(&e, RequestError::BadValue { field: Some(f), .. } if f == "max");
+        let e = parse(r#"{"cmd":"set-device","device":0,"max":-1}"#).unwrap_err();
+        assert!(e.to_string().contains("\"none\""), "{e}");
+        let e = parse(r#"{"cmd":"set-device","device":0,"weight":"heavy"}"#).unwrap_err();
+        assert_matches!(&e, RequestError::WrongType { field: Some(f), .. } if f == "weight");
+        assert_matches!(
+            parse(r#"{"cmd":"set-device","weight":2}"#),
+            Err(RequestError::MissingField { field: "device", .. })
         );
     }
 
@@ -592,7 +722,7 @@ mod tests {
             if cmd == "explode" && expected.contains(&"drop-pool"));
         assert_eq!(
             e.to_string(),
-            "unknown cmd \"explode\"; expected one of stats, get-config, set-config, writeback, drop-pool"
+            "unknown cmd \"explode\"; expected one of stats, get-config, set-config, writeback, drop-pool, set-device"
         );
         // Names are matched exactly.
         assert_matches!(parse(r#"{"cmd":"Stats"}"#), Err(RequestError::UnknownCmd { .. }));

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 pub use self::{
     client::{ClientError, ControlClient},
-    message::{Answer, ConfigView, DeviceStats, Reply, Request, RequestError, Stats},
+    message::{Answer, Cap, ConfigView, DeviceStats, Reply, Request, RequestError, Stats},
     server::{CommandError, ControlContext, ControlError, ControlServer, DeviceReport},
 };
 

@@ -31,13 +31,14 @@ use thiserror::Error;
 
 use super::{
     clients::{Clients, Place},
-    message::{Answer, ConfigView, DeviceStats, Reply, Request, RequestError, Stats},
+    message::{Answer, Cap, ConfigView, DeviceStats, Reply, Request, RequestError, Stats},
     peer, IDLE_TIMEOUT, MAX_CLIENTS, MAX_LINE, REPLY_TIMEOUT, REQUEST_TIMEOUT,
 };
 use crate::{
-    config::Config,
+    config::{Config, MAX_WEIGHT},
     error_chain,
-    store::{GuestId, Store, StoreError},
+    protocol::PAGE_SIZE,
+    store::{GuestId, ShareError, Store, StoreError},
 };
 
 /// Pause after a failed accept (out of file descriptors, say), so that a
@@ -68,8 +69,24 @@ pub enum CommandError {
     MemLimit(#[source] StoreError),
     #[error("writeback failed")]
     Writeback(#[source] StoreError),
-    #[error("drop-pool: no device {device}; this daemon has {devices} (numbered from 0)")]
-    NoDevice { device: u32, devices: usize },
+    #[error("{cmd}: no device {device}; this daemon has {devices} (numbered from 0)")]
+    NoDevice {
+        cmd: &'static str,
+        device: u32,
+        devices: usize,
+    },
+    #[error("set-device: nothing to set; settable: max, weight")]
+    NothingToSetDevice,
+    #[error("set-device: max {0} is smaller than one page ({PAGE_SIZE} bytes); \"none\" removes the cap")]
+    MaxTooSmall(u64),
+    #[error("set-device: weight {0} must be between 1 and {MAX_WEIGHT}")]
+    Weight(u32),
+    #[error("set-device: cannot set device {device}")]
+    Share {
+        device: u32,
+        #[source]
+        source: ShareError,
+    },
 }
 
 impl ControlContext {
@@ -102,17 +119,57 @@ impl ControlContext {
                 .map(Answer::Written)
                 .map_err(CommandError::Writeback),
             Request::DropPool { device, pool } => {
-                if device as usize >= self.devices.len() {
-                    return Err(CommandError::NoDevice {
-                        device,
-                        devices: self.devices.len(),
-                    });
-                }
+                self.check_device("drop-pool", device)?;
                 let dropped = self.store.invalidate_pool(GuestId(device), pool);
                 info!("control: dropped pool {pool} of device {device} ({dropped} pages)");
                 Ok(Answer::Dropped(dropped))
             }
+            Request::SetDevice { device, max, weight } => self.set_device(device, max, weight),
         }
+    }
+
+    fn check_device(&self, cmd: &'static str, device: u32) -> Result<(), CommandError> {
+        if device as usize >= self.devices.len() {
+            return Err(CommandError::NoDevice {
+                cmd,
+                device,
+                devices: self.devices.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks every value before changing anything, then sets them.
+    fn set_device(&self, device: u32, max: Option<Cap>, weight: Option<u32>) -> Result<Answer, CommandError> {
+        self.check_device("set-device", device)?;
+        if max.is_none() && weight.is_none() {
+            return Err(CommandError::NothingToSetDevice);
+        }
+        let max = max.map(|cap| cap.bytes());
+        if let Some(Some(bytes)) = max {
+            if bytes < PAGE_SIZE as u64 {
+                return Err(CommandError::MaxTooSmall(bytes));
+            }
+        }
+        if let Some(w) = weight {
+            if !(1..=MAX_WEIGHT).contains(&w) {
+                return Err(CommandError::Weight(w));
+            }
+        }
+        let guest = GuestId(device);
+        let share = |source| CommandError::Share { device, source };
+        if let Some(max) = max {
+            self.store.set_guest_max(guest, max).map_err(share)?;
+            match max {
+                Some(bytes) => info!("control: device {device} capped at {bytes} bytes"),
+                None => info!("control: device {device} uncapped"),
+            }
+        }
+        if let Some(w) = weight {
+            self.store.set_guest_weight(guest, w).map_err(share)?;
+            info!("control: device {device} weight set to {w}");
+        }
+        Ok(Answer::Budget(self.store.guest_budget(guest)))
     }
 
     pub fn stats(&self) -> Stats {
@@ -603,7 +660,6 @@ mod tests {
     use crate::{
         config::Args,
         control::{ClientError, ControlClient},
-        protocol::PAGE_SIZE,
         stats::{Latency, OpLatency},
         store::GetOutcome,
     };
@@ -814,6 +870,78 @@ mod tests {
     }
 
     #[test]
+    fn set_device_caps_and_weighs_one_device() {
+        let ctx = context();
+        let v = reply(&ctx, r#"{"cmd":"set-device","device":1,"max":"1M"}"#);
+        assert_eq!(v["budget"]["max_bytes"], 1 << 20, "{v}");
+        assert_eq!(ctx.store.guest_budget(GuestId(1)).max_bytes, Some(1 << 20));
+        assert_eq!(ctx.store.guest_budget(GuestId(0)).max_bytes, None);
+        let v = reply(&ctx, r#"{"cmd":"set-device","device":1,"weight":5,"max":"none"}"#);
+        assert_eq!(
+            (v["budget"]["weight"].as_u64(), v["budget"]["max_bytes"].is_null()),
+            (Some(5), true)
+        );
+        // The cap shows in the stats, with the device's use and share.
+        ctx.store.set_guest_max(GuestId(1), Some(1 << 20)).unwrap();
+        ctx.store.put(GuestId(1), 0, 0, &[3u8; PAGE_SIZE]).unwrap();
+        let v = reply(&ctx, r#"{"cmd":"stats"}"#);
+        let b = &v["stats"]["store"]["guests"]["1"]["budget"];
+        assert_eq!(b["max_bytes"], 1 << 20, "{v}");
+        assert_eq!(b["weight"], 5);
+        assert!(b["ram_bytes"].as_u64().unwrap() > 0, "{b}");
+        assert!(b["fair_share_bytes"].as_u64().unwrap() > 0, "{b}");
+        assert_eq!(b["spill_bytes"], 0);
+    }
+
+    #[test]
+    fn set_device_refuses_bad_values_and_changes_nothing() {
+        let ctx = context();
+        for (line, says) in [
+            (
+                r#"{"cmd":"set-device","device":2,"max":"1G"}"#,
+                "set-device: no device 2; this daemon has 2",
+            ),
+            (
+                r#"{"cmd":"set-device","device":0}"#,
+                "nothing to set; settable: max, weight",
+            ),
+            (
+                r#"{"cmd":"set-device","device":0,"max":100}"#,
+                "max 100 is smaller than one page",
+            ),
+            (
+                r#"{"cmd":"set-device","device":0,"max":"1G","weight":0}"#,
+                "weight 0 must be between 1 and 10000",
+            ),
+            (
+                r#"{"cmd":"set-device","device":0,"weight":10001}"#,
+                "weight 10001",
+            ),
+            (
+                r#"{"cmd":"set-device","device":0,"max":"12Q"}"#,
+                "\"12Q\" has an unknown unit",
+            ),
+            (
+                r#"{"cmd":"set-device","device":0,"weight":-1}"#,
+                "field \"weight\" must be",
+            ),
+            (
+                r#"{"cmd":"set-device","device":0,"max":"1G","colour":1}"#,
+                "unknown field \"colour\"",
+            ),
+        ] {
+            let e = reply(&ctx, line);
+            assert!(error_of(&e).contains(says), "{line}: {e}");
+        }
+        let b = ctx.store.guest_budget(GuestId(0));
+        assert_eq!(
+            (b.max_bytes, b.weight),
+            (None, 1),
+            "a refused request sets nothing"
+        );
+    }
+
+    #[test]
     fn line_reader_caps_and_handles_partial_lines() {
         let mut line = Vec::new();
         let mut r = BufReader::with_capacity(4, &b"ab\ncdefgh\nxyz"[..]);
@@ -867,6 +995,10 @@ mod tests {
         assert_eq!(client.drop_pool(1, 0).unwrap(), 0);
         let err = client.drop_pool(9, 0).unwrap_err();
         assert!(matches!(err, ClientError::Refused(ref m) if m.contains("no device 9")));
+        let budget = client.set_device(1, Some(Cap::None), Some(2)).unwrap();
+        assert_eq!((budget.max_bytes, budget.weight), (None, 2));
+        let err = client.set_device(7, None, Some(2)).unwrap_err();
+        assert!(matches!(err, ClientError::Refused(ref m) if m.contains("no device 7")));
         server.stop(Instant::now() + Duration::from_secs(5));
         assert!(!path.exists());
     }

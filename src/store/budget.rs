@@ -4,12 +4,18 @@
 //! a hash table grows or shrinks), not once per page, so its cache line does
 //! not bounce on the hot path. Growth is reserved before it happens, so the
 //! counter never passes the limit because of a reserved item.
+//!
+//! It carries the guests' own accounts too ([`Shares`]), since every place
+//! that changes what a guest holds already has the budget at hand.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::share::Shares;
 
 pub struct Budget {
     used: AtomicU64,
     limit: AtomicU64,
+    shares: Shares,
 }
 
 impl Budget {
@@ -17,7 +23,13 @@ impl Budget {
         Budget {
             used: AtomicU64::new(0),
             limit: AtomicU64::new(limit),
+            shares: Shares::default(),
         }
+    }
+
+    /// Each guest's use, cap and weight.
+    pub fn shares(&self) -> &Shares {
+        &self.shares
     }
 
     pub fn used(&self) -> u64 {

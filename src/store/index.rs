@@ -269,13 +269,14 @@ impl IndexShard {
     }
 
     /// Brings the guest's and the shard's totals from `before` to `after`
-    /// bytes, and the budget with them.
+    /// bytes, and the budget and the guest's account with them.
     fn moved(&mut self, guest: u32, before: u64, after: u64, budget: &Budget) {
         if let Some(g) = self.guests.get_mut(&guest) {
             g.bytes = g.bytes + after - before;
         }
         self.heap = self.heap + after - before;
         budget.settle(&mut self.counted, self.heap);
+        budget.shares().ram(guest, after as i64 - before as i64);
     }
 
     /// The counters of a pool holding pages here; ops on any other pool

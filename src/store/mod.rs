@@ -14,6 +14,8 @@
 //! - `alloc`: the byte-packed chunk allocator (with compaction) that holds RAM payloads;
 //! - `spill`: the spill file: private, encrypted slots, and its free space;
 //! - `budget`: the RAM budget counter;
+//! - `share`: each guest's use, cap (`max`), weight and fair share, and
+//!   which guests give up room first;
 //! - `owners`: per object shard, the (guest, pool) records objects are counted under;
 //! - `stats`: summing the shards' counters, the largest pools of each guest apart.
 //!
@@ -35,6 +37,7 @@ mod keys;
 mod objects;
 mod owners;
 mod pressure;
+mod share;
 mod slab;
 mod spill;
 mod stats;
@@ -63,7 +66,11 @@ use self::{
     stats::Gather,
 };
 
-pub use self::{index::OTHER_POOLS, objects::MAX_CANDIDATES};
+pub use self::{
+    index::OTHER_POOLS,
+    objects::MAX_CANDIDATES,
+    share::{GuestBudget, ShareError, MAX_GUESTS},
+};
 
 /// Pools listed by name in each guest's stats; the rest are summed under
 /// [`OTHER_POOLS`], so a `stats` reply stays small whatever a guest does.
@@ -245,6 +252,9 @@ pub struct GuestStats {
     /// [`STATS_POOLS_PER_GUEST`]); pool [`OTHER_POOLS`] sums the rest, ops on
     /// pools that hold nothing, and the counters of emptied pools.
     pub pools: BTreeMap<u32, Counters>,
+    /// What the guest holds against its cap and its fair share.
+    #[serde(default)]
+    pub budget: GuestBudget,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -281,6 +291,11 @@ pub struct MemoryUse {
 struct Padded<T>(T);
 
 const MAX_OBJ_SHARD_BITS: u32 = 6;
+
+/// Most object records one preferred writeback looks at, over all shards,
+/// for a page of a guest over its fair share before it falls back to any
+/// cold page: bounds what a guest can make one put's room cost.
+pub const FAIR_SCAN: usize = 4096;
 
 pub struct Store {
     zstd_level: i32,
@@ -368,6 +383,7 @@ impl Store {
         let max_ids = 1u32 << (32 - obj_bits);
         let keys = Keys::new();
         let spill_heap = spill.as_ref().map_or(0, SpillFile::heap_bytes);
+        let spill_cap = spill.as_ref().map_or(0, SpillFile::cap);
         let store = Store {
             zstd_level: config.zstd_level,
             raw_threshold: config.raw_threshold,
@@ -397,7 +413,13 @@ impl Store {
             + store.index.len() * std::mem::size_of::<Padded<Mutex<IndexShard>>>()
             + store.objects.len() * std::mem::size_of::<Padded<Mutex<ObjShard>>>();
         let mut counted = 0;
-        store.budget.settle(&mut counted, fixed as u64 + spill_heap);
+        let shares = store.budget.shares().heap_bytes();
+        store.budget.shares().set_spill_limit(spill_cap);
+        // New chunks for puts leave one free (see objects::ObjShard::obtain).
+        store.budget.shares().set_kept(alloc::CHUNK as u64);
+        store
+            .budget
+            .settle(&mut counted, fixed as u64 + shares + spill_heap);
         store
     }
 
@@ -453,8 +475,11 @@ impl Store {
     /// domain) is found before compression, by a hash of the page itself, and
     /// then costs a decompression to confirm instead of a compression.
     pub fn put(&self, guest: GuestId, pool: u32, index: u64, page: &Page) -> Result<PutOutcome, StoreError> {
+        if !self.admits(guest) {
+            return Ok(self.reject(guest, pool, index));
+        }
         if let Some(word) = codec::fill_value(page) {
-            return self.put_fill(guest, pool, index, word);
+            return self.put_fill_admitted(guest, pool, index, word);
         }
         let (key, shard_hash) = self.keys.page(page, self.domain(guest));
         let mut candidates = 0;
@@ -512,6 +537,19 @@ impl Store {
         index: u64,
         fill: u64,
     ) -> Result<PutOutcome, StoreError> {
+        if !self.admits(guest) {
+            return Ok(self.reject(guest, pool, index));
+        }
+        self.put_fill_admitted(guest, pool, index, fill)
+    }
+
+    fn put_fill_admitted(
+        &self,
+        guest: GuestId,
+        pool: u32,
+        index: u64,
+        fill: u64,
+    ) -> Result<PutOutcome, StoreError> {
         let domain = self.domain(guest);
         let content = Content::Fill {
             word: fill,
@@ -519,6 +557,32 @@ impl Store {
             hash: self.keys.fill(fill, domain),
         };
         self.put_content(guest, pool, index, &content)
+    }
+
+    /// Whether `guest` may store a page now: not at its max, and not over
+    /// its fair share while the room left in both tiers is what the guests
+    /// under theirs may still claim (see `share::Shares::must_yield`). A
+    /// refused put is rejected like any other (its index's old copy goes
+    /// too).
+    ///
+    /// Costs relaxed loads of each device's record: no lock, no store.
+    fn admits(&self, guest: GuestId) -> bool {
+        // A guest with reserved room (a disk) has no max and cannot be
+        // refused; being over its share costs it RAM, as its coldest
+        // pages spill first, and never a put.
+        if self.is_reserved(guest) {
+            return true;
+        }
+        let shares = self.budget.shares();
+        if shares.at_max(guest.0) {
+            shares.count_max_reject(guest.0);
+            return false;
+        }
+        if shares.must_yield(guest.0, self.budget.limit(), self.budget.used()) {
+            shares.count_share_reject(guest.0);
+            return false;
+        }
+        true
     }
 
     fn obj_shard_of(&self, content: &Content<'_>) -> usize {
@@ -589,7 +653,7 @@ impl Store {
                 }
                 Err(NoRoom) => {
                     drop(ix);
-                    let room = self.make_room();
+                    let room = self.make_room(Some(guest));
                     if !matches!(room, Ok(Room::Made)) {
                         self.release(handle);
                         self.reject(guest, pool, index);
@@ -608,6 +672,7 @@ impl Store {
         content: &Content<'_>,
         owner: By,
     ) -> Result<Option<(u32, bool)>, StoreError> {
+        let guest = Some(GuestId(owner.guest));
         let spill = self.spill.as_ref();
         loop {
             let got = self.objects[shard]
@@ -617,7 +682,7 @@ impl Store {
             if let Obtained::Ref { id, hit } = got {
                 return Ok(Some((id, hit)));
             }
-            if let Room::Made = self.make_room()? {
+            if let Room::Made = self.make_room(guest)? {
                 continue;
             }
             // Nothing in RAM can move: the new page itself goes to the file.
@@ -668,8 +733,10 @@ impl Store {
 
     /// Makes progress towards free RAM: compacts a shard whose holes add up
     /// to a chunk, or else writes back one cold object (whose RAM becomes a
-    /// hole). `Full` when neither is possible.
-    fn make_room(&self) -> Result<Room, StoreError> {
+    /// hole), of a guest over its fair share if there is one (see
+    /// [`Store::evict_fair`]). `Full` when neither is possible. `guest` is
+    /// the guest whose put needs the room (none: the operator).
+    fn make_room(&self, guest: Option<GuestId>) -> Result<Room, StoreError> {
         let n = self.objects.len();
         let start = self.evict_hand.load(Ordering::Relaxed);
         for k in 0..n {
@@ -681,24 +748,73 @@ impl Store {
         let Some(spill) = &self.spill else {
             return Ok(Room::Full);
         };
-        Ok(match self.evict_any(spill)? {
+        Ok(match self.evict_fair(spill, guest, false)? {
             Evicted::One => Room::Made,
+            // Another thread's writeback will free RAM: wait for it rather
+            // than store the page straight into the file under a shard lock.
+            Evicted::Busy => {
+                std::thread::yield_now();
+                Room::Made
+            }
             Evicted::TierFull | Evicted::NoVictim => Room::Full,
         })
     }
 
-    /// Writes back the next cold object, taking the object shards in turn.
-    fn evict_any(&self, spill: &SpillFile) -> Result<Evicted, StoreError> {
-        let n = self.objects.len();
-        let start = self.evict_hand.fetch_add(1, Ordering::Relaxed);
-        for k in 0..n {
-            let shard = &self.objects[(start + k) % n].0;
-            match shard.lock().evict(spill, &self.budget)? {
-                Evicted::NoVictim => continue,
+    /// Writes back one cold object: first from the guests over their fair
+    /// share (their coldest pages spill first), and only when none of
+    /// theirs is found, from anyone. A guest over its share (`guest`), or
+    /// the background writer (`writer`), never takes the fallback while
+    /// some guest is over its share: room for an over-share guest comes
+    /// from over-share guests, and the writer's headroom is not bought with
+    /// the pages of guests within their share.
+    ///
+    /// The preferred pass looks at [`FAIR_SCAN`] records at most, over all
+    /// shards; the fallback is the plain CLOCK.
+    fn evict_fair(
+        &self,
+        spill: &SpillFile,
+        guest: Option<GuestId>,
+        writer: bool,
+    ) -> Result<Evicted, StoreError> {
+        let over = self
+            .budget
+            .shares()
+            .over_share(self.budget.limit(), self.budget.used());
+        if !over.is_empty() {
+            match self.evict_any(spill, Some(&over))? {
+                Evicted::NoVictim => {}
                 done => return Ok(done),
             }
+            if writer || guest.is_some_and(|g| over.contains(g.0)) {
+                return Ok(Evicted::NoVictim);
+            }
         }
-        Ok(Evicted::NoVictim)
+        self.evict_any(spill, None)
+    }
+
+    /// Writes back the next cold object (of a guest in `prefer`, if given),
+    /// taking the object shards in turn.
+    fn evict_any(&self, spill: &SpillFile, prefer: Option<&share::Mask>) -> Result<Evicted, StoreError> {
+        let n = self.objects.len();
+        let start = self.evict_hand.fetch_add(1, Ordering::Relaxed);
+        let scan = (FAIR_SCAN / n).max(slab::BLOCK);
+        let mut payload = [0u8; PAGE_SIZE];
+        let mut busy = false;
+        for k in 0..n {
+            let shard = &self.objects[(start + k) % n].0;
+            let mut locked = shard.lock();
+            let Some(pick) = locked.begin_evict(prefer.map(|m| (m, scan)), &mut payload) else {
+                busy |= locked.writing();
+                continue;
+            };
+            drop(locked);
+            // The file write (sealing and all) runs with no lock held: a
+            // disk that stalls it stalls this writeback, not other guests'
+            // gets on the shard.
+            let written = spill.write_for(pick.guest(), &payload[..pick.payload_len()], pick.label());
+            return shard.lock().end_evict(pick, written, spill, &self.budget);
+        }
+        Ok(if busy { Evicted::Busy } else { Evicted::NoVictim })
     }
 
     pub fn get(
@@ -816,7 +932,7 @@ impl Store {
     pub fn set_mem_limit(&self, bytes: u64) -> Result<(), StoreError> {
         self.budget.set_limit(bytes);
         while self.budget.over() {
-            if let Room::Full = self.make_room()? {
+            if let Room::Full = self.make_room(None)? {
                 break;
             }
         }
@@ -857,7 +973,7 @@ impl Store {
             if self.compact_any() {
                 continue;
             }
-            if self.evict_any(spill)? != Evicted::One {
+            if self.evict_fair(spill, None, true)? != Evicted::One {
                 break;
             }
             written += 1;
@@ -881,7 +997,7 @@ impl Store {
         };
         let mut written = 0;
         while written < pages {
-            if self.evict_any(spill)? != Evicted::One {
+            if self.evict_fair(spill, None, false)? != Evicted::One {
                 break;
             }
             written += 1;
@@ -975,7 +1091,38 @@ impl Store {
         let spill_file = self.spill.as_ref().map_or(0, SpillFile::file_bytes);
         let mut stats = gather.finish(self.budget.used(), self.budget.limit(), spill_file);
         stats.background_writebacks = background_writebacks;
+        let (shares, limit, used) = (self.budget.shares(), self.budget.limit(), self.budget.used());
+        for guest in shares.listed() {
+            stats.guests.entry(guest).or_default();
+        }
+        for (&guest, g) in stats.guests.iter_mut() {
+            g.budget = shares.view(guest, limit, used);
+        }
         stats
+    }
+
+    /// Caps what `guest` may hold, RAM and spill together (`None`: no cap).
+    /// A cap below what it holds now drops nothing: its puts are rejected
+    /// until invalidations bring it under.
+    pub fn set_guest_max(&self, guest: GuestId, max: Option<u64>) -> Result<(), ShareError> {
+        if max.is_some() && self.is_reserved(guest) {
+            return Err(ShareError::Reserved { guest: guest.0 });
+        }
+        self.budget.shares().set_max(guest.0, max)
+    }
+
+    /// Sets `guest`'s weight: its share of the RAM budget is the limit
+    /// times its weight over the sum of the weights of the guests holding
+    /// pages. It takes effect the next time room is made.
+    pub fn set_guest_weight(&self, guest: GuestId, weight: u32) -> Result<(), ShareError> {
+        self.budget.shares().set_weight(guest.0, weight)
+    }
+
+    /// What `guest` holds, its cap, weight and fair share now.
+    pub fn guest_budget(&self, guest: GuestId) -> GuestBudget {
+        self.budget
+            .shares()
+            .view(guest.0, self.budget.limit(), self.budget.used())
     }
 
     /// Dedup candidates compared by all puts so far, and puts that stopped
@@ -993,6 +1140,9 @@ impl Store {
         self.index.iter().map(|s| s.0.lock().visited()).sum()
     }
 }
+
+#[cfg(test)]
+mod fair_tests;
 
 #[cfg(test)]
 mod tests {
@@ -1094,6 +1244,9 @@ mod tests {
             pages,
         };
         let s = reserving_store(&dir, 1 << 20, r.spill_bytes() + (256 << 10), pages);
+        // The reserved guest is far over its fair share all along: that
+        // costs it RAM (its pages spill first), never a put.
+        s.set_guest_weight(GuestId(0), 10_000).unwrap();
         let mut other_rejected = 0;
         for round in 0..2u64 {
             for i in 0..pages {
@@ -1115,6 +1268,10 @@ mod tests {
             }
         }
         assert!(other_rejected > 0, "the other guest met a full store");
+        assert_matches!(
+            s.set_guest_max(GuestId(1), Some(1 << 20)),
+            Err(ShareError::Reserved { guest: 1 })
+        );
         let mut page = [0u8; PAGE_SIZE];
         for i in 0..pages {
             assert_eq!(

@@ -6,9 +6,11 @@
 //! always one 32-bit handle. Objects are placed in a shard by content hash, so
 //! identical pages meet in the same shard and its dedup table.
 //!
-//! The caller holds the shard's lock around every call. Spill I/O for an
-//! object happens under that lock: it is the slow path, and it keeps the
-//! object from being freed (and its file slot reused) during the read.
+//! The caller holds the shard's lock around every call. Spill reads for an
+//! object happen under that lock: it is the slow path, and it keeps the
+//! object from being freed (and its file slot reused) during the read. A
+//! writeback is split in two calls ([`ObjShard::begin_evict`],
+//! [`ObjShard::end_evict`]) so that its file write runs without the lock.
 
 use hashbrown::{HashMap, HashTable};
 
@@ -18,6 +20,7 @@ use super::{
     codec,
     keys::Keys,
     owners::{ObjCounters, Owners},
+    share::Mask,
     slab::{key_hash, Obj, Slab, Tier, INDEXED, MAX_REFS, REFERENCED},
     spill::{units_for, Label, SpillFile, UNIT},
     Page, StoreError, PAGE_SIZE,
@@ -101,6 +104,36 @@ pub enum Evicted {
     NoVictim,
     /// The spill tier is full (limit or ENOSPC).
     TierFull,
+    /// No victim, but another writeback is under way in a shard that had
+    /// none to offer: room is coming.
+    Busy,
+}
+
+/// A writeback under way: the object, its payload length and its slot's label.
+#[derive(Debug)]
+pub struct Writing {
+    id: u32,
+    len: usize,
+    label: Label,
+    /// Its owner, whose part of the file it goes to.
+    guest: u32,
+}
+
+impl Writing {
+    /// Bytes of payload to write.
+    pub fn payload_len(&self) -> usize {
+        self.len
+    }
+
+    /// What the slot is sealed under.
+    pub fn label(&self) -> Label {
+        self.label
+    }
+
+    /// The guest whose part of the spill file it goes to.
+    pub fn guest(&self) -> u32 {
+        self.guest
+    }
 }
 
 pub struct ObjShard {
@@ -124,6 +157,11 @@ pub struct ObjShard {
     /// before the next try, so a shard with thinly spread holes is not
     /// rescanned on every free.
     compact_floor: u64,
+    /// The object whose payload is being written to the file with the
+    /// lock released (see [`ObjShard::begin_evict`]), and whether its last
+    /// reference went meanwhile.
+    writing: Option<u32>,
+    cancelled: bool,
     max_ids: u32,
     /// This shard's part of an object handle: handle = `handle_base | id`.
     handle_base: u32,
@@ -143,6 +181,8 @@ impl ObjShard {
             counted: 0,
             in_ram: 0,
             compact_floor: 0,
+            writing: None,
+            cancelled: false,
             max_ids,
             handle_base,
         }
@@ -204,13 +244,24 @@ impl ObjShard {
         self.owners.counters(owner, id)
     }
 
-    /// A new record for `obj`, with one reference, owned by `by`.
-    fn insert_obj(&mut self, obj: Obj, by: By) -> u32 {
+    /// The guest that created object `id` (its account pays for it).
+    fn guest_of(&self, id: u32) -> u32 {
+        self.owners
+            .guest_of(self.slab.get(id).owner(), id)
+            .unwrap_or(u32::MAX)
+    }
+
+    /// A new record for `obj`, with one reference, owned by `by`; its
+    /// metadata goes on `by`'s guest's account.
+    fn insert_obj(&mut self, obj: Obj, by: By, budget: &Budget) -> u32 {
+        let before = self.owners.guest_meta(by.guest);
         let id = self.slab.insert(obj);
         let owner = self.owners.acquire(by.guest, by.pool, id);
         self.slab.get_mut(id).set_owner(owner);
         let meta = obj_meta(obj.tier(), obj.has(INDEXED));
         self.owners.charge(owner, id, meta, true);
+        let after = self.owners.guest_meta(by.guest);
+        budget.shares().ram(by.guest, after as i64 - before as i64);
         id
     }
 
@@ -272,7 +323,7 @@ impl ObjShard {
             Content::Data { .. } => Tier::Ram,
         };
         let flags = REFERENCED | if dedup { INDEXED } else { 0 };
-        let id = self.insert_obj(Obj::new(key, tier, payload_len, 0, flags), by);
+        let id = self.insert_obj(Obj::new(key, tier, payload_len, 0, flags), by, budget);
         match *content {
             Content::Data { payload, .. } => {
                 let loc = self.alloc.alloc(payload.len(), id);
@@ -291,8 +342,11 @@ impl ObjShard {
         if tier == Tier::Ram {
             self.in_ram += 1;
         }
+        let ram = obj_ram_bytes(tier, payload_len);
+        budget.shares().ram(by.guest, ram as i64);
+        budget.shares().payload(by.guest, ram as i64);
         let c = self.counters(id);
-        c.mem_used_bytes += obj_ram_bytes(tier, payload_len);
+        c.mem_used_bytes += ram;
         if tier == Tier::Ram {
             c.unique_pages += 1;
             c.compr_data_bytes += payload_len as u64;
@@ -449,13 +503,14 @@ impl ObjShard {
         // The record is inserted after the write; nothing else takes an id in between.
         let id = self.slab.next_id();
         let Some(offset) = spill.write_for(by.guest, payload, self.label(id, key))? else {
+            budget.shares().set_spill_full();
             self.settle(budget);
             return Ok(Obtained::NeedRoom);
         };
         let flags = REFERENCED | if dedup { INDEXED } else { 0 };
         let mut obj = Obj::new(key, Tier::Spilled, payload.len(), 0, flags);
         obj.set_loc(offset / UNIT);
-        let inserted = self.insert_obj(obj, by);
+        let inserted = self.insert_obj(obj, by, budget);
         debug_assert_eq!(inserted, id);
         if dedup {
             let slab = &self.slab;
@@ -467,8 +522,10 @@ impl ObjShard {
         c.unique_pages += 1;
         c.compr_data_bytes += payload.len() as u64;
         c.spilled_pages += 1;
-        c.spill_file_bytes += units_for(payload.len()) as u64 * UNIT;
+        let slot = units_for(payload.len()) as u64 * UNIT;
+        c.spill_file_bytes += slot;
         c.spill_writes += 1;
+        budget.shares().spill(by.guest, slot as i64);
         self.settle(budget);
         Ok(Obtained::Ref { id, hit: false })
     }
@@ -486,12 +543,17 @@ impl ObjShard {
         if obj.refs() > 0 {
             return fill;
         }
+        if self.writing == Some(id) {
+            self.cancelled = true;
+        }
         if obj.has(INDEXED) {
             if let Ok(entry) = self.dedup.find_entry(obj.table_hash(), |&i| i == id) {
                 entry.remove();
             }
         }
         let len = obj.len();
+        let guest = self.guest_of(id);
+        let shares = budget.shares();
         match obj.tier() {
             Tier::Ram => {
                 self.alloc.free(Loc::unpack(obj.loc()), len);
@@ -500,6 +562,7 @@ impl ObjShard {
             Tier::Spilled => {
                 if let Some(spill) = spill {
                     spill.free(obj.loc() * UNIT, len);
+                    shares.spill_freed();
                 }
             }
             Tier::Fill => {
@@ -507,18 +570,27 @@ impl ObjShard {
             }
             Tier::Free => {}
         }
+        let ram = obj_ram_bytes(obj.tier(), len);
+        let slot = if obj.tier() == Tier::Spilled {
+            units_for(len) as u64 * UNIT
+        } else {
+            0
+        };
         let c = self.counters(id);
-        c.mem_used_bytes -= obj_ram_bytes(obj.tier(), len);
+        c.mem_used_bytes -= ram;
         if obj.tier() != Tier::Fill {
             c.unique_pages -= 1;
             c.compr_data_bytes -= len as u64;
         }
-        if obj.tier() == Tier::Spilled {
-            c.spill_file_bytes -= units_for(len) as u64 * UNIT;
-        }
+        c.spill_file_bytes -= slot;
+        let meta_before = self.owners.guest_meta(guest);
         self.owners
             .charge(obj.owner(), id, obj_meta(obj.tier(), obj.has(INDEXED)), false);
         self.owners.release(obj.owner(), id);
+        let meta_freed = meta_before - self.owners.guest_meta(guest);
+        shares.ram(guest, -((ram + meta_freed) as i64));
+        shares.payload(guest, -(ram as i64));
+        shares.spill(guest, -(slot as i64));
         self.slab.remove(id);
         if self.slab.live() == 0 {
             // Empty: give every table back, so the store returns to its start.
@@ -627,32 +699,119 @@ impl ObjShard {
 
     /// Writes one cold RAM object to the spill file. Its RAM becomes a hole,
     /// which compaction turns into free host memory.
+    #[cfg(test)]
     pub fn evict(&mut self, spill: &SpillFile, budget: &Budget) -> Result<Evicted, StoreError> {
-        if self.in_ram == 0 {
-            return Ok(Evicted::NoVictim);
-        }
-        let scan = 2 * self.slab.high_water() as usize + 1;
-        let Some(id) = self.slab.next_victim(scan, |_| true) else {
+        self.evict_of(spill, budget, None)
+    }
+
+    /// [`ObjShard::evict`], or with `prefer`, the coldest object of one of
+    /// those guests among the next `scan` records the CLOCK hand passes:
+    /// other guests' records are passed over with their referenced bits
+    /// left alone. The bound keeps a guest that holds few RAM objects (or
+    /// only metadata) from making each call walk the whole shard.
+    #[cfg(test)]
+    pub fn evict_of(
+        &mut self,
+        spill: &SpillFile,
+        budget: &Budget,
+        prefer: Option<(&Mask, usize)>,
+    ) -> Result<Evicted, StoreError> {
+        let mut buf = [0u8; PAGE_SIZE];
+        let Some(pick) = self.begin_evict(prefer, &mut buf) else {
             return Ok(Evicted::NoVictim);
         };
+        let written = spill.write_for(pick.guest, &buf[..pick.len], pick.label);
+        self.end_evict(pick, written, spill, budget)
+    }
+
+    /// The first half of a writeback, under the lock: picks the victim (as
+    /// [`ObjShard::evict_of`] says) and copies its payload into `buf`. The
+    /// caller writes it to the file with the lock released, so guests'
+    /// gets and puts on this shard do not wait for the file, then calls
+    /// [`ObjShard::end_evict`]. One writeback at a time per shard: while
+    /// one is out, this finds no victim here (see [`ObjShard::writing`]).
+    pub fn begin_evict(
+        &mut self,
+        prefer: Option<(&Mask, usize)>,
+        buf: &mut [u8; PAGE_SIZE],
+    ) -> Option<Writing> {
+        if self.in_ram == 0 || self.writing.is_some() {
+            return None;
+        }
+        let id = match prefer {
+            None => {
+                let scan = 2 * self.slab.high_water() as usize + 1;
+                self.slab.next_victim(scan, |_, _| true)
+            }
+            Some((mask, scan)) => {
+                let owners = &self.owners;
+                self.slab.next_victim(scan, |id, o| {
+                    owners.guest_of(o.owner(), id).is_some_and(|g| mask.contains(g))
+                })
+            }
+        }?;
         let obj = *self.slab.get(id);
         let len = obj.len();
-        let loc = Loc::unpack(obj.loc());
-        let label = self.label(id, obj.key());
-        let guest = self.owners.guest_of(obj.owner(), id).unwrap_or(u32::MAX);
-        let Some(offset) = spill.write_for(guest, self.alloc.bytes(loc, len), label)? else {
+        buf[..len].copy_from_slice(self.alloc.bytes(Loc::unpack(obj.loc()), len));
+        self.writing = Some(id);
+        self.cancelled = false;
+        Some(Writing {
+            id,
+            len,
+            label: self.label(id, obj.key()),
+            // A blk guest's objects go to its own part of the file.
+            guest: self.owners.guest_of(obj.owner(), id).unwrap_or(u32::MAX),
+        })
+    }
+
+    /// Whether a writeback of this shard is under way.
+    pub fn writing(&self) -> bool {
+        self.writing.is_some()
+    }
+
+    /// The second half: the write's outcome. The object may have been
+    /// freed meanwhile (its last reference dropped): then the slot just
+    /// written goes back. It may have been read, referenced again or moved
+    /// by compaction: its record is read afresh.
+    pub fn end_evict(
+        &mut self,
+        pick: Writing,
+        written: Result<Option<u64>, StoreError>,
+        spill: &SpillFile,
+        budget: &Budget,
+    ) -> Result<Evicted, StoreError> {
+        debug_assert_eq!(self.writing, Some(pick.id));
+        self.writing = None;
+        let cancelled = std::mem::take(&mut self.cancelled);
+        let Some(offset) = written? else {
+            budget.shares().set_spill_full();
             return Ok(Evicted::TierFull);
         };
-        self.alloc.free(loc, len);
+        if cancelled {
+            spill.free(offset, pick.len);
+            // Its RAM was freed all the same.
+            return Ok(Evicted::One);
+        }
+        let id = pick.id;
+        let obj = *self.slab.get(id);
+        let len = obj.len();
+        debug_assert_eq!((obj.tier(), len), (Tier::Ram, pick.len));
+        self.alloc.free(Loc::unpack(obj.loc()), len);
         // It stays in the dedup table: equal pages still find it, in the file.
         let o = self.slab.get_mut(id);
         o.set_tier(Tier::Spilled);
         self.in_ram -= 1;
         o.set_loc(offset / UNIT);
+        let guest = self.guest_of(id);
+        let freed = obj_ram_bytes(Tier::Ram, len) - obj_ram_bytes(Tier::Spilled, len);
+        let slot = units_for(len) as u64 * UNIT;
+        budget.shares().ram(guest, -(freed as i64));
+        budget.shares().payload(guest, -(freed as i64));
+        budget.shares().spill(guest, slot as i64);
         let c = self.counters(id);
-        c.mem_used_bytes -= obj_ram_bytes(Tier::Ram, len) - obj_ram_bytes(Tier::Spilled, len);
+        c.mem_used_bytes -= freed;
         c.spilled_pages += u64::from(obj.refs());
-        c.spill_file_bytes += units_for(len) as u64 * UNIT;
+        c.spill_file_bytes += slot;
         c.spill_writes += 1;
         c.writebacks += u64::from(obj.refs());
         self.settle(budget);
@@ -968,6 +1127,85 @@ mod tests {
         // Moved payloads are still found by dedup.
         let (again, hit) = id_of(s.obtain(&data(1, &payload(0), true), by(0), &budget, None));
         assert!(hit && again == ids[0]);
+    }
+
+    #[test]
+    fn preferred_writeback_takes_only_the_named_guests_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = SpillFile::open(&dir.path().join("s"), 1 << 20, &[]).unwrap();
+        let budget = Budget::new(1 << 30);
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
+        let of = |guest| By {
+            guest,
+            pool: 0,
+            private: true,
+            reserved: false,
+        };
+        let mut ids = [Vec::new(), Vec::new()];
+        for i in 0..40u32 {
+            let guest = i % 2;
+            let p = vec![i as u8; 200];
+            ids[guest as usize].push(id_of(s.obtain(&data(i + 1, &p, true), of(guest), &budget, None)).0);
+        }
+        let ram = |g: u32| budget.shares().view(g, 1 << 30, 0).ram_bytes;
+        let guest0 = ram(0);
+        let mut mask = Mask::default();
+        mask.insert_guest(1);
+        let mut written = 0;
+        while s.evict_of(&spill, &budget, Some((&mask, 64))).unwrap() == Evicted::One {
+            written += 1;
+        }
+        assert_eq!(written, 20, "every object of guest 1, none of guest 0");
+        for &id in &ids[0] {
+            let o = s.slab.get(id);
+            assert_eq!(o.tier(), Tier::Ram);
+            assert!(o.has(REFERENCED), "guest 0's objects keep their bit");
+        }
+        assert!(ids[1].iter().all(|&id| s.slab.get(id).tier() == Tier::Spilled));
+        assert_eq!(ram(0), guest0);
+        assert_eq!(budget.shares().view(1, 1 << 30, 0).spill_bytes, 20 * 2 * UNIT);
+        // Unpreferred, the CLOCK takes guest 0's.
+        assert_eq!(s.evict(&spill, &budget).unwrap(), Evicted::One);
+    }
+
+    /// The lock is let go while the file is written: the object may be
+    /// read, or freed, meanwhile.
+    #[test]
+    fn a_writeback_survives_what_happens_while_the_file_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = SpillFile::open(&dir.path().join("s"), 1 << 20, &[]).unwrap();
+        let budget = Budget::new(1 << 30);
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
+        let p: Vec<u8> = (0..900u32).map(|i| (i * 7) as u8).collect();
+        let (a, _) = id_of(s.obtain(&data(1, &p, true), by(0), &budget, None));
+        let (b, _) = id_of(s.obtain(&data(2, &p[..800], true), by(0), &budget, None));
+        let mut buf = [0u8; PAGE_SIZE];
+        let pick = s.begin_evict(None, &mut buf).unwrap();
+        let first = pick.id;
+        assert!(
+            s.begin_evict(None, &mut [0u8; PAGE_SIZE]).is_none(),
+            "one at a time"
+        );
+        // Read while it is written: still in RAM.
+        let (mut page, mut frame) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+        assert_matches::assert_matches!(
+            s.load(first, &mut page, &mut frame, Some(&spill)),
+            Ok(Loaded::Frame(_))
+        );
+        let written = spill.write_for(pick.guest(), &buf[..pick.payload_len()], pick.label());
+        assert_eq!(s.end_evict(pick, written, &spill, &budget).unwrap(), Evicted::One);
+        assert_eq!(s.slab.get(first).tier(), Tier::Spilled);
+        // Freed while it is written: the slot goes back, the counters balance.
+        let pick = s.begin_evict(None, &mut buf).unwrap();
+        let second = pick.id;
+        assert_eq!(second, if first == a { b } else { a });
+        let written = spill.write_for(pick.guest(), &buf[..pick.payload_len()], pick.label());
+        s.release(second, Some(&spill), &budget);
+        assert_eq!(s.end_evict(pick, written, &spill, &budget).unwrap(), Evicted::One);
+        s.release(first, Some(&spill), &budget);
+        assert_eq!((spill.live_bytes(), s.live_objects(), s.chunk_bytes()), (0, 0, 0));
+        let v = budget.shares().view(0, 1 << 30, 0);
+        assert_eq!((v.ram_bytes, v.spill_bytes), (0, 0));
     }
 
     #[test]

@@ -240,9 +240,10 @@ impl Slab {
         &mut self.blocks[id as usize / BLOCK][id as usize % BLOCK]
     }
 
-    /// CLOCK: the next RAM object accepted by `want` whose referenced bit is
-    /// clear, clearing the bits it passes. Looks at `budget` records at most.
-    pub fn next_victim(&mut self, mut budget: usize, want: impl Fn(&Obj) -> bool) -> Option<u32> {
+    /// CLOCK: the next RAM object accepted by `want` (given its id and
+    /// record) whose referenced bit is clear, clearing the bits of the
+    /// accepted ones it passes. Looks at `budget` records at most.
+    pub fn next_victim(&mut self, mut budget: usize, want: impl Fn(u32, &Obj) -> bool) -> Option<u32> {
         if self.len == 0 {
             return None;
         }
@@ -255,7 +256,7 @@ impl Slab {
                 self.hand + 1
             };
             let obj = self.get_mut(id);
-            if obj.tier() != Tier::Ram || !want(obj) {
+            if obj.tier() != Tier::Ram || !want(id, obj) {
                 continue;
             }
             if obj.has(REFERENCED) {
@@ -329,12 +330,12 @@ mod tests {
         }
         s.get_mut(0).set(REFERENCED, true);
         s.get_mut(1).set_tier(Tier::Fill);
-        assert_eq!(s.next_victim(100, |_| true), Some(2));
-        assert_eq!(s.next_victim(100, |_| true), Some(3));
+        assert_eq!(s.next_victim(100, |_, _| true), Some(2));
+        assert_eq!(s.next_victim(100, |_, _| true), Some(3));
         // 0 lost its bit on the first pass, so it goes now.
-        assert_eq!(s.next_victim(100, |_| true), Some(0));
+        assert_eq!(s.next_victim(100, |_, _| true), Some(0));
         assert!(!s.get(0).has(REFERENCED));
-        assert_eq!(s.next_victim(100, |o| o.len() == 3), Some(3));
-        assert_eq!(s.next_victim(100, |o| o.len() == 99), None);
+        assert_eq!(s.next_victim(100, |_, o| o.len() == 3), Some(3));
+        assert_eq!(s.next_victim(100, |_, o| o.len() == 99), None);
     }
 }

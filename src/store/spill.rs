@@ -348,6 +348,11 @@ impl SpillFile {
         }
     }
 
+    /// Most bytes the file may grow to (the limit, lowered after ENOSPC).
+    pub fn cap(&self) -> u64 {
+        self.space.lock().cap
+    }
+
     /// Bytes of the file handed out so far (its length, holes included).
     pub fn file_bytes(&self) -> u64 {
         let reserved = self.reserves.iter().map(|r| r.end).max().unwrap_or(0);
