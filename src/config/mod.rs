@@ -15,7 +15,7 @@ pub use self::device::{DeviceKind, DeviceSpec, DeviceSpecError, MAX_WEIGHT};
 use crate::{
     protocol::PAGE_SIZE,
     size::{parse_size, SizeError},
-    store::{DedupDomain, SpillConfig, StoreConfig},
+    store::{Compression, DedupDomain, SpillConfig, StoreConfig},
 };
 
 /// Most virtqueues per device. The worker-thread layout is a 64-bit queue
@@ -57,7 +57,9 @@ pub struct Args {
     /// file I/O. "auto" is 1/16 of the limit, at most 64M; 0 turns it off.
     #[arg(long, value_name = "SIZE|auto", default_value = "auto")]
     pub writeback_headroom: String,
-    /// Page compression: zstd or zstd:LEVEL.
+    /// Page compression: zstd or zstd:LEVEL; lz4; or auto[:LEVEL]: lz4 on the
+    /// way in, and pages that stay cold recompressed in the background with
+    /// zstd at LEVEL (default 3) and a dictionary trained per dedup domain.
     #[arg(long, value_name = "ALGO[:LEVEL]", default_value = "zstd:1")]
     pub compression: String,
     /// Virtqueues per device; each is served by its own worker thread.
@@ -126,7 +128,9 @@ pub enum ConfigError {
     Queues(u16),
     #[error("--poll-us must be at most {MAX_POLL_US}, got {0}")]
     PollUs(u64),
-    #[error("--compression must be zstd or zstd:LEVEL with LEVEL in {min}..={max}, got {value:?}")]
+    #[error(
+        "--compression must be zstd, zstd:LEVEL, lz4, auto or auto:LEVEL with LEVEL in {min}..={max}, got {value:?}"
+    )]
     Compression { value: String, min: i32, max: i32 },
     #[error("--compression level in {value:?} is not a number")]
     CompressionLevel {
@@ -228,13 +232,15 @@ impl TryFrom<Args> for Config {
         if capacity != 0 && capacity < PAGE_SIZE as u64 {
             return Err(ConfigError::CapacityTooSmall(capacity));
         }
+        let (compression, zstd_level) = parse_compression(&args.compression)?;
         Ok(Config {
             devices,
             control: args.control,
             store: StoreConfig {
                 mem_limit,
                 spill,
-                zstd_level: parse_compression(&args.compression)?,
+                compression,
+                zstd_level,
                 dedup: args.dedup.into(),
                 writeback_headroom,
                 ..StoreConfig::default()
@@ -246,26 +252,37 @@ impl TryFrom<Args> for Config {
     }
 }
 
-/// `zstd` (level 1: fast, and swap pages compress well at any level) or `zstd:LEVEL`.
-fn parse_compression(text: &str) -> Result<i32, ConfigError> {
+/// The zstd level `auto` recompresses at unless told: with a dictionary it
+/// decodes faster than plain zstd-1 and stores smaller (docs/design.md).
+const AUTO_LEVEL: i32 = 3;
+
+/// `zstd` (level 1: fast, and swap pages compress well at any level),
+/// `zstd:LEVEL`, `lz4`, `auto` or `auto:LEVEL` (the level of recompression).
+fn parse_compression(text: &str) -> Result<(Compression, i32), ConfigError> {
     let range = zstd::compression_level_range();
     let bad = || ConfigError::Compression {
         value: text.to_owned(),
         min: *range.start(),
         max: *range.end(),
     };
-    let level = match text.split_once(':') {
-        None if text == "zstd" => 1,
-        Some(("zstd", level)) => level
+    let level = |level: &str| {
+        level
             .parse::<i32>()
             .map_err(|source| ConfigError::CompressionLevel {
                 value: text.to_owned(),
                 source,
-            })?,
+            })
+    };
+    let (compression, level) = match text.split_once(':') {
+        None if text == "zstd" => (Compression::Zstd, 1),
+        None if text == "lz4" => (Compression::Lz4, 1),
+        None if text == "auto" => (Compression::Auto, AUTO_LEVEL),
+        Some(("zstd", l)) => (Compression::Zstd, level(l)?),
+        Some(("auto", l)) => (Compression::Auto, level(l)?),
         _ => return Err(bad()),
     };
     if range.contains(&level) {
-        Ok(level)
+        Ok((compression, level))
     } else {
         Err(bad())
     }
@@ -414,14 +431,14 @@ mod tests {
 
     #[test]
     fn bad_compression() {
-        for value in ["lz4", "zstd:99", "zstd3"] {
+        for value in ["lz4:1", "zstd:99", "zstd3", "auto:99", "lz5", "Auto"] {
             assert_matches!(
                 parse(&["--compression", value]),
                 Err(ConfigError::Compression { .. }),
                 "{value}"
             );
         }
-        for value in ["zstd:", "zstd:x"] {
+        for value in ["zstd:", "zstd:x", "auto:y"] {
             assert_matches!(
                 parse(&["--compression", value]),
                 Err(ConfigError::CompressionLevel { .. }),
@@ -430,6 +447,14 @@ mod tests {
         }
         assert_eq!(parse(&["--compression", "zstd"]).unwrap().store.zstd_level, 1);
         assert_eq!(parse(&["--compression", "zstd:-5"]).unwrap().store.zstd_level, -5);
+        let chosen = |value: &str| {
+            let store = parse(&["--compression", value]).unwrap().store;
+            (store.compression, store.zstd_level)
+        };
+        assert_eq!(chosen("zstd:2"), (Compression::Zstd, 2));
+        assert_eq!(chosen("lz4"), (Compression::Lz4, 1));
+        assert_eq!(chosen("auto"), (Compression::Auto, AUTO_LEVEL));
+        assert_eq!(chosen("auto:7"), (Compression::Auto, 7));
     }
 
     #[test]
