@@ -110,7 +110,8 @@ thread_local! {
     static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
     static LZ4_TABLE: RefCell<Lz4Table> = RefCell::new(Lz4Table::new());
-    static DICT_CCTX: RefCell<Option<(i32, CCtx<'static>)>> = const { RefCell::new(None) };
+    /// The recompressor's context: its level and the id of the dictionary loaded.
+    static DICT_CCTX: RefCell<Option<(i32, u64, CCtx<'static>)>> = const { RefCell::new(None) };
     static DICT_DCTX: RefCell<Option<DCtx<'static>>> = const { RefCell::new(None) };
 }
 
@@ -340,27 +341,34 @@ fn zstd_error(code: usize) -> io::Error {
 
 /// Compresses one page with zstd at `level` and `dict` (the page profile,
 /// and no dictionary id: the record names the dictionary).
+///
+/// The context loads (copies) the dictionary and keeps it until another is
+/// asked for, so its tables, sized for one page, exist once per thread
+/// rather than once per dictionary. Callers that batch pages by domain
+/// load each dictionary once per batch.
 pub fn compress_dict(page: &Page, level: i32, dict: &Dict, out: &mut [u8; COMPRESS_BOUND]) -> io::Result<usize> {
     DICT_CCTX.with(|cell| {
         let mut slot = cell.borrow_mut();
-        let ctx = match &mut *slot {
-            Some((l, ctx)) if *l == level => ctx,
+        let (_, loaded, ctx) = match &mut *slot {
+            Some(s) if s.0 == level => s,
             _ => {
                 let mut ctx = CCtx::try_create().ok_or_else(|| io::Error::other("zstd context"))?;
                 for param in page_profile(level).chain([
                     CParameter::CompressionLevel(level),
                     CParameter::DictIdFlag(false),
+                    CParameter::SrcSizeHint(PAGE_SIZE as u32),
                 ]) {
                     ctx.set_parameter(param).map_err(zstd_error)?;
                 }
-                &mut slot.insert((level, ctx)).1
+                slot.insert((level, 0, ctx))
             }
         };
-        ctx.ref_cdict(dict.cdict()).map_err(zstd_error)?;
-        let done = ctx.compress2(&mut out[..], &page[..]).map_err(zstd_error);
-        // Never left pointing at a dictionary that may be freed.
-        ctx.disable_dictionary().map_err(zstd_error)?;
-        done
+        if *loaded != dict.id() {
+            *loaded = 0;
+            ctx.load_dictionary(dict.raw()).map_err(zstd_error)?;
+            *loaded = dict.id();
+        }
+        ctx.compress2(&mut out[..], &page[..]).map_err(zstd_error)
     })
 }
 
@@ -663,7 +671,7 @@ mod tests {
         }
         let sizes = vec![PAGE_SIZE; 200];
         let raw = zstd::dict::from_continuous(&samples, &sizes, 4096).unwrap();
-        let dict = Dict::new(&raw, 3, 1).unwrap();
+        let dict = Dict::new(&raw, 1).unwrap();
         let page = text_page();
         let mut buf = [0u8; COMPRESS_BOUND];
         let len = compress_dict(&page, 3, &dict, &mut buf).unwrap();

@@ -11,10 +11,17 @@
 //! Only the recompressor thread and the stats take this registry's lock, and
 //! never while holding a shard lock: puts and gets do not come here.
 
-use std::{collections::HashMap, fmt, io, sync::Arc};
+use std::{
+    collections::HashMap,
+    fmt, io,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
 
 use parking_lot::Mutex;
-use zstd::zstd_safe::{CDict, DDict};
+use zstd::zstd_safe::DDict;
 
 use super::{budget::Budget, codec, slab::DICT_SLOTS, Page, PAGE_SIZE};
 
@@ -33,14 +40,22 @@ pub const DRIFT_WINDOW: u64 = 4096;
 /// domain's pages have drifted from the dictionary: it is retrained.
 pub const DRIFT: f64 = 0.9;
 
-/// One trained dictionary, prepared for compression (at the recompressor's
-/// level) and decompression.
+/// One trained dictionary: its bytes, which the recompressor's context
+/// loads for compression, and its form prepared for decompression.
+///
+/// No prepared compression form is kept per dictionary: at level 3 zstd's
+/// tables made it about 450 KB, against 16 KB of dictionary (see
+/// `codec::compress_dict`).
 pub struct Dict {
+    /// Unique in the process: which dictionary a context has loaded.
+    id: u64,
     version: u32,
-    cdict: CDict<'static>,
+    raw: Vec<u8>,
     ddict: DDict<'static>,
     bytes: u64,
 }
+
+static DICT_IDS: AtomicU64 = AtomicU64::new(1);
 
 impl fmt::Debug for Dict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -52,17 +67,25 @@ impl fmt::Debug for Dict {
 }
 
 impl Dict {
-    /// Prepares `raw` (a trained dictionary) for zstd at `level`.
-    pub fn new(raw: &[u8], level: i32, version: u32) -> io::Result<Dict> {
-        let cdict = CDict::try_create(raw, level).ok_or_else(|| io::Error::other("zstd cannot load the dictionary"))?;
+    /// Prepares `raw` (a trained dictionary) for decompression.
+    pub fn new(raw: &[u8], version: u32) -> io::Result<Dict> {
         let ddict = DDict::try_create(raw).ok_or_else(|| io::Error::other("zstd cannot load the dictionary"))?;
-        let bytes = (cdict.sizeof() + ddict.sizeof()) as u64;
+        let bytes = (raw.len() + ddict.sizeof()) as u64;
         Ok(Dict {
+            id: DICT_IDS.fetch_add(1, Ordering::Relaxed),
             version,
-            cdict,
+            raw: raw.to_vec(),
             ddict,
             bytes,
         })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
     }
 
     pub fn version(&self) -> u32 {
@@ -72,10 +95,6 @@ impl Dict {
     /// Host bytes of both prepared forms (what the budget counts).
     pub fn bytes(&self) -> u64 {
         self.bytes
-    }
-
-    pub fn cdict(&self) -> &CDict<'static> {
-        &self.cdict
     }
 
     pub fn ddict(&self) -> &DDict<'static> {
@@ -326,7 +345,7 @@ impl Dictionaries {
 fn train(samples: &[u8], level: i32, version: u32) -> Option<(Dict, f64)> {
     let sizes = vec![PAGE_SIZE; samples.len() / PAGE_SIZE];
     let raw = zstd::dict::from_continuous(samples, &sizes, DICT_BYTES).ok()?;
-    let dict = Dict::new(&raw, level, version).ok()?;
+    let dict = Dict::new(&raw, version).ok()?;
     let mut out = [0u8; codec::COMPRESS_BOUND];
     let mut encoded = 0u64;
     for page in samples.chunks_exact(PAGE_SIZE) {

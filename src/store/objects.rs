@@ -1245,6 +1245,70 @@ mod tests {
         assert!(hit && again == ids[0]);
     }
 
+    fn lz4(key: u32, payload: &[u8]) -> Content<'_> {
+        Content::Data {
+            key,
+            codec: Codec::Lz4,
+            shard_hash: !u64::from(key),
+            payload,
+            candidates: MAX_CANDIDATES,
+        }
+    }
+
+    /// What the recompressor copies out, then what happens to each object
+    /// while it encodes with no lock held, then whether its swap goes in.
+    #[test]
+    fn a_swap_goes_in_only_if_the_object_is_still_the_one_copied() {
+        let budget = Budget::new(1 << 30);
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
+        let payload = |i: u8| vec![i; 200 + usize::from(i)];
+        let ids: Vec<u32> = (0..5u8)
+            .map(|i| id_of(s.obtain(&lz4(u32::from(i) + 1, &payload(i)), by(0), &budget, None)).0)
+            .collect();
+        let (mut cold, mut bytes) = (Vec::new(), Vec::new());
+        assert_eq!(s.cold_batch(10, 100, |_, _| true, &mut cold, &mut bytes), 5, "all warm at first");
+        assert!(cold.is_empty());
+        s.cold_batch(10, 100, |_, _| true, &mut cold, &mut bytes);
+        assert_eq!(cold.len(), 5);
+        let old = |k: usize| {
+            let at: usize = cold[..k].iter().map(|c| c.len).sum();
+            bytes[at..at + cold[k].len].to_vec()
+        };
+        // 0: got meanwhile (only warmed: the same payload, so the swap is right).
+        let (mut page, mut frame) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+        s.load(ids[0], &mut page, &mut frame, None).unwrap();
+        // 1: invalidated, and its id reused by another page.
+        s.release(ids[1], None, &budget);
+        let (reused, _) = id_of(s.obtain(&lz4(99, &payload(9)), by(0), &budget, None));
+        assert_eq!(reused, ids[1]);
+        // 2: overwritten by a page with the same key and length but other bytes.
+        s.release(ids[2], None, &budget);
+        let mut other = payload(2);
+        other[7] ^= 1;
+        assert_eq!(id_of(s.obtain(&lz4(3, &other), by(0), &budget, None)).0, ids[2]);
+        // 3: invalidated, nothing in its place.
+        s.release(ids[3], None, &budget);
+        // 4: untouched.
+        let new = [0xabu8; 50];
+        let swapped: Vec<bool> = (0..5)
+            .map(|k| s.swap_payload(&cold[k], &old(k), &new, Codec::Zstd, 0, None, &budget))
+            .collect();
+        assert_eq!(swapped, [true, false, false, false, true]);
+        assert_eq!(s.slab.get(ids[4]).codec(), Codec::Zstd);
+        assert_eq!(s.slab.get(ids[4]).len(), 50);
+        assert_eq!(s.load(ids[1], &mut page, &mut frame, None).unwrap(), Loaded::Frame(209, Decoder::Lz4));
+        assert_eq!(&frame[..209], &payload(9)[..]);
+        assert_eq!(s.load(ids[4], &mut page, &mut frame, None).unwrap(), Loaded::Frame(50, Decoder::Zstd));
+        let c = s.codec_counts();
+        assert_eq!((c.lz4, c.zstd, c.recompressed), (2, 2, 2));
+        // A lookup never matches equal bytes in another codec.
+        let (fresh, hit) = id_of(s.obtain(&data(5, &new, true), by(0), &budget, None));
+        assert!(!hit || fresh == ids[4]);
+        let (twin, hit) = id_of(s.obtain(&lz4(5, &new), by(0), &budget, None));
+        assert!(!hit && twin != ids[4]);
+        assert_eq!(budget.used(), s.heap_bytes());
+    }
+
     #[test]
     fn full_tier_keeps_the_object_in_ram() {
         let dir = tempfile::tempdir().unwrap();

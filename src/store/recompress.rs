@@ -178,3 +178,181 @@ impl Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Compression, GetOutcome, StoreConfig};
+
+    /// Pages shaped like a program's heap: records of a shared layout (the
+    /// same field names and tags in every page) around per-page values, so
+    /// a dictionary trained on some pages helps all of them.
+    fn heap_page(seed: u64) -> Page {
+        let mut p = [0u8; PAGE_SIZE];
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let fields: [&[u8]; 6] = [
+            b"{\"name\":\"",
+            b"\",\"size\":",
+            b",\"owner\":\"daemon\",\"flags\":[",
+            b"],\"next\":0x7f",
+            b"/usr/lib/x86_64-linux-gnu/",
+            b"\x00\x00\x00\x00\x10\x00\x00\x00",
+        ];
+        let mut at = 0;
+        while at < PAGE_SIZE {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let f = fields[(x % 6) as usize];
+            let n = f.len().min(PAGE_SIZE - at);
+            p[at..at + n].copy_from_slice(&f[..n]);
+            at += n;
+            let v = (x >> 20).to_le_bytes();
+            let n = 3.min(PAGE_SIZE - at);
+            p[at..at + n].copy_from_slice(&v[..n]);
+            at += n;
+        }
+        p
+    }
+
+    fn auto_store() -> Store {
+        Store::new(StoreConfig {
+            mem_limit: 1 << 30,
+            compression: Compression::Auto,
+            zstd_level: 3,
+            ..StoreConfig::default()
+        })
+        .unwrap()
+    }
+
+    /// Rounds until the recompressor has nothing left; returns them.
+    fn settle(s: &Store) -> usize {
+        for rounds in 1..200 {
+            if s.recompress(100_000).unwrap().idle() {
+                return rounds;
+            }
+        }
+        panic!("the recompressor never settled");
+    }
+
+    fn reads_back(s: &Store, guest: u32, pages: &[(u64, Page)]) {
+        let mut out = [0u8; PAGE_SIZE];
+        for (index, page) in pages {
+            assert_eq!(
+                s.get(GuestId(guest), 0, *index, &mut out, false).unwrap(),
+                GetOutcome::Found
+            );
+            assert!(out == *page, "guest {guest} index {index}");
+        }
+    }
+
+    #[test]
+    fn cold_pages_settle_with_a_dictionary_per_domain_and_read_back() {
+        let s = auto_store();
+        let big: Vec<(u64, Page)> = (0..700).map(|i| (i, heap_page(i))).collect();
+        let small: Vec<(u64, Page)> = (0..20).map(|i| (i, heap_page(10_000 + i))).collect();
+        for (i, p) in &big {
+            s.put(GuestId(1), 0, *i, p).unwrap();
+        }
+        for (i, p) in &small {
+            s.put(GuestId(2), 0, *i, p).unwrap();
+        }
+        let hot = s.stats();
+        assert_eq!(hot.codecs.lz4_pages, 720);
+        assert_eq!(hot.codecs.dict_versions, 0);
+        // Just put, everything is warm: the first round only cools.
+        let first = s.recompress(100_000).unwrap();
+        assert_eq!((first.recompressed, first.warm), (0, 720));
+        settle(&s);
+        let settled = s.stats();
+        let c = &settled.codecs;
+        assert_eq!(c.lz4_pages, c.recompress_kept, "{c:?}");
+        assert_eq!(c.dict_versions, 1, "the small guest has too few pages for one: {c:?}");
+        assert!(c.dict_pages >= 690 && c.zstd_pages <= 20 + 10, "{c:?}");
+        assert!(c.dict_bytes > 0 && c.recompressions >= 720);
+        assert!(
+            settled.total.compr_data_bytes * 10 < hot.total.compr_data_bytes * 9,
+            "{} settled against {} hot",
+            settled.total.compr_data_bytes,
+            hot.total.compr_data_bytes
+        );
+        assert_eq!(s.memory().total_bytes, s.mem_used());
+        reads_back(&s, 1, &big);
+        reads_back(&s, 2, &small);
+        // Gets warmed them all; nothing is left to encode.
+        let after = s.recompress(100_000).unwrap();
+        assert_eq!(after.recompressed, 0);
+    }
+
+    #[test]
+    fn a_retrained_dictionary_retires_the_old_one_once_unused() {
+        let fresh = auto_store().mem_used();
+        let s = auto_store();
+        let first: Vec<(u64, Page)> = (0..600).map(|i| (i, heap_page(i))).collect();
+        for (i, p) in &first {
+            s.put(GuestId(1), 0, *i, p).unwrap();
+        }
+        settle(&s);
+        assert_eq!(s.dicts.current_version(1), Some(1));
+        // As drift would: sample anew, from the next cold pages.
+        s.dicts.start_sampling(1);
+        let second: Vec<(u64, Page)> = (1000..1600).map(|i| (i, heap_page(i * 7))).collect();
+        for (i, p) in &second {
+            s.put(GuestId(1), 0, *i, p).unwrap();
+        }
+        settle(&s);
+        let c = s.stats().codecs;
+        assert_eq!(s.dicts.current_version(1), Some(2));
+        assert_eq!((c.dicts_trained, c.dicts_freed, c.dict_versions), (2, 1, 1), "{c:?}");
+        let users: u32 = s.objects.iter().map(|o| o.0.lock().dict_users()).sum();
+        assert_eq!(u64::from(users), c.dict_pages);
+        reads_back(&s, 1, &first);
+        reads_back(&s, 1, &second);
+        // The guest goes: its dictionary with it, and the budget back to the start.
+        s.drop_guest(GuestId(1));
+        let c = s.stats().codecs;
+        assert_eq!((c.dict_versions, c.dict_bytes, c.dicts_freed), (0, 0, 2), "{c:?}");
+        assert_eq!(s.mem_used(), fresh);
+    }
+
+    #[test]
+    fn a_dictionary_held_by_a_get_is_not_freed_under_it() {
+        let s = auto_store();
+        let pages: Vec<(u64, Page)> = (0..300).map(|i| (i, heap_page(i))).collect();
+        for (i, p) in &pages {
+            s.put(GuestId(3), 0, *i, p).unwrap();
+        }
+        settle(&s);
+        let (slot, dict) = s.dicts.current(3).unwrap();
+        s.dicts.start_sampling(3);
+        for (i, _) in &pages {
+            s.put(GuestId(3), 1, *i, &heap_page(*i + 5000).map(|b| b ^ 0x20)).unwrap();
+        }
+        settle(&s);
+        // Version 1 is retired and no object names it, but it is held here.
+        let c = s.stats().codecs;
+        assert_eq!(c.dict_versions, 2, "{c:?}");
+        assert_eq!(s.dicts.get(3, slot).map(|d| d.version()), Some(1));
+        drop(dict);
+        s.recompress(1).unwrap();
+        assert_eq!(s.stats().codecs.dict_versions, 1);
+    }
+
+    #[test]
+    fn lz4_and_zstd_stores_never_recompress() {
+        for compression in [Compression::Lz4, Compression::Zstd] {
+            let s = Store::new(StoreConfig {
+                compression,
+                ..StoreConfig::default()
+            })
+            .unwrap();
+            s.put(GuestId(0), 0, 0, &heap_page(1)).unwrap();
+            for _ in 0..3 {
+                assert!(s.recompress(10).unwrap().idle());
+            }
+            let c = s.stats().codecs;
+            assert_eq!((c.lz4_pages, c.zstd_pages), if compression == Compression::Lz4 { (1, 0) } else { (0, 1) });
+            reads_back(&s, 0, &[(0, heap_page(1))]);
+        }
+    }
+}
