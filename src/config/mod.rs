@@ -258,7 +258,7 @@ const AUTO_LEVEL: i32 = 3;
 
 /// `zstd` (level 1: fast, and swap pages compress well at any level),
 /// `zstd:LEVEL`, `lz4`, `auto` or `auto:LEVEL` (the level of recompression).
-fn parse_compression(text: &str) -> Result<(Compression, i32), ConfigError> {
+pub fn parse_compression(text: &str) -> Result<(Compression, i32), ConfigError> {
     let range = zstd::compression_level_range();
     let bad = || ConfigError::Compression {
         value: text.to_owned(),

@@ -88,6 +88,7 @@ impl Dict {
         &self.raw
     }
 
+    #[cfg(test)]
     pub fn version(&self) -> u32 {
         self.version
     }
@@ -327,6 +328,7 @@ impl Dictionaries {
     }
 
     /// The version of the domain's current dictionary.
+    #[cfg(test)]
     pub fn current_version(&self, domain: u32) -> Option<u32> {
         self.current(domain).map(|(_, d)| d.version())
     }

@@ -45,8 +45,9 @@ mod slab;
 mod spill;
 mod stats;
 
-/// The store's zstd set-up for pages, for benchmarks that compare against it.
-pub use codec::page_compressor;
+/// The store's zstd set-up for pages and its lz4 encoder, for benchmarks
+/// that compare against them.
+pub use codec::{lz4_compress, page_compressor, COMPRESS_BOUND};
 /// The spill tier alone, sealed and in plaintext, for `tmem-bench store --spill-tier`.
 pub use spill::{SpillTierBench, SpillTierFile};
 
