@@ -6,6 +6,7 @@ use clap::Parser;
 pub mod device;
 pub mod hostile;
 pub mod store;
+pub mod zram;
 
 #[derive(Debug, Parser)]
 #[command(name = "tmem-bench", about = "Benchmarks for vhost-user-tmem")]
@@ -18,6 +19,9 @@ pub enum BenchCommand {
     /// What one hostile guest's input costs: pool churn, dedup hash
     /// flooding, index-group scans.
     Hostile(hostile::HostileArgs),
+    /// The kernel's zram on the same pages (a hot-added device; root), then
+    /// the store beside it.
+    ZramPeer(zram::ZramArgs),
 }
 
 impl BenchCommand {
@@ -26,6 +30,7 @@ impl BenchCommand {
             BenchCommand::Store(args) => store::run(&args),
             BenchCommand::Device(args) => device::run(&args),
             BenchCommand::Hostile(args) => hostile::run(&args),
+            BenchCommand::ZramPeer(args) => zram::run(&args),
         }
     }
 }

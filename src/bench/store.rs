@@ -183,6 +183,7 @@ pub struct StoreReport {
     pub settled_ratio: Option<f64>,
     pub settled_ratio_vs_raw: Option<f64>,
     pub settled_meta_bytes_per_page: Option<f64>,
+    pub settled_compr_data_bytes: Option<u64>,
     /// Payloads by encoding and the dictionaries, at the end of the run.
     pub codecs: CodecStats,
     pub rejected_pages: u64,
@@ -425,6 +426,7 @@ fn add_lz4_and_settled(r: &mut StoreReport, lz4: &RawLz4, settled: Option<&Settl
         r.settled_get_vs_raw_zstd = Some(get / r.raw_zstd_decompress_pages_per_sec);
         r.settled_ratio = quotient(orig, used);
         r.settled_ratio_vs_raw = r.settled_ratio.map(|v| v / r.raw_zstd_ratio);
+        r.settled_compr_data_bytes = Some(s.stats.total.compr_data_bytes);
         r.settled_meta_bytes_per_page =
             quotient(s.memory.metadata_bytes as f64, s.memory.stored_pages as f64);
     }
@@ -658,6 +660,7 @@ fn build_report(
         settled_ratio: None,
         settled_ratio_vs_raw: None,
         settled_meta_bytes_per_page: None,
+        settled_compr_data_bytes: None,
         codecs: CodecStats::default(),
     }
 }
@@ -881,13 +884,14 @@ fn print_table(r: &StoreReport) {
     );
     if let (Some(get), Some(ratio)) = (r.settled_get_pages_per_sec, r.settled_ratio) {
         println!(
-            "settled in {:.2} s: get {:.0}/s ({}x raw zstd), ratio {:.2} ({}x raw zstd), meta {} B/page",
+            "settled in {:.2} s: get {:.0}/s ({}x raw zstd), ratio {:.2} ({}x raw zstd), meta {} B/page, compr data {:?}",
             r.settle_secs.unwrap_or(0.0),
             get,
             opt(r.settled_get_vs_raw_zstd),
             ratio,
             opt(r.settled_ratio_vs_raw),
-            opt(r.settled_meta_bytes_per_page)
+            opt(r.settled_meta_bytes_per_page),
+            r.settled_compr_data_bytes
         );
     }
     println!("codecs                     {:?}", r.codecs);

@@ -16,6 +16,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use super::{
+    alloc::CHUNK,
     codec::{self, Decoder, COMPRESS_BOUND},
     dict::Dict,
     objects::Cold,
@@ -109,6 +110,9 @@ impl Store {
                         round.recompressed += 1;
                     }
                 }
+                // Swaps leave holes where the larger payloads were: a background
+                // round can afford to give them back now.
+                while os.garbage() >= CHUNK as u64 && os.compact(&self.budget) {}
                 drop(os);
                 if cold.len() < batch || found >= max_pages {
                     break;
