@@ -61,9 +61,11 @@ const WRITER_TICK: Duration = Duration::from_millis(100);
 /// Pause after a spill error before the writer tries again (puts still make
 /// their own room meanwhile).
 const WRITER_BACKOFF: Duration = Duration::from_secs(1);
-/// Most pages the recompressor re-encodes per tick (`--compression auto`):
-/// its rate limit, 20,000 pages a second, about a third of a core.
-const RECOMPRESS_PAGES: usize = 2048;
+/// Most pages the recompressor re-encodes per round (`--compression auto`).
+const RECOMPRESS_PAGES: usize = 1024;
+/// After a round it rests this many times as long as the round took, so it
+/// uses at most a third of one core whatever the level.
+const RECOMPRESS_REST: u32 = 2;
 /// Its pause between rounds, and when there was nothing cold (it also
 /// bounds how long shutdown waits for it).
 const RECOMPRESS_TICK: Duration = Duration::from_millis(100);
@@ -351,13 +353,15 @@ fn writeback_loop(store: &Store, stopping: &AtomicBool) {
     }
 }
 
-/// Runs the store's recompressor until shutdown, at most
-/// [`RECOMPRESS_PAGES`] per tick, resting longer while nothing is cold.
+/// Runs the store's recompressor until shutdown: rounds of at most
+/// [`RECOMPRESS_PAGES`], each followed by a rest of [`RECOMPRESS_REST`] times
+/// its length (a tick at least), and a longer one while nothing is cold.
 fn recompress_loop(store: &Store, stopping: &AtomicBool) {
     while !stopping.load(Ordering::SeqCst) {
+        let start = std::time::Instant::now();
         let pause = match store.recompress(RECOMPRESS_PAGES) {
             Ok(round) if round.recompressed + round.kept + round.trained == 0 => RECOMPRESS_IDLE,
-            Ok(_) => RECOMPRESS_TICK,
+            Ok(_) => RECOMPRESS_TICK.max(start.elapsed() * RECOMPRESS_REST),
             Err(e) => {
                 warn!("recompression: {e}; retrying in {RECOMPRESS_IDLE:?}");
                 RECOMPRESS_IDLE

@@ -64,7 +64,7 @@ pub struct StoreArgs {
     pub level: i32,
     /// The store's page compression, as the daemon's --compression: zstd (at
     /// --level), lz4, or auto[:LEVEL] (lz4 puts, recompressed with zstd at
-    /// LEVEL, default 3, and trained dictionaries).
+    /// LEVEL, default 9, and trained dictionaries).
     #[arg(long, default_value = "zstd")]
     pub compression: String,
     /// After the hot gets, run the recompressor until every page is settled,

@@ -32,7 +32,8 @@ pub const DICT_BYTES: usize = 16 << 10;
 /// times the dictionary's size).
 pub const SAMPLE_PAGES: usize = 512;
 /// Fewest pages a dictionary is trained from, when the recompressor has run
-/// out of cold pages before [`SAMPLE_PAGES`].
+/// out of cold pages before [`SAMPLE_PAGES`]. A domain with fewer keeps its
+/// sample (and its pages zstd without a dictionary) until it has more.
 pub const MIN_SAMPLE_PAGES: usize = 64;
 /// Pages encoded with the current dictionary between checks for drift.
 pub const DRIFT_WINDOW: u64 = 4096;
@@ -122,8 +123,7 @@ struct Domain {
     /// Pages kept for the next training, while it is wanted.
     samples: Vec<u8>,
     sampling: bool,
-    /// Whether the sample grew since the last training round.
-    grew: bool,
+
     /// Page bytes over encoded bytes on the sample, with the dictionary.
     trained_ratio: f64,
     window_in: u64,
@@ -204,7 +204,8 @@ impl Dictionaries {
     }
 
     /// Keeps `page` for the domain's next training, if it wants samples and
-    /// the budget has room for them.
+    /// the budget has room for them. The sample grows as pages come (a
+    /// small domain holds a small one), up to [`SAMPLE_PAGES`].
     pub fn sample(&self, domain: u32, page: &Page, budget: &Budget) {
         const WHOLE: usize = SAMPLE_PAGES * PAGE_SIZE;
         let mut inner = self.inner.lock();
@@ -216,16 +217,16 @@ impl Dictionaries {
         if !d.sampling || d.samples.len() >= WHOLE {
             return;
         }
-        if d.samples.capacity() == 0 {
-            // The whole sample at once: one reservation, no regrowth.
-            if !budget.try_reserve(WHOLE as u64) {
+        if d.samples.len() == d.samples.capacity() {
+            let cap = d.samples.capacity();
+            let grown = (2 * cap).clamp(16 * PAGE_SIZE, WHOLE);
+            if !budget.try_reserve((grown - cap) as u64) {
                 return;
             }
-            inner.counted += WHOLE as u64;
-            d.samples.reserve_exact(WHOLE);
+            inner.counted += (grown - cap) as u64;
+            d.samples.reserve_exact(grown - cap);
         }
         d.samples.extend_from_slice(page);
-        d.grew = true;
         inner.settle(budget);
     }
 
@@ -260,13 +261,6 @@ impl Dictionaries {
         for d in inner.domains.values_mut() {
             freed += d.free_unused();
             let pages = d.samples.len() / PAGE_SIZE;
-            let grew = std::mem::take(&mut d.grew);
-            if short && !grew && pages < MIN_SAMPLE_PAGES {
-                // Nothing more to sample (or its guest is gone): too few to
-                // train on, so the memory goes back until pages come.
-                d.samples = Vec::new();
-                continue;
-            }
             let ready = pages >= SAMPLE_PAGES || (short && pages >= MIN_SAMPLE_PAGES);
             let Some(free) = d.slots.iter().position(Option::is_none) else {
                 continue;

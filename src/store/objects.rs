@@ -224,6 +224,11 @@ impl ObjShard {
         (self.compared, self.too_many)
     }
 
+    /// Records handed out so far, live or free (one lap of a sweep).
+    pub fn records(&self) -> u32 {
+        self.slab.high_water()
+    }
+
     pub fn live_objects(&self) -> u32 {
         self.slab.live()
     }
@@ -778,8 +783,8 @@ impl ObjShard {
     /// hand, clearing [`WARM`] on each RAM object it passes; an object found
     /// without it has not been used since the last sweep (it is cold), and
     /// if `wants` it, its record goes to `out` and its payload to the end of
-    /// `bytes`. Stops at `max` objects. Returns how many objects it found
-    /// warm (and cooled).
+    /// `bytes`. Stops at `max` objects. Returns how many records it looked
+    /// at, and how many objects it found warm (and cooled).
     pub fn cold_batch(
         &mut self,
         max: usize,
@@ -787,7 +792,7 @@ impl ObjShard {
         mut wants: impl FnMut(u32, &Obj) -> bool,
         out: &mut Vec<Cold>,
         bytes: &mut Vec<u8>,
-    ) -> usize {
+    ) -> (usize, usize) {
         let high = self.slab.high_water();
         let (mut looked, mut cooled) = (0, 0);
         while looked < scan.min(high as usize) && out.len() < max {
@@ -821,7 +826,7 @@ impl ObjShard {
                 len: o.len(),
             });
         }
-        cooled
+        (looked, cooled)
     }
 
     /// Whether object `cold.id` is still the one [`ObjShard::cold_batch`]
@@ -1266,7 +1271,7 @@ mod tests {
             .map(|i| id_of(s.obtain(&lz4(u32::from(i) + 1, &payload(i)), by(0), &budget, None)).0)
             .collect();
         let (mut cold, mut bytes) = (Vec::new(), Vec::new());
-        assert_eq!(s.cold_batch(10, 100, |_, _| true, &mut cold, &mut bytes), 5, "all warm at first");
+        assert_eq!(s.cold_batch(10, 100, |_, _| true, &mut cold, &mut bytes), (5, 5), "all warm at first");
         assert!(cold.is_empty());
         s.cold_batch(10, 100, |_, _| true, &mut cold, &mut bytes);
         assert_eq!(cold.len(), 5);

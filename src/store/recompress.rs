@@ -26,6 +26,8 @@ use super::{
 
 /// Objects copied out of one shard per lock hold.
 const BATCH: usize = 64;
+/// Highest level of recompression without a dictionary (see `encode_batch`).
+const PLAIN_LEVEL: i32 = 3;
 /// Records one shard's sweep looks at per round, at most.
 const SCAN: usize = 8192;
 
@@ -83,11 +85,17 @@ impl Store {
                     Codec::Lz4Kept => false,
                 }
             };
+            // One lap of the shard per round at most: a page left for later
+            // (a sample waiting for its dictionary) is not met twice.
+            let mut lap = lock.0.lock().records() as usize;
             loop {
                 cold.clear();
                 bytes.clear();
                 let batch = BATCH.min(max_pages - found);
-                round.warm += lock.0.lock().cold_batch(batch, SCAN, wants, &mut cold, &mut bytes) as u64;
+                let (looked, cooled) =
+                    lock.0.lock().cold_batch(batch, SCAN.min(lap), wants, &mut cold, &mut bytes);
+                lap = lap.saturating_sub(looked);
+                round.warm += cooled as u64;
                 if cold.is_empty() {
                     break;
                 }
@@ -114,7 +122,7 @@ impl Store {
                 // round can afford to give them back now.
                 while os.garbage() >= CHUNK as u64 && os.compact(&self.budget) {}
                 drop(os);
-                if cold.len() < batch || found >= max_pages {
+                if cold.len() < batch || found >= max_pages || lap == 0 {
                     break;
                 }
             }
@@ -167,14 +175,18 @@ impl Store {
                     self.dicts.note(domain, PAGE_SIZE as u64, len as u64);
                     (len, Codec::Dict, slot, Some(dict))
                 }
+                // Before the domain's first dictionary: zstd alone, at a level
+                // no higher than 3 (cheap; it is encoded again once the
+                // dictionary comes, unless the domain stays too small for one).
                 None => (
-                    codec::compress(&page, level, &mut out).map_err(StoreError::Compress)?,
+                    codec::compress(&page, level.min(PLAIN_LEVEL), &mut out).map_err(StoreError::Compress)?,
                     Codec::Zstd,
                     0,
                     None,
                 ),
             };
-            // Sampled while the domain trains (its first dictionary, or after drift).
+            // Each page is sampled once: as it leaves lz4, or while the domain
+            // retrains after drift.
             self.dicts.sample(domain, &page, &self.budget);
             encoded.extend_from_slice(&out[..len]);
             encodings.push((len, codec, slot, dict));
