@@ -1053,7 +1053,12 @@ fn threads_disjoint_keys_auto_with_the_recompressor() {
                 ..setup
             };
             run_disjoint_threads(&auto(Setup::roomy(domain)), seed, 4, 1500);
-            run_disjoint_threads(&auto(Setup::tight(256 << 10, Some(1 << 20), domain)), seed, 4, 1500);
+            run_disjoint_threads(
+                &auto(Setup::tight(256 << 10, Some(1 << 20), domain)),
+                seed,
+                4,
+                1500,
+            );
         }
     }
 }
@@ -1213,7 +1218,12 @@ fn threads_hammer_same_indexes_auto_with_the_recompressor() {
                 ..setup
             };
             recompressed += run_hammer(&auto(Setup::roomy(domain)), seed, 4, 2500);
-            recompressed += run_hammer(&auto(Setup::tight(16 << 10, Some(32 << 10), domain)), seed, 4, 2500);
+            recompressed += run_hammer(
+                &auto(Setup::tight(16 << 10, Some(32 << 10), domain)),
+                seed,
+                4,
+                2500,
+            );
         }
     }
     assert!(recompressed > 0, "the recompressor never swapped a payload");

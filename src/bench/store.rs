@@ -63,7 +63,7 @@ pub struct StoreArgs {
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub level: i32,
     /// The store's page compression, as the daemon's --compression: zstd (at
-    /// --level), lz4, or auto[:LEVEL] (lz4 puts, recompressed with zstd at
+    /// --level), lz4, or auto or auto:LEVEL (lz4 puts, recompressed with zstd at
     /// LEVEL, default 9, and trained dictionaries).
     #[arg(long, default_value = "zstd")]
     pub compression: String,
@@ -401,8 +401,8 @@ pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
     report.store_zstd_level = store_level;
     add_lz4_and_settled(&mut report, &lz4, run.settled.as_ref());
     report.codecs = match &run.settled {
-        Some(s) => s.stats.codecs.clone(),
-        None => run.after_put.codecs.clone(),
+        Some(s) => (*s.stats.codecs).clone(),
+        None => (*run.after_put.codecs).clone(),
     };
     Ok(report)
 }
@@ -509,7 +509,12 @@ struct Settled {
 /// One fresh store: every page put, then every page got back and checked.
 /// With a writeback headroom, the store's background writer runs beside the
 /// puts and gets, in a thread of its own, as in the daemon.
-fn store_run(config: StoreConfig, pages: &[&Page], threads: usize, settle: bool) -> Result<StoreRun, BenchError> {
+fn store_run(
+    config: StoreConfig,
+    pages: &[&Page],
+    threads: usize,
+    settle: bool,
+) -> Result<StoreRun, BenchError> {
     let writer = config.writeback_headroom > 0;
     let store = Store::new(config)?;
     let stop = AtomicBool::new(false);

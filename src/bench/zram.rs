@@ -110,7 +110,9 @@ pub fn run(args: &ZramArgs) -> Result<(), Box<dyn std::error::Error>> {
     let report = PeerReport {
         put_vs_zram: store.put_pages_per_sec / zram.put_pages_per_sec,
         hot_get_vs_zram: store.hot_get_pages_per_sec / zram.get_pages_per_sec,
-        settled_get_vs_zram: store.settled_get_pages_per_sec.map(|g| g / zram.get_pages_per_sec),
+        settled_get_vs_zram: store
+            .settled_get_pages_per_sec
+            .map(|g| g / zram.get_pages_per_sec),
         ratio_vs_zram: store.settled_ratio.or(store.ratio).map(|r| r / zram.ratio),
         zram,
         store,

@@ -57,7 +57,7 @@ pub struct Args {
     /// file I/O. "auto" is 1/16 of the limit, at most 64M; 0 turns it off.
     #[arg(long, value_name = "SIZE|auto", default_value = "auto")]
     pub writeback_headroom: String,
-    /// Page compression: zstd or zstd:LEVEL; lz4; or auto[:LEVEL]: lz4 on the
+    /// Page compression: zstd or zstd:LEVEL; lz4; or auto or auto:LEVEL: lz4 on the
     /// way in, and pages that stay cold recompressed in the background with
     /// zstd at LEVEL (default 9) and a dictionary trained per dedup domain.
     #[arg(long, value_name = "ALGO[:LEVEL]", default_value = "zstd:1")]

@@ -231,7 +231,12 @@ pub fn lz4_compress(page: &Page, limit: usize, out: &mut [u8; COMPRESS_BOUND]) -
     LZ4_TABLE.with(|t| lz4_block(page, limit, out, &mut t.borrow_mut()))
 }
 
-fn lz4_block(src: &Page, limit: usize, out: &mut [u8; COMPRESS_BOUND], table: &mut Lz4Table) -> Option<usize> {
+fn lz4_block(
+    src: &Page,
+    limit: usize,
+    out: &mut [u8; COMPRESS_BOUND],
+    table: &mut Lz4Table,
+) -> Option<usize> {
     let tag = table.next_tag();
     let n = src.len();
     let match_end = n - LZ4_LAST_LITERALS;
@@ -346,7 +351,12 @@ fn zstd_error(code: usize) -> io::Error {
 /// asked for, so its tables, sized for one page, exist once per thread
 /// rather than once per dictionary. Callers that batch pages by domain
 /// load each dictionary once per batch.
-pub fn compress_dict(page: &Page, level: i32, dict: &Dict, out: &mut [u8; COMPRESS_BOUND]) -> io::Result<usize> {
+pub fn compress_dict(
+    page: &Page,
+    level: i32,
+    dict: &Dict,
+    out: &mut [u8; COMPRESS_BOUND],
+) -> io::Result<usize> {
     DICT_CCTX.with(|cell| {
         let mut slot = cell.borrow_mut();
         let (_, loaded, ctx) = match &mut *slot {
@@ -625,11 +635,18 @@ mod tests {
             let mut other = [0u8; COMPRESS_BOUND];
             lz4_compress(&noise_page(i as u64 + 100), COMPRESS_BOUND, &mut other);
             let mut again = [0u8; COMPRESS_BOUND];
-            assert_eq!(lz4_compress(page, COMPRESS_BOUND, &mut again), Some(len), "shape {i}");
+            assert_eq!(
+                lz4_compress(page, COMPRESS_BOUND, &mut again),
+                Some(len),
+                "shape {i}"
+            );
             assert_eq!(buf[..len], again[..len], "shape {i}");
             // About as small as lz4_flex's own blocks.
             let theirs = lz4_flex::block::compress(&page[..]).len();
-            assert!(len <= theirs + theirs / 8 + 16, "shape {i}: {len} against {theirs}");
+            assert!(
+                len <= theirs + theirs / 8 + 16,
+                "shape {i}: {len} against {theirs}"
+            );
         }
     }
 
@@ -639,7 +656,11 @@ mod tests {
         assert_eq!(lz4_compress(&noise_page(1), 3968, &mut buf), None);
         let page = text_page();
         let len = lz4_compress(&page, 3968, &mut buf).unwrap();
-        assert_eq!(lz4_compress(&page, len, &mut buf), None, "a block of exactly the limit is refused");
+        assert_eq!(
+            lz4_compress(&page, len, &mut buf),
+            None,
+            "a block of exactly the limit is refused"
+        );
         let mut table = Lz4Table::new();
         table.tag = 0xfffe;
         for _ in 0..3 {

@@ -70,7 +70,8 @@ impl fmt::Debug for Dict {
 impl Dict {
     /// Prepares `raw` (a trained dictionary) for decompression.
     pub fn new(raw: &[u8], version: u32) -> io::Result<Dict> {
-        let ddict = DDict::try_create(raw).ok_or_else(|| io::Error::other("zstd cannot load the dictionary"))?;
+        let ddict =
+            DDict::try_create(raw).ok_or_else(|| io::Error::other("zstd cannot load the dictionary"))?;
         let bytes = (raw.len() + ddict.sizeof()) as u64;
         Ok(Dict {
             id: DICT_IDS.fetch_add(1, Ordering::Relaxed),

@@ -243,9 +243,10 @@ pub struct StoreStats {
     /// needed room.
     #[serde(default)]
     pub background_writebacks: u64,
-    /// Stored payloads by encoding, the recompressor's work and its dictionaries.
+    /// Stored payloads by encoding, the recompressor's work and its
+    /// dictionaries (boxed: replies that carry stats stay small).
     #[serde(default)]
-    pub codecs: CodecStats,
+    pub codecs: Box<CodecStats>,
     pub guests: BTreeMap<u32, GuestStats>,
 }
 
@@ -488,7 +489,8 @@ impl Store {
             }
         }
         codec::with_scratch(|frame| {
-            let encoded = codec::encode_data(page, self.put_codec, self.zstd_level, self.raw_threshold, frame);
+            let encoded =
+                codec::encode_data(page, self.put_codec, self.zstd_level, self.raw_threshold, frame);
             let (payload, codec) = match encoded {
                 Ok(Some(len)) => (&frame[..len], self.put_codec),
                 Ok(None) => (&page[..], slab::Codec::Zstd),
@@ -797,8 +799,8 @@ impl Store {
             })
             .sum();
         // The shared domain's samples and dictionaries go with its last page.
-        let forget = self.dedup != DedupDomain::Global
-            || self.objects.iter().all(|s| s.0.lock().live_objects() == 0);
+        let forget =
+            self.dedup != DedupDomain::Global || self.objects.iter().all(|s| s.0.lock().live_objects() == 0);
         if forget {
             self.dicts.forget(self.domain(guest), &self.budget);
         }
@@ -989,7 +991,7 @@ impl Store {
         let spill_file = self.spill.as_ref().map_or(0, SpillFile::file_bytes);
         let mut stats = gather.finish(self.budget.used(), self.budget.limit(), spill_file);
         stats.background_writebacks = background_writebacks;
-        stats.codecs = self.codec_stats();
+        stats.codecs = Box::new(self.codec_stats());
         stats
     }
 

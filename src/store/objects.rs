@@ -705,7 +705,9 @@ impl ObjShard {
         let (dest, loaded) = if obj.is_raw() || obj.tier() == Tier::Fill {
             (&mut page[..], Loaded::Raw)
         } else {
-            let how = self.decoder(id, &obj).ok_or(StoreError::Corrupt { offset: u64::MAX })?;
+            let how = self
+                .decoder(id, &obj)
+                .ok_or(StoreError::Corrupt { offset: u64::MAX })?;
             (frame, Loaded::Frame(len, how))
         };
         match obj.tier() {
@@ -906,7 +908,8 @@ impl ObjShard {
         self.count_codec(&o, true);
         let c = self.counters(cold.id);
         c.compr_data_bytes = c.compr_data_bytes + new.len() as u64 - obj.len() as u64;
-        c.mem_used_bytes = c.mem_used_bytes + obj_ram_bytes(Tier::Ram, new.len()) - obj_ram_bytes(Tier::Ram, obj.len());
+        c.mem_used_bytes =
+            c.mem_used_bytes + obj_ram_bytes(Tier::Ram, new.len()) - obj_ram_bytes(Tier::Ram, obj.len());
         self.recompressed += 1;
         self.tidy(budget);
         self.settle(budget);
@@ -1137,7 +1140,10 @@ mod tests {
         assert!(!hit);
         assert_ne!(a, b);
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
-        assert_eq!(s.load(b, &mut page, &mut buf, None).unwrap(), Loaded::Frame(100, Decoder::Zstd));
+        assert_eq!(
+            s.load(b, &mut page, &mut buf, None).unwrap(),
+            Loaded::Frame(100, Decoder::Zstd)
+        );
         assert_eq!(&buf[..100], &[2u8; 100]);
     }
 
@@ -1271,7 +1277,11 @@ mod tests {
             .map(|i| id_of(s.obtain(&lz4(u32::from(i) + 1, &payload(i)), by(0), &budget, None)).0)
             .collect();
         let (mut cold, mut bytes) = (Vec::new(), Vec::new());
-        assert_eq!(s.cold_batch(10, 100, |_, _| true, &mut cold, &mut bytes), (5, 5), "all warm at first");
+        assert_eq!(
+            s.cold_batch(10, 100, |_, _| true, &mut cold, &mut bytes),
+            (5, 5),
+            "all warm at first"
+        );
         assert!(cold.is_empty());
         s.cold_batch(10, 100, |_, _| true, &mut cold, &mut bytes);
         assert_eq!(cold.len(), 5);
@@ -1301,9 +1311,15 @@ mod tests {
         assert_eq!(swapped, [true, false, false, false, true]);
         assert_eq!(s.slab.get(ids[4]).codec(), Codec::Zstd);
         assert_eq!(s.slab.get(ids[4]).len(), 50);
-        assert_eq!(s.load(ids[1], &mut page, &mut frame, None).unwrap(), Loaded::Frame(209, Decoder::Lz4));
+        assert_eq!(
+            s.load(ids[1], &mut page, &mut frame, None).unwrap(),
+            Loaded::Frame(209, Decoder::Lz4)
+        );
         assert_eq!(&frame[..209], &payload(9)[..]);
-        assert_eq!(s.load(ids[4], &mut page, &mut frame, None).unwrap(), Loaded::Frame(50, Decoder::Zstd));
+        assert_eq!(
+            s.load(ids[4], &mut page, &mut frame, None).unwrap(),
+            Loaded::Frame(50, Decoder::Zstd)
+        );
         let c = s.codec_counts();
         assert_eq!((c.lz4, c.zstd, c.recompressed), (2, 2, 2));
         // A lookup never matches equal bytes in another codec.

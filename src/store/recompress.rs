@@ -93,7 +93,9 @@ impl Store {
                 bytes.clear();
                 let batch = BATCH.min(max_pages - found);
                 let (looked, cooled) =
-                    lock.0.lock().cold_batch(batch, SCAN.min(lap), wants, &mut cold, &mut bytes);
+                    lock.0
+                        .lock()
+                        .cold_batch(batch, SCAN.min(lap), wants, &mut cold, &mut bytes);
                 lap = lap.saturating_sub(looked);
                 round.warm += cooled as u64;
                 if cold.is_empty() {
@@ -128,7 +130,9 @@ impl Store {
             }
         }
         // Out of cold pages: a domain with a short sample trains on what it has.
-        round.trained = self.dicts.train_and_retire(level, found < max_pages, &self.budget);
+        round.trained = self
+            .dicts
+            .train_and_retire(level, found < max_pages, &self.budget);
         Ok(round)
     }
 
@@ -171,7 +175,8 @@ impl Store {
                 .clone();
             let (len, codec, slot, dict) = match current {
                 Some((slot, dict)) => {
-                    let len = codec::compress_dict(&page, level, &dict, &mut out).map_err(StoreError::Compress)?;
+                    let len =
+                        codec::compress_dict(&page, level, &dict, &mut out).map_err(StoreError::Compress)?;
                     self.dicts.note(domain, PAGE_SIZE as u64, len as u64);
                     (len, Codec::Dict, slot, Some(dict))
                 }
@@ -283,7 +288,10 @@ mod tests {
         let settled = s.stats();
         let c = &settled.codecs;
         assert_eq!(c.lz4_pages, c.recompress_kept, "{c:?}");
-        assert_eq!(c.dict_versions, 1, "the small guest has too few pages for one: {c:?}");
+        assert_eq!(
+            c.dict_versions, 1,
+            "the small guest has too few pages for one: {c:?}"
+        );
         assert!(c.dict_pages >= 690 && c.zstd_pages <= 20 + 10, "{c:?}");
         assert!(c.dict_bytes > 0 && c.recompressions >= 720);
         assert!(
@@ -319,7 +327,11 @@ mod tests {
         settle(&s);
         let c = s.stats().codecs;
         assert_eq!(s.dicts.current_version(1), Some(2));
-        assert_eq!((c.dicts_trained, c.dicts_freed, c.dict_versions), (2, 1, 1), "{c:?}");
+        assert_eq!(
+            (c.dicts_trained, c.dicts_freed, c.dict_versions),
+            (2, 1, 1),
+            "{c:?}"
+        );
         let users: u32 = s.objects.iter().map(|o| o.0.lock().dict_users()).sum();
         assert_eq!(u64::from(users), c.dict_pages);
         reads_back(&s, 1, &first);
@@ -342,7 +354,8 @@ mod tests {
         let (slot, dict) = s.dicts.current(3).unwrap();
         s.dicts.start_sampling(3);
         for (i, _) in &pages {
-            s.put(GuestId(3), 1, *i, &heap_page(*i + 5000).map(|b| b ^ 0x20)).unwrap();
+            s.put(GuestId(3), 1, *i, &heap_page(*i + 5000).map(|b| b ^ 0x20))
+                .unwrap();
         }
         settle(&s);
         // Version 1 is retired and no object names it, but it is held here.
@@ -367,7 +380,14 @@ mod tests {
                 assert!(s.recompress(10).unwrap().idle());
             }
             let c = s.stats().codecs;
-            assert_eq!((c.lz4_pages, c.zstd_pages), if compression == Compression::Lz4 { (1, 0) } else { (0, 1) });
+            assert_eq!(
+                (c.lz4_pages, c.zstd_pages),
+                if compression == Compression::Lz4 {
+                    (1, 0)
+                } else {
+                    (0, 1)
+                }
+            );
             reads_back(&s, 0, &[(0, heap_page(1))]);
         }
     }

@@ -374,7 +374,10 @@ mod tests {
             }
         }
         o.set_len(100);
-        assert_eq!((o.len(), o.loc(), o.key()), (100, (1 << LOC_BITS) - 1, 0xdead_beef));
+        assert_eq!(
+            (o.len(), o.loc(), o.key()),
+            (100, (1 << LOC_BITS) - 1, 0xdead_beef)
+        );
         o.set_len(PAGE_SIZE);
         o.set_tier(Tier::Ram);
         assert_eq!(
