@@ -59,7 +59,11 @@ fn auto_settles_cold_pages_with_a_dictionary_while_they_stay_readable() {
     // Pages 0..10 are read all along (warm); the rest go cold and settle.
     let deadline = Instant::now() + Duration::from_secs(60);
     while codec(&d, "dict_pages") < PAGES - 10 {
-        assert!(Instant::now() < deadline, "not settled: {}", d.stats()["store"]["codecs"]);
+        assert!(
+            Instant::now() < deadline,
+            "not settled: {}",
+            d.stats()["store"]["codecs"]
+        );
         for i in 0..10 {
             assert_eq!(q.get(1, i, false).unwrap().page, text_page(i), "page {i}");
         }
