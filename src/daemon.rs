@@ -45,7 +45,7 @@ use crate::{
     device::TmemBackend,
     error_chain,
     sandbox::{self, Role, SandboxError},
-    store::{GuestId, ShareError, Store, StoreError},
+    store::{Compression, GuestId, ShareError, Store, StoreError},
     telemetry::DeviceTelemetry,
 };
 
@@ -62,6 +62,15 @@ const WRITER_TICK: Duration = Duration::from_millis(100);
 /// Pause after a spill error before the writer tries again (puts still make
 /// their own room meanwhile).
 const WRITER_BACKOFF: Duration = Duration::from_secs(1);
+/// Most pages the recompressor re-encodes per round (`--compression auto`).
+const RECOMPRESS_PAGES: usize = 1024;
+/// After a round it rests this many times as long as the round took, so it
+/// uses at most a third of one core whatever the level.
+const RECOMPRESS_REST: u32 = 2;
+/// Its pause between rounds, and when there was nothing cold (it also
+/// bounds how long shutdown waits for it).
+const RECOMPRESS_TICK: Duration = Duration::from_millis(100);
+const RECOMPRESS_IDLE: Duration = Duration::from_secs(1);
 /// Pause before accepting again after a connection failed to set up, so a
 /// persistent failure does not spin.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
@@ -104,6 +113,8 @@ pub enum DaemonError {
         #[source]
         source: ShareError,
     },
+    #[error("cannot start the recompressor thread")]
+    SpawnRecompressor(#[source] io::Error),
 }
 
 /// vhost-user-backend's error type implements `Display` but not `Error`.
@@ -194,6 +205,19 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     } else {
         None
     };
+    let recompressor = if config.store.compression == Compression::Auto {
+        let (store, stopping) = (store.clone(), stopping.clone());
+        let thread = thread::Builder::new()
+            .name("tmem-recompress".into())
+            .spawn(move || {
+                sandbox::enter_or_exit(Role::Recompress);
+                recompress_loop(&store, &stopping)
+            })
+            .map_err(DaemonError::SpawnRecompressor)?;
+        Some(thread)
+    } else {
+        None
+    };
     let mut handles = Vec::with_capacity(devices.len());
     for (device, listener) in devices.iter().zip(listeners) {
         let listener_fd = dup_listener(&listener).map_err(|source| DaemonError::DupListener {
@@ -264,6 +288,12 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         // It notices `stopping` within one tick, unless a spill write holds it.
         let name = "the background writer".to_owned();
         if !join_by(writer, deadline, &name) {
+            left.push(name);
+        }
+    }
+    if let Some(recompressor) = recompressor {
+        let name = "the recompressor".to_owned();
+        if !join_by(recompressor, deadline, &name) {
             left.push(name);
         }
     }
@@ -372,6 +402,29 @@ fn writeback_loop(store: &Store, stopping: &AtomicBool) {
         if let Err(e) = store.background_writeback(WRITER_TICK) {
             warn!("background writeback: {e}; retrying in {WRITER_BACKOFF:?}");
             thread::sleep(WRITER_BACKOFF);
+        }
+    }
+}
+
+/// Runs the store's recompressor until shutdown: rounds of at most
+/// [`RECOMPRESS_PAGES`], each followed by a rest of [`RECOMPRESS_REST`] times
+/// its length (a tick at least), and a longer one while nothing is cold.
+fn recompress_loop(store: &Store, stopping: &AtomicBool) {
+    while !stopping.load(Ordering::SeqCst) {
+        let start = std::time::Instant::now();
+        let pause = match store.recompress(RECOMPRESS_PAGES) {
+            Ok(round) if round.recompressed + round.kept + round.trained == 0 => RECOMPRESS_IDLE,
+            Ok(_) => RECOMPRESS_TICK.max(start.elapsed() * RECOMPRESS_REST),
+            Err(e) => {
+                warn!("recompression: {e}; retrying in {RECOMPRESS_IDLE:?}");
+                RECOMPRESS_IDLE
+            }
+        };
+        // Sleeps in ticks, so shutdown is noticed within one.
+        let mut slept = Duration::ZERO;
+        while slept < pause && !stopping.load(Ordering::SeqCst) {
+            thread::sleep(RECOMPRESS_TICK);
+            slept += RECOMPRESS_TICK;
         }
     }
 }

@@ -7,7 +7,8 @@
 //! - a `Rejected` put, or one that returns `Err`, leaves NOTHING at that index:
 //!   the older copy is gone too, so a later get must say NotFound;
 //! - a get of an index the model does not hold must say NotFound (never stale data);
-//! - writeback, set_mem_limit and the spill tier never lose or change a page.
+//! - writeback, set_mem_limit, the spill tier and the recompressor (lz4 puts
+//!   re-encoded with zstd, under `auto`) never lose or change a page.
 //!
 //! Stats invariants checked after every sequence (see `check_stats`): gauges
 //! match the model exactly (stored, same-filled, unique objects per dedup
@@ -26,8 +27,8 @@ use proptest::{
     test_runner::{FileFailurePersistence, TestCaseError},
 };
 use vhost_user_tmem::store::{
-    DedupDomain, GetOutcome, GuestId, Page, PutOutcome, SpillConfig, Store, StoreConfig, StoreStats,
-    PAGE_SIZE,
+    Compression, DedupDomain, GetOutcome, GuestId, Page, PutOutcome, SpillConfig, Store, StoreConfig,
+    StoreStats, PAGE_SIZE,
 };
 
 const GUESTS: u32 = 3;
@@ -185,6 +186,8 @@ enum Op {
     /// New limit: the empty store's own usage plus this many bytes.
     SetMemLimit(u64),
     Writeback(u64),
+    /// One recompressor round of at most this many pages.
+    Recompress(usize),
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -200,6 +203,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => prop_oneof![Just(0u64), Just(8 << 10), Just(32 << 10), Just(1 << 20)]
             .prop_map(Op::SetMemLimit),
         1 => (0u64..20).prop_map(Op::Writeback),
+        2 => (1usize..40).prop_map(Op::Recompress),
     ]
 }
 
@@ -223,6 +227,7 @@ struct Setup {
     /// Background writer headroom; multi-threaded runs then run the writer in
     /// a thread of its own beside the workers.
     headroom: u64,
+    compression: Compression,
 }
 
 impl Setup {
@@ -236,6 +241,7 @@ impl Setup {
             roomy: true,
             warm: false,
             headroom: 0,
+            compression: Compression::Zstd,
         }
     }
     fn tight(mem_extra: u64, spill_limit: Option<u64>, dedup: DedupDomain) -> Self {
@@ -248,6 +254,7 @@ impl Setup {
             roomy: false,
             warm: true,
             headroom: 0,
+            compression: Compression::Zstd,
         }
     }
 }
@@ -277,6 +284,7 @@ fn open_store(setup: &Setup) -> Harness {
         mem_limit: setup.absolute_mem.unwrap_or(BIG),
         spill,
         zstd_level: setup.level,
+        compression: setup.compression,
         dedup: setup.dedup,
         writeback_headroom: setup.headroom,
         ..StoreConfig::default()
@@ -451,6 +459,10 @@ fn apply(
             check(r.is_ok() || h.spill_limit.is_some(), || {
                 format!("set_mem_limit without a spill file failed: {r:?}")
             })?;
+        }
+        Op::Recompress(n) => {
+            let r = h.store.recompress(n);
+            check(r.is_ok(), || format!("recompress({n}) failed: {r:?}"))?;
         }
         Op::Writeback(n) => match h.store.writeback(n) {
             Ok(done) => {
@@ -713,6 +725,27 @@ proptest! {
     }
 
     #[test]
+    fn roomy_lz4_global(ops in ops()) {
+        let setup = Setup { compression: Compression::Lz4, ..Setup::roomy(DedupDomain::Global) };
+        run_sequence(&setup, &ops)?;
+    }
+
+    #[test]
+    fn roomy_auto_guest(ops in ops()) {
+        let setup = Setup { compression: Compression::Auto, level: 3, ..Setup::roomy(DedupDomain::Guest) };
+        run_sequence(&setup, &ops)?;
+    }
+
+    #[test]
+    fn tiny_ram_tiny_spill_auto_off(ops in ops()) {
+        let setup = Setup {
+            compression: Compression::Auto,
+            ..Setup::tight(16 << 10, Some(32 << 10), DedupDomain::Off)
+        };
+        run_sequence(&setup, &ops)?;
+    }
+
+    #[test]
     fn tiny_ram_tiny_spill_guest(ops in ops()) {
         run_sequence(&Setup::tight(16 << 10, Some(32 << 10), DedupDomain::Guest), &ops)?;
     }
@@ -845,6 +878,26 @@ fn thread_content(rng: &mut SplitMix) -> Content {
     }
 }
 
+/// Under `auto`, a thread running recompressor rounds until `done`, racing
+/// the workers' gets, puts and invalidates for the same objects.
+fn spawn_recompressor<'s>(
+    s: &'s std::thread::Scope<'s, '_>,
+    h: &'s Harness,
+    setup: &Setup,
+    done: &'s std::sync::atomic::AtomicBool,
+    seed: u64,
+) -> Option<std::thread::ScopedJoinHandle<'s, ()>> {
+    (setup.compression == Compression::Auto).then(|| {
+        s.spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Err(e) = h.store.recompress(16) {
+                    panic!("seed {seed:#x}: recompressor: {e}");
+                }
+            }
+        })
+    })
+}
+
 /// Thread `t` owns pool `t` of guests 0 and 1, and all of guest `2 + t`.
 /// Returns the objects the background writer wrote (0 without one).
 fn run_disjoint_threads(setup: &Setup, seed: u64, threads: u32, ops_per_thread: usize) -> u64 {
@@ -861,6 +914,7 @@ fn run_disjoint_threads(setup: &Setup, seed: u64, threads: u32, ops_per_thread: 
                 }
             })
         });
+        let recompressor = spawn_recompressor(s, &h, setup, &workers_done, seed);
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let h = &h;
@@ -903,6 +957,9 @@ fn run_disjoint_threads(setup: &Setup, seed: u64, threads: u32, ops_per_thread: 
         workers_done.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(w) = writer {
             w.join().expect("writer panicked");
+        }
+        if let Some(r) = recompressor {
+            r.join().expect("recompressor panicked");
         }
         models
     });
@@ -988,6 +1045,25 @@ fn threads_disjoint_keys_small_ram_small_spill_with_the_writer() {
 }
 
 #[test]
+fn threads_disjoint_keys_auto_with_the_recompressor() {
+    for domain in [DedupDomain::Off, DedupDomain::Guest, DedupDomain::Global] {
+        for seed in MT_SEEDS {
+            let auto = |setup: Setup| Setup {
+                compression: Compression::Auto,
+                ..setup
+            };
+            run_disjoint_threads(&auto(Setup::roomy(domain)), seed, 4, 1500);
+            run_disjoint_threads(
+                &auto(Setup::tight(256 << 10, Some(1 << 20), domain)),
+                seed,
+                4,
+                1500,
+            );
+        }
+    }
+}
+
+#[test]
 fn threads_disjoint_keys_tiny_ram_no_spill() {
     for seed in MT_SEEDS {
         run_disjoint_threads(&Setup::tight(32 << 10, None, DedupDomain::Global), seed, 4, 1500);
@@ -1020,12 +1096,14 @@ fn hammer_contents(k: usize) -> Vec<Box<Page>> {
     ]
 }
 
-fn run_hammer(setup: &Setup, seed: u64, threads: u32, ops_per_thread: usize) {
+fn run_hammer(setup: &Setup, seed: u64, threads: u32, ops_per_thread: usize) -> u64 {
     let h = open_store(setup);
     let contents: Vec<Vec<Box<Page>>> = (0..SHARED_KEYS.len()).map(hammer_contents).collect();
     let which = |k: usize, page: &Page| contents[k].iter().position(|c| c[..] == page[..]);
     // Each thread's last view of each key.
+    let workers_done = std::sync::atomic::AtomicBool::new(false);
     let lasts: Vec<Vec<Option<After>>> = std::thread::scope(|s| {
+        let recompressor = spawn_recompressor(s, &h, setup, &workers_done, seed);
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let (h, which, contents) = (&h, &which, &contents);
@@ -1071,10 +1149,15 @@ fn run_hammer(setup: &Setup, seed: u64, threads: u32, ops_per_thread: usize) {
                 })
             })
             .collect();
-        handles
+        let lasts = handles
             .into_iter()
             .map(|j| j.join().expect("worker panicked"))
-            .collect()
+            .collect();
+        workers_done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(r) = recompressor {
+            r.join().expect("recompressor panicked");
+        }
+        lasts
     });
     // Linearizability of each key: the final state is what some thread's last
     // operation on it left there.
@@ -1107,6 +1190,7 @@ fn run_hammer(setup: &Setup, seed: u64, threads: u32, ops_per_thread: usize) {
     if let Err(e) = check_stats(&h, setup, &s, &stored) {
         panic!("seed {seed:#x} ({setup:?}): {e}");
     }
+    let recompressed = s.codecs.recompressions;
     for g in 0..GUESTS {
         h.store.drop_guest(GuestId(g));
     }
@@ -1121,6 +1205,28 @@ fn run_hammer(setup: &Setup, seed: u64, threads: u32, ops_per_thread: usize) {
         s.total.mem_used_bytes, h.created,
         "seed {seed:#x}: an emptied store must return to its starting footprint"
     );
+    recompressed
+}
+
+#[test]
+fn threads_hammer_same_indexes_auto_with_the_recompressor() {
+    let mut recompressed = 0;
+    for domain in [DedupDomain::Off, DedupDomain::Guest, DedupDomain::Global] {
+        for seed in MT_SEEDS {
+            let auto = |setup: Setup| Setup {
+                compression: Compression::Auto,
+                ..setup
+            };
+            recompressed += run_hammer(&auto(Setup::roomy(domain)), seed, 4, 2500);
+            recompressed += run_hammer(
+                &auto(Setup::tight(16 << 10, Some(32 << 10), domain)),
+                seed,
+                4,
+                2500,
+            );
+        }
+    }
+    assert!(recompressed > 0, "the recompressor never swapped a payload");
 }
 
 #[test]

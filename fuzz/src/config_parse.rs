@@ -25,11 +25,14 @@ use std::{ffi::OsString, os::unix::ffi::OsStringExt, path::PathBuf, str::FromStr
 use clap::Parser;
 use serde_json::Value;
 use vhost_user_tmem::{
-    config::{Args, Config, DeviceKind, DeviceSpec, SandboxArg, AUTO_HEADROOM_MAX, MAX_POLL_US, MAX_QUEUES},
+    config::{
+        Args, Config, DeviceKind, DeviceSpec, SandboxArg, AUTO_HEADROOM_MAX, AUTO_LEVEL, MAX_POLL_US,
+        MAX_QUEUES,
+    },
     error_chain,
     sandbox::Credentials,
     size::{parse_size, ByteSize, SizeError},
-    store::{GuestId, Reservation, PAGE_SIZE},
+    store::{Compression, GuestId, Reservation, PAGE_SIZE},
 };
 
 const MAX_ARGS: usize = 32;
@@ -137,6 +140,7 @@ fn check_json_size(data: &[u8]) {
 /// What the reference makes of parsed arguments; `None`: refused.
 struct Expected {
     devices: Vec<DeviceSpec>,
+    compression: Compression,
     mem_limit: u64,
     spill_limit: Option<u64>,
     headroom: u64,
@@ -222,16 +226,26 @@ fn expected(args: &Args) -> Option<Expected> {
         }
         Credentials::resolve(args.user.as_deref(), args.group.as_deref()).ok()?;
     }
-    let zstd_level = match args.compression.strip_prefix("zstd") {
-        Some("") => 1,
-        Some(level) => level.strip_prefix(':')?.parse().ok()?,
-        None => return None,
+    let (compression, zstd_level) = match args.compression.as_str() {
+        "zstd" => (Compression::Zstd, 1),
+        "lz4" => (Compression::Lz4, 1),
+        "auto" => (Compression::Auto, AUTO_LEVEL),
+        text => {
+            let (name, level) = text.split_once(':')?;
+            let compression = match name {
+                "zstd" => Compression::Zstd,
+                "auto" => Compression::Auto,
+                _ => return None,
+            };
+            (compression, level.parse().ok()?)
+        }
     };
     if !zstd::compression_level_range().contains(&zstd_level) {
         return None;
     }
     Some(Expected {
         devices,
+        compression,
         mem_limit,
         spill_limit,
         headroom,
@@ -270,6 +284,7 @@ fn check_config(args: Args) {
     assert_eq!(c.store.writeback_headroom, w.headroom, "{what}");
     assert_eq!(c.capacity_pages, w.capacity_pages, "{what}");
     assert_eq!(c.store.zstd_level, w.zstd_level, "{what}");
+    assert_eq!(c.store.compression, w.compression, "{what}");
     assert_eq!(c.store.dedup, args.dedup.into(), "{what}");
 }
 
@@ -343,6 +358,8 @@ mod tests {
             "--socket\0/a\0--spill-file\0/s\0--spill-limit\x008G\0--mem-limit\x001M\0--writeback-headroom\x001M",
             "--socket\0/a\0--compression\0zstd:-5\0--queues\x0064\0--poll-us\x001000000",
             "--socket\0/a\0--compression\0zstd:+3\0--capacity\x004095",
+            "--socket\0/a\0--compression\0auto:9",
+            "--socket\0/a\0--compression\0lz4:1",
             "--socket\0/a\0--help",
         ] {
             run(line.as_bytes());

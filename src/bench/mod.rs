@@ -7,6 +7,7 @@ pub mod device;
 pub mod hostile;
 pub mod noisy;
 pub mod store;
+pub mod zram;
 
 #[derive(Debug, Parser)]
 #[command(name = "tmem-bench", about = "Benchmarks for vhost-user-tmem")]
@@ -23,6 +24,9 @@ pub enum BenchCommand {
     /// incompressible pages and a victim using a working set within its
     /// share; the victim's rejects and get latency, alone and attacked.
     Noisy(noisy::NoisyArgs),
+    /// The kernel's zram on the same pages (a hot-added device; root), then
+    /// the store beside it.
+    ZramPeer(zram::ZramArgs),
 }
 
 impl BenchCommand {
@@ -32,6 +36,7 @@ impl BenchCommand {
             BenchCommand::Device(args) => device::run(&args),
             BenchCommand::Hostile(args) => hostile::run(&args),
             BenchCommand::Noisy(args) => noisy::run(&args),
+            BenchCommand::ZramPeer(args) => zram::run(&args),
         }
     }
 }

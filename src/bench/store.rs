@@ -1,6 +1,10 @@
 //! `tmem-bench store`: puts every page of a corpus through the page store, gets
 //! every page back and verifies it, and measures plain per-page zstd on the same
-//! pages, at the same level and thread count, as the yardstick.
+//! pages, at the same level and thread count, as the yardstick; and plain
+//! per-page lz4 (`lz4_flex`) as the yardstick of `--compression lz4|auto`.
+//! With `--settle`, the recompressor then re-encodes every page (`auto`) and
+//! the gets are timed again: hot gets are of pages just put, settled gets of
+//! pages the recompressor has finished with.
 //!
 //! The corpus is raw concatenated 4096-byte pages (for instance a dump made by
 //! `ci/make-corpus.sh`), or a zstd frame of that. Page `n` is stored at index `n`
@@ -17,12 +21,13 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::{
-    config::DedupArg,
+    config::{parse_compression, DedupArg},
     harness::timing::{ranges, timed_parallel, Mismatches},
     size::parse_size,
     store::{
-        page_compressor, DedupDomain, GetOutcome, GuestId, MemoryUse, Page, PutOutcome, SpillConfig,
-        SpillTierBench, Store, StoreConfig, StoreError, StoreStats, PAGE_SIZE,
+        lz4_compress, page_compressor, CodecStats, Compression, DedupDomain, GetOutcome, GuestId, MemoryUse,
+        Page, PutOutcome, SpillConfig, SpillTierBench, Store, StoreConfig, StoreError, StoreStats,
+        COMPRESS_BOUND, PAGE_SIZE,
     },
 };
 
@@ -57,6 +62,15 @@ pub struct StoreArgs {
     /// zstd level, for the store and for the raw zstd yardstick.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub level: i32,
+    /// The store's page compression, as the daemon's --compression: zstd (at
+    /// --level), lz4, or auto or auto:LEVEL (lz4 puts, recompressed with zstd at
+    /// LEVEL, default 9, and trained dictionaries).
+    #[arg(long, default_value = "zstd")]
+    pub compression: String,
+    /// After the hot gets, run the recompressor until every page is settled,
+    /// then report the settled ratio and time the gets again.
+    #[arg(long)]
+    pub settle: bool,
     /// Which pages may share one stored copy: off, guest or global.
     #[arg(long, value_enum, default_value_t = DedupArg::Guest)]
     pub dedup: DedupArg,
@@ -100,6 +114,10 @@ pub enum BenchError {
     Mismatch { count: u64, first: u64 },
     #[error("plain zstd did not round-trip {count} pages")]
     RawMismatch { count: u64 },
+    #[error("plain lz4 did not round-trip {count} pages")]
+    RawLz4Mismatch { count: u64 },
+    #[error("bad --compression")]
+    Compression(#[source] crate::config::ConfigError),
 }
 
 impl From<StoreError> for BenchError {
@@ -144,6 +162,30 @@ pub struct StoreReport {
     /// zstd from what the store's dedup, fills and metadata add or cost.
     pub page_zstd_ratio: f64,
     pub ratio_vs_page_zstd: Option<f64>,
+    /// `--compression` as given, and the zstd level puts or recompression use.
+    pub compression: String,
+    pub store_zstd_level: i32,
+    /// Plain per-page lz4 blocks (`lz4_flex`), same pages, same threads.
+    pub raw_lz4_compress_pages_per_sec: f64,
+    pub raw_lz4_decompress_pages_per_sec: f64,
+    pub raw_lz4_ratio: f64,
+    /// The store's own lz4 encoder alone on the same pages (no store).
+    pub page_lz4_compress_pages_per_sec: f64,
+    pub put_vs_raw_lz4: f64,
+    /// Gets of pages just put (the same figure as `get_pages_per_sec`).
+    pub hot_get_pages_per_sec: f64,
+    pub hot_get_vs_raw_lz4: f64,
+    /// With --settle: seconds the recompressor took to settle every page,
+    /// then gets of the settled pages and the settled footprint.
+    pub settle_secs: Option<f64>,
+    pub settled_get_pages_per_sec: Option<f64>,
+    pub settled_get_vs_raw_zstd: Option<f64>,
+    pub settled_ratio: Option<f64>,
+    pub settled_ratio_vs_raw: Option<f64>,
+    pub settled_meta_bytes_per_page: Option<f64>,
+    pub settled_compr_data_bytes: Option<u64>,
+    /// Payloads by encoding and the dictionaries, at the end of the run.
+    pub codecs: CodecStats,
     pub rejected_pages: u64,
     pub stored_pages: u64,
     pub same_filled_pages: u64,
@@ -270,13 +312,19 @@ pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
         (None, _) => None,
     };
     let mem_limit = args.mem_limit.unwrap_or(UNLIMITED);
+    let (compression, level) = parse_compression(&args.compression).map_err(BenchError::Compression)?;
+    let store_level = match (compression, args.compression.as_str()) {
+        (Compression::Zstd, "zstd") => args.level,
+        _ => level,
+    };
     let config = StoreConfig {
         mem_limit,
         spill: spill_path.map(|path| SpillConfig {
             path,
             limit: args.spill_limit.unwrap_or(UNLIMITED),
         }),
-        zstd_level: args.level,
+        zstd_level: store_level,
+        compression,
         dedup: args.dedup.into(),
         writeback_headroom: args.writeback_headroom.unwrap_or(0),
         ..StoreConfig::default()
@@ -285,13 +333,24 @@ pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
     // Each round measures the yardstick and the store back to back, so a busy
     // machine slows both alike; the best round of each phase is reported.
     let mut best: Option<(RawZstd, StoreRun)> = None;
+    let mut best_lz4: Option<RawLz4> = None;
     for _ in 0..args.repeat {
         let raw = raw_zstd(&pages, threads, args.level)?;
+        let lz4 = raw_lz4(&pages, threads)?;
+        best_lz4 = Some(match best_lz4 {
+            None => lz4,
+            Some(b) => RawLz4 {
+                compress: b.compress.min(lz4.compress),
+                decompress: b.decompress.min(lz4.decompress),
+                ours: b.ours.min(lz4.ours),
+                ..lz4
+            },
+        });
         if let Some(t) = &temp_spill {
             // Best effort: a fresh file each round; it may not exist yet.
             let _ = std::fs::remove_file(&t.0);
         }
-        let run = store_run(config.clone(), &pages, threads)?;
+        let run = store_run(config.clone(), &pages, threads, args.settle)?;
         best = Some(match best {
             None => (raw, run),
             Some((b_raw, b_run)) => (
@@ -304,6 +363,14 @@ pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
                 StoreRun {
                     put_time: b_run.put_time.min(run.put_time),
                     get_time: b_run.get_time.min(run.get_time),
+                    settled: match (b_run.settled, run.settled) {
+                        (Some(b), Some(r)) => Some(Settled {
+                            time: b.time.min(r.time),
+                            get_time: b.get_time.min(r.get_time),
+                            ..r
+                        }),
+                        (_, r) => r,
+                    },
                     ..run
                 },
             ),
@@ -311,6 +378,7 @@ pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
     }
     drop(temp_spill);
     let (raw, run) = best.expect("--repeat is at least 1");
+    let lz4 = best_lz4.expect("--repeat is at least 1");
     let spill_tier = if args.spill_tier {
         Some(spill_tier(args, &pages)?)
     } else {
@@ -329,7 +397,39 @@ pub fn run_bench(args: &StoreArgs) -> Result<StoreReport, BenchError> {
         &run.after_get,
     );
     report.spill_tier = spill_tier;
+    report.compression = args.compression.clone();
+    report.store_zstd_level = store_level;
+    add_lz4_and_settled(&mut report, &lz4, run.settled.as_ref());
+    report.codecs = match &run.settled {
+        Some(s) => (*s.stats.codecs).clone(),
+        None => (*run.after_put.codecs).clone(),
+    };
     Ok(report)
+}
+
+/// The lz4 yardsticks, and the settled figures against the zstd ones.
+fn add_lz4_and_settled(r: &mut StoreReport, lz4: &RawLz4, settled: Option<&Settled>) {
+    let n = r.pages;
+    r.raw_lz4_compress_pages_per_sec = per_sec(n, lz4.compress);
+    r.raw_lz4_decompress_pages_per_sec = per_sec(n, lz4.decompress);
+    r.raw_lz4_ratio = (n * PAGE_SIZE as u64) as f64 / lz4.compressed_bytes as f64;
+    r.page_lz4_compress_pages_per_sec = per_sec(n, lz4.ours);
+    r.put_vs_raw_lz4 = r.put_pages_per_sec / r.raw_lz4_compress_pages_per_sec;
+    r.hot_get_pages_per_sec = r.get_pages_per_sec;
+    r.hot_get_vs_raw_lz4 = r.get_pages_per_sec / r.raw_lz4_decompress_pages_per_sec;
+    if let Some(s) = settled {
+        let orig = (n * PAGE_SIZE as u64) as f64;
+        let get = per_sec(n, s.get_time);
+        let used = s.stats.total.mem_used_bytes as f64;
+        r.settle_secs = Some(s.time.as_secs_f64());
+        r.settled_get_pages_per_sec = Some(get);
+        r.settled_get_vs_raw_zstd = Some(get / r.raw_zstd_decompress_pages_per_sec);
+        r.settled_ratio = quotient(orig, used);
+        r.settled_ratio_vs_raw = r.settled_ratio.map(|v| v / r.raw_zstd_ratio);
+        r.settled_compr_data_bytes = Some(s.stats.total.compr_data_bytes);
+        r.settled_meta_bytes_per_page =
+            quotient(s.memory.metadata_bytes as f64, s.memory.stored_pages as f64);
+    }
 }
 
 /// Times the spill file alone, sealed and plain in turn in each round (so a
@@ -394,12 +494,27 @@ struct StoreRun {
     memory: MemoryUse,
     after_put: StoreStats,
     after_get: StoreStats,
+    settled: Option<Settled>,
+}
+
+/// With --settle: the recompressor's time to finish, the footprint then,
+/// and the gets of the settled pages.
+struct Settled {
+    time: Duration,
+    get_time: Duration,
+    stats: StoreStats,
+    memory: MemoryUse,
 }
 
 /// One fresh store: every page put, then every page got back and checked.
 /// With a writeback headroom, the store's background writer runs beside the
 /// puts and gets, in a thread of its own, as in the daemon.
-fn store_run(config: StoreConfig, pages: &[&Page], threads: usize) -> Result<StoreRun, BenchError> {
+fn store_run(
+    config: StoreConfig,
+    pages: &[&Page],
+    threads: usize,
+    settle: bool,
+) -> Result<StoreRun, BenchError> {
     let writer = config.writeback_headroom > 0;
     let store = Store::new(config)?;
     let stop = AtomicBool::new(false);
@@ -421,7 +536,38 @@ fn store_run(config: StoreConfig, pages: &[&Page], threads: usize) -> Result<Sto
     let mut run = run?;
     // After the writer stopped, so the counters hold still.
     run.after_get = store.stats();
+    if settle {
+        run.settled = Some(settle_and_get(&store, pages, &run.outcomes, threads)?);
+    }
     Ok(run)
+}
+
+/// Runs the recompressor until nothing is left to do (a round that found
+/// every page cold and settled), then times every get again.
+fn settle_and_get(
+    store: &Store,
+    pages: &[&Page],
+    outcomes: &[PutOutcome],
+    threads: usize,
+) -> Result<Settled, BenchError> {
+    let start = Instant::now();
+    while !store.recompress(1 << 20)?.idle() {}
+    let time = start.elapsed();
+    let stats = store.stats();
+    let memory = store.memory();
+    let (get_time, mismatches) = timed_store_gets(store, pages, outcomes, threads)?;
+    if let Some(first) = mismatches.first {
+        return Err(BenchError::Mismatch {
+            count: mismatches.count,
+            first,
+        });
+    }
+    Ok(Settled {
+        time,
+        get_time,
+        stats,
+        memory,
+    })
 }
 
 /// Every page put, then every page got back and checked.
@@ -443,6 +589,7 @@ fn timed_phases(store: &Store, pages: &[&Page], threads: usize) -> Result<StoreR
         memory,
         after_put,
         after_get: store.stats(),
+        settled: None,
     })
 }
 
@@ -503,6 +650,23 @@ fn build_report(
         background_writebacks: after_put.background_writebacks,
         writebacks: t.writebacks,
         spill_tier: None,
+        compression: String::new(),
+        store_zstd_level: args.level,
+        raw_lz4_compress_pages_per_sec: 0.0,
+        raw_lz4_decompress_pages_per_sec: 0.0,
+        raw_lz4_ratio: 0.0,
+        page_lz4_compress_pages_per_sec: 0.0,
+        put_vs_raw_lz4: 0.0,
+        hot_get_pages_per_sec: get_pps,
+        hot_get_vs_raw_lz4: 0.0,
+        settle_secs: None,
+        settled_get_pages_per_sec: None,
+        settled_get_vs_raw_zstd: None,
+        settled_ratio: None,
+        settled_ratio_vs_raw: None,
+        settled_meta_bytes_per_page: None,
+        settled_compr_data_bytes: None,
+        codecs: CodecStats::default(),
     }
 }
 
@@ -583,6 +747,66 @@ fn raw_zstd(pages: &[&Page], threads: usize, level: i32) -> Result<RawZstd, Benc
     })
 }
 
+struct RawLz4 {
+    compress: Duration,
+    decompress: Duration,
+    compressed_bytes: u64,
+    /// The store's own encoder on the same pages (not decoded again).
+    ours: Duration,
+}
+
+/// Plain per-page lz4 blocks with `lz4_flex`, into preallocated slots, as
+/// [`raw_zstd`] does for zstd; then the store's own lz4 encoder alone.
+fn raw_lz4(pages: &[&Page], threads: usize) -> Result<RawLz4, BenchError> {
+    let slot = lz4_flex::block::get_maximum_output_size(PAGE_SIZE);
+    let mut arenas: Vec<(Vec<u8>, Vec<usize>)> = ranges(pages.len(), threads)
+        .into_iter()
+        .map(|r| (vec![1u8; r.len() * slot], Vec::with_capacity(r.len())))
+        .collect();
+    let (compress, _) = timed_parallel(pages.len(), &mut arenas, |r, (arena, sizes)| {
+        for (i, page) in pages[r].iter().enumerate() {
+            let out = &mut arena[i * slot..(i + 1) * slot];
+            let len = lz4_flex::block::compress_into(&page[..], out)
+                .map_err(|e| BenchError::Zstd(std::io::Error::other(e)))?;
+            sizes.push(len);
+        }
+        Ok::<_, BenchError>(())
+    })?;
+    let (decompress, bad) = timed_parallel(pages.len(), &mut arenas, |r, (arena, sizes)| {
+        let mut out = [0u8; PAGE_SIZE];
+        let mut bad = 0u64;
+        for (i, page) in pages[r].iter().enumerate() {
+            let src = &arena[i * slot..i * slot + sizes[i]];
+            let len = lz4_flex::block::decompress_into(src, &mut out[..]).unwrap_or(0);
+            bad += u64::from(len != PAGE_SIZE || out != **page);
+        }
+        Ok::<_, BenchError>(bad)
+    })?;
+    let bad: u64 = bad.iter().sum();
+    if bad != 0 {
+        return Err(BenchError::RawLz4Mismatch { count: bad });
+    }
+    let compressed_bytes = arenas
+        .iter()
+        .flat_map(|(_, sizes)| sizes.iter())
+        .map(|s| *s as u64)
+        .sum();
+    let (ours, _) = timed_parallel(pages.len(), &mut vec![(); threads], |r, ()| {
+        let mut out = [0u8; COMPRESS_BOUND];
+        let mut total = 0;
+        for page in &pages[r] {
+            total += lz4_compress(page, COMPRESS_BOUND, &mut out).unwrap_or(PAGE_SIZE);
+        }
+        Ok::<_, BenchError>(total)
+    })?;
+    Ok(RawLz4 {
+        compress,
+        decompress,
+        compressed_bytes,
+        ours,
+    })
+}
+
 fn timed_store_puts(
     store: &Store,
     pages: &[&Page],
@@ -650,6 +874,32 @@ fn print_table(r: &StoreReport) {
         opt(r.ratio_vs_page_zstd)
     );
     println!("ratio incl. spill file     {:>12}", opt(r.ratio_with_spill));
+    println!(
+        "compression {} (zstd level {}); raw lz4 compress {:.0}/s, decompress {:.0}/s, ratio {:.2}; store's lz4 encoder {:.0}/s",
+        r.compression,
+        r.store_zstd_level,
+        r.raw_lz4_compress_pages_per_sec,
+        r.raw_lz4_decompress_pages_per_sec,
+        r.raw_lz4_ratio,
+        r.page_lz4_compress_pages_per_sec
+    );
+    println!(
+        "put / raw lz4 {:.2}x   hot get / raw lz4 {:.2}x",
+        r.put_vs_raw_lz4, r.hot_get_vs_raw_lz4
+    );
+    if let (Some(get), Some(ratio)) = (r.settled_get_pages_per_sec, r.settled_ratio) {
+        println!(
+            "settled in {:.2} s: get {:.0}/s ({}x raw zstd), ratio {:.2} ({}x raw zstd), meta {} B/page, compr data {:?}",
+            r.settle_secs.unwrap_or(0.0),
+            get,
+            opt(r.settled_get_vs_raw_zstd),
+            ratio,
+            opt(r.settled_ratio_vs_raw),
+            opt(r.settled_meta_bytes_per_page),
+            r.settled_compr_data_bytes
+        );
+    }
+    println!("codecs                     {:?}", r.codecs);
     println!(
         "meta bytes per page        {:>12}   (index {} per page, {} per object)",
         opt(r.meta_bytes_per_page),

@@ -577,6 +577,7 @@ mod tests {
                 },
                 mem_limit_bytes: 512 << 20,
                 background_writebacks: 0,
+                codecs: Default::default(),
                 guests,
             },
             devices: vec![DeviceStats {

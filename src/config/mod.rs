@@ -16,7 +16,7 @@ use crate::{
     protocol::PAGE_SIZE,
     sandbox::{Credentials, LookupError, SandboxConfig, SandboxMode},
     size::{parse_size, SizeError},
-    store::{DedupDomain, GuestId, Reservation, SpillConfig, StoreConfig},
+    store::{Compression, DedupDomain, GuestId, Reservation, SpillConfig, StoreConfig},
 };
 
 /// Most virtqueues per device. The worker-thread layout is a 64-bit queue
@@ -58,7 +58,9 @@ pub struct Args {
     /// file I/O. "auto" is 1/16 of the limit, at most 64M; 0 turns it off.
     #[arg(long, value_name = "SIZE|auto", default_value = "auto")]
     pub writeback_headroom: String,
-    /// Page compression: zstd or zstd:LEVEL.
+    /// Page compression: zstd or zstd:LEVEL; lz4; or auto or auto:LEVEL: lz4 on the
+    /// way in, and pages that stay cold recompressed in the background with
+    /// zstd at LEVEL (default 9) and a dictionary trained per dedup domain.
     #[arg(long, value_name = "ALGO[:LEVEL]", default_value = "zstd:1")]
     pub compression: String,
     /// Virtqueues per device; each is served by its own worker thread.
@@ -157,7 +159,9 @@ pub enum ConfigError {
     Queues(u16),
     #[error("--poll-us must be at most {MAX_POLL_US}, got {0}")]
     PollUs(u64),
-    #[error("--compression must be zstd or zstd:LEVEL with LEVEL in {min}..={max}, got {value:?}")]
+    #[error(
+        "--compression must be zstd, zstd:LEVEL, lz4, auto or auto:LEVEL with LEVEL in {min}..={max}, got {value:?}"
+    )]
     Compression { value: String, min: i32, max: i32 },
     #[error("--compression level in {value:?} is not a number")]
     CompressionLevel {
@@ -272,13 +276,15 @@ impl TryFrom<Args> for Config {
         }
         let credentials = Credentials::resolve(args.user.as_deref(), args.group.as_deref())
             .map_err(ConfigError::Credentials)?;
+        let (compression, zstd_level) = parse_compression(&args.compression)?;
         Ok(Config {
             devices,
             control: args.control,
             store: StoreConfig {
                 mem_limit,
                 spill,
-                zstd_level: parse_compression(&args.compression)?,
+                compression,
+                zstd_level,
                 dedup: args.dedup.into(),
                 writeback_headroom,
                 reserved,
@@ -311,26 +317,38 @@ fn reservations(devices: &[DeviceSpec]) -> Vec<Reservation> {
         .collect()
 }
 
-/// `zstd` (level 1: fast, and swap pages compress well at any level) or `zstd:LEVEL`.
-fn parse_compression(text: &str) -> Result<i32, ConfigError> {
+/// The zstd level `auto` recompresses at unless told: with a dictionary,
+/// the lowest that stores smaller than per-page zstd-1 on the corpora in
+/// docs/design.md (levels 3 and 6 did not), and it decodes as fast.
+pub const AUTO_LEVEL: i32 = 9;
+
+/// `zstd` (level 1: fast, and swap pages compress well at any level),
+/// `zstd:LEVEL`, `lz4`, `auto` or `auto:LEVEL` (the level of recompression).
+pub fn parse_compression(text: &str) -> Result<(Compression, i32), ConfigError> {
     let range = zstd::compression_level_range();
     let bad = || ConfigError::Compression {
         value: text.to_owned(),
         min: *range.start(),
         max: *range.end(),
     };
-    let level = match text.split_once(':') {
-        None if text == "zstd" => 1,
-        Some(("zstd", level)) => level
+    let level = |level: &str| {
+        level
             .parse::<i32>()
             .map_err(|source| ConfigError::CompressionLevel {
                 value: text.to_owned(),
                 source,
-            })?,
+            })
+    };
+    let (compression, level) = match text.split_once(':') {
+        None if text == "zstd" => (Compression::Zstd, 1),
+        None if text == "lz4" => (Compression::Lz4, 1),
+        None if text == "auto" => (Compression::Auto, AUTO_LEVEL),
+        Some(("zstd", l)) => (Compression::Zstd, level(l)?),
+        Some(("auto", l)) => (Compression::Auto, level(l)?),
         _ => return Err(bad()),
     };
     if range.contains(&level) {
-        Ok(level)
+        Ok((compression, level))
     } else {
         Err(bad())
     }
@@ -499,14 +517,14 @@ mod tests {
 
     #[test]
     fn bad_compression() {
-        for value in ["lz4", "zstd:99", "zstd3"] {
+        for value in ["lz4:1", "zstd:99", "zstd3", "auto:99", "lz5", "Auto"] {
             assert_matches!(
                 parse(&["--compression", value]),
                 Err(ConfigError::Compression { .. }),
                 "{value}"
             );
         }
-        for value in ["zstd:", "zstd:x"] {
+        for value in ["zstd:", "zstd:x", "auto:y"] {
             assert_matches!(
                 parse(&["--compression", value]),
                 Err(ConfigError::CompressionLevel { .. }),
@@ -515,6 +533,14 @@ mod tests {
         }
         assert_eq!(parse(&["--compression", "zstd"]).unwrap().store.zstd_level, 1);
         assert_eq!(parse(&["--compression", "zstd:-5"]).unwrap().store.zstd_level, -5);
+        let chosen = |value: &str| {
+            let store = parse(&["--compression", value]).unwrap().store;
+            (store.compression, store.zstd_level)
+        };
+        assert_eq!(chosen("zstd:2"), (Compression::Zstd, 2));
+        assert_eq!(chosen("lz4"), (Compression::Lz4, 1));
+        assert_eq!(chosen("auto"), (Compression::Auto, AUTO_LEVEL));
+        assert_eq!(chosen("auto:7"), (Compression::Auto, 7));
     }
 
     #[test]

@@ -81,10 +81,13 @@ pub enum Role {
     ControlClient,
     /// The background writer: spills the coldest pages.
     Writeback,
+    /// The recompressor (`--compression auto`): re-encodes cold pages in
+    /// RAM and trains dictionaries; memory and CPU only.
+    Recompress,
 }
 
 impl Role {
-    pub const ALL: [Role; 7] = [
+    pub const ALL: [Role; 8] = [
         Role::Main,
         Role::Watchdog,
         Role::Device,
@@ -92,6 +95,7 @@ impl Role {
         Role::Control,
         Role::ControlClient,
         Role::Writeback,
+        Role::Recompress,
     ];
 
     /// The role of the thread that creates this one, when that thread is
@@ -101,7 +105,7 @@ impl Role {
             Role::Watchdog => Some(Role::Main),
             Role::Worker => Some(Role::Device),
             Role::ControlClient => Some(Role::Control),
-            Role::Main | Role::Device | Role::Control | Role::Writeback => None,
+            Role::Main | Role::Device | Role::Control | Role::Writeback | Role::Recompress => None,
         }
     }
 
@@ -114,6 +118,7 @@ impl Role {
             Role::Control => "control",
             Role::ControlClient => "control-client",
             Role::Writeback => "writeback",
+            Role::Recompress => "recompress",
         }
     }
 }

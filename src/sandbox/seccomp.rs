@@ -203,6 +203,7 @@ fn lists(role: Role) -> Vec<&'static [Allow]> {
         Role::Control => vec![CONTROL, SPAWN],
         Role::ControlClient => vec![CONTROL_CLIENT, SPILL],
         Role::Writeback => vec![SPILL],
+        Role::Recompress => vec![],
     };
     let mut all = vec![BASE];
     all.extend(own);

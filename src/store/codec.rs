@@ -1,9 +1,12 @@
 //! Page encoding: same-filled detection, zstd with one reused context per
-//! thread, and the raw fallback for pages that do not shrink enough.
+//! thread, lz4 blocks for the fast path, zstd with a trained dictionary for
+//! pages the recompressor settles, and the raw fallback for pages that do not
+//! shrink enough.
 //!
-//! Nothing here allocates per page: the zstd contexts live in thread locals
-//! (created once per thread and per level) and callers pass their own output
-//! buffers, which are fixed-size arrays on their stacks.
+//! Nothing here allocates per page: the zstd contexts and the lz4 match
+//! table live in thread locals (created once per thread and per level) and
+//! callers pass their own output buffers, which are fixed-size arrays on
+//! their stacks.
 //!
 //! Frames are cut for one 4 KiB page (see [`page_profile`]): every stored
 //! frame's length is known from its record and its content is always one
@@ -13,10 +16,10 @@ use std::{cell::RefCell, io};
 
 use zstd::{
     stream::raw::{CParameter, DParameter},
-    zstd_safe::{FrameFormat, Strategy},
+    zstd_safe::{CCtx, DCtx, FrameFormat, Strategy},
 };
 
-use super::{Page, PAGE_SIZE};
+use super::{dict::Dict, slab::Codec, Page, PAGE_SIZE};
 
 /// Room for zstd's worst case on one page (ZSTD_compressBound(4096) is 4177).
 pub const COMPRESS_BOUND: usize = PAGE_SIZE + 256;
@@ -106,6 +109,10 @@ thread_local! {
     static SCRATCH: RefCell<Box<[u8; COMPRESS_BOUND]>> = RefCell::new(Box::new([0u8; COMPRESS_BOUND]));
     static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+    static LZ4_TABLE: RefCell<Lz4Table> = RefCell::new(Lz4Table::new());
+    /// The recompressor's context: its level and the id of the dictionary loaded.
+    static DICT_CCTX: RefCell<Option<(i32, u64, CCtx<'static>)>> = const { RefCell::new(None) };
+    static DICT_DCTX: RefCell<Option<DCtx<'static>>> = const { RefCell::new(None) };
 }
 
 /// Runs `f` with this thread's scratch buffer. Not reentrant: `f` must not
@@ -114,13 +121,15 @@ pub fn with_scratch<R>(f: impl FnOnce(&mut [u8; COMPRESS_BOUND]) -> R) -> R {
     SCRATCH.with(|s| f(&mut s.borrow_mut()))
 }
 
-/// Encodes a page that is not same-filled: `Some(len)` when the first `len`
-/// bytes of `out` hold its zstd frame, `None` when it is kept raw.
+/// Encodes a page that is not same-filled with `codec` (zstd at `level`, or
+/// lz4): `Some(len)` when the first `len` bytes of `out` hold its frame,
+/// `None` when it is kept raw.
 ///
 /// A compressed size at or above `raw_threshold` means the page is stored raw:
 /// it saves the decompression on every get for almost no space.
 pub fn encode_data(
     page: &Page,
+    codec: Codec,
     level: i32,
     raw_threshold: usize,
     out: &mut [u8; COMPRESS_BOUND],
@@ -128,8 +137,269 @@ pub fn encode_data(
     if looks_incompressible(page) {
         return Ok(None);
     }
+    let limit = raw_threshold.min(PAGE_SIZE);
+    if codec.is_lz4() {
+        return Ok(lz4_compress(page, limit, out));
+    }
     let len = compress(page, level, out)?;
-    Ok((len < raw_threshold.min(PAGE_SIZE)).then_some(len))
+    Ok((len < limit).then_some(len))
+}
+
+/// How a stored frame is decoded: its record's codec, with the dictionary
+/// itself for [`Codec::Dict`] (held, so it outlives a retirement meanwhile).
+#[derive(Clone, Debug)]
+pub enum Decoder {
+    Zstd,
+    Lz4,
+    Dict(std::sync::Arc<Dict>),
+}
+
+impl PartialEq for Decoder {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Decoder::Zstd, Decoder::Zstd) | (Decoder::Lz4, Decoder::Lz4) => true,
+            (Decoder::Dict(a), Decoder::Dict(b)) => std::sync::Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Decoder {}
+
+/// Decodes one stored frame into a page.
+pub fn decode_frame(frame: &[u8], how: &Decoder, out: &mut Page) -> io::Result<()> {
+    match how {
+        Decoder::Zstd => decompress(frame, out),
+        Decoder::Lz4 => lz4_decompress(frame, out),
+        Decoder::Dict(dict) => decompress_dict(frame, dict, out),
+    }
+}
+
+/// lz4's match table for one page: 4,096 entries, each a position tagged
+/// with the call that wrote it, so a new page needs no clearing and stale
+/// entries are never matched (the output depends only on the page).
+struct Lz4Table {
+    tag: u32,
+    slots: Box<[u32; LZ4_SLOTS]>,
+}
+
+const LZ4_HASH_BITS: u32 = 12;
+const LZ4_SLOTS: usize = 1 << LZ4_HASH_BITS;
+/// lz4's block rules: a match is at least 4 bytes; the last 5 bytes are
+/// literals and the last match starts at least 12 bytes before the end.
+const LZ4_MIN_MATCH: usize = 4;
+const LZ4_LAST_LITERALS: usize = 5;
+const LZ4_MF_LIMIT: usize = 12;
+
+impl Lz4Table {
+    fn new() -> Self {
+        Lz4Table {
+            tag: 0,
+            slots: Box::new([0; LZ4_SLOTS]),
+        }
+    }
+
+    /// The tag for the next page (in the high 16 bits of an entry).
+    fn next_tag(&mut self) -> u32 {
+        self.tag = (self.tag + 1) & 0xffff;
+        if self.tag == 0 {
+            // Wrapped: an entry of 65,536 pages ago could look current.
+            self.slots.fill(0);
+            self.tag = 1;
+        }
+        self.tag << 16
+    }
+}
+
+fn read32(p: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&p[at..at + 4]);
+    u32::from_le_bytes(b)
+}
+
+fn lz4_hash(seq: u32) -> usize {
+    (seq.wrapping_mul(2_654_435_761) >> (32 - LZ4_HASH_BITS)) as usize
+}
+
+/// Compresses one page as an lz4 block (the format `lz4_flex` and the
+/// kernel's lz4 decode), with this thread's match table. `None` when the
+/// block would be `limit` bytes or more.
+///
+/// Written here rather than taken from `lz4_flex`, whose encoder allocates
+/// and zeroes its table on every call: the put path allocates nothing.
+pub fn lz4_compress(page: &Page, limit: usize, out: &mut [u8; COMPRESS_BOUND]) -> Option<usize> {
+    LZ4_TABLE.with(|t| lz4_block(page, limit, out, &mut t.borrow_mut()))
+}
+
+fn lz4_block(
+    src: &Page,
+    limit: usize,
+    out: &mut [u8; COMPRESS_BOUND],
+    table: &mut Lz4Table,
+) -> Option<usize> {
+    let tag = table.next_tag();
+    let n = src.len();
+    let match_end = n - LZ4_LAST_LITERALS;
+    let (mut anchor, mut pos, mut o) = (0usize, 0usize, 0usize);
+    while pos + LZ4_MF_LIMIT <= n {
+        let seq = read32(src, pos);
+        let h = lz4_hash(seq);
+        let entry = table.slots[h];
+        table.slots[h] = tag | pos as u32;
+        let cand = (entry & 0xffff) as usize;
+        if entry & 0xffff_0000 != tag || read32(src, cand) != seq {
+            // Skip faster through stretches without matches, as lz4 does.
+            pos += 1 + ((pos - anchor) >> 6);
+            continue;
+        }
+        let (mut start, mut from) = (pos, cand);
+        while start > anchor && from > 0 && src[start - 1] == src[from - 1] {
+            start -= 1;
+            from -= 1;
+        }
+        let mut end = pos + LZ4_MIN_MATCH;
+        let mut at = cand + LZ4_MIN_MATCH;
+        while end + 8 <= match_end {
+            let diff = word(&src[end..end + 8]) ^ word(&src[at..at + 8]);
+            if diff != 0 {
+                end += (diff.trailing_zeros() / 8) as usize;
+                at = usize::MAX;
+                break;
+            }
+            end += 8;
+            at += 8;
+        }
+        if at != usize::MAX {
+            while end < match_end && src[end] == src[at] {
+                end += 1;
+                at += 1;
+            }
+        }
+        o = lz4_sequence(out, o, &src[anchor..start], Some((start - from, end - start)));
+        if o >= limit {
+            return None;
+        }
+        // The position just before the match's end starts the next search well.
+        let back = end - 2;
+        table.slots[lz4_hash(read32(src, back))] = tag | back as u32;
+        pos = end;
+        anchor = end;
+    }
+    o = lz4_sequence(out, o, &src[anchor..], None);
+    (o < limit).then_some(o)
+}
+
+/// Writes one lz4 sequence (literals, then a match of `(offset, len)`, or
+/// none for the last one) at `o`; returns where the next one goes. The
+/// worst case for a page is under [`COMPRESS_BOUND`].
+fn lz4_sequence(out: &mut [u8], mut o: usize, literals: &[u8], matched: Option<(usize, usize)>) -> usize {
+    let ll = literals.len();
+    let ml = matched.map_or(0, |(_, len)| len - LZ4_MIN_MATCH);
+    out[o] = (ll.min(15) << 4 | ml.min(15)) as u8;
+    o += 1;
+    if ll >= 15 {
+        o = lz4_length(out, o, ll - 15);
+    }
+    out[o..o + ll].copy_from_slice(literals);
+    o += ll;
+    if let Some((offset, _)) = matched {
+        out[o..o + 2].copy_from_slice(&(offset as u16).to_le_bytes());
+        o += 2;
+        if ml >= 15 {
+            o = lz4_length(out, o, ml - 15);
+        }
+    }
+    o
+}
+
+fn lz4_length(out: &mut [u8], mut o: usize, mut rest: usize) -> usize {
+    while rest >= 255 {
+        out[o] = 255;
+        o += 1;
+        rest -= 255;
+    }
+    out[o] = rest as u8;
+    o + 1
+}
+
+/// Decodes one lz4 block; anything but exactly one page is an error.
+pub fn lz4_decompress(frame: &[u8], out: &mut Page) -> io::Result<()> {
+    let n = lz4_flex::block::decompress_into(frame, &mut out[..])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    whole_page(n)
+}
+
+fn whole_page(n: usize) -> io::Result<()> {
+    if n == PAGE_SIZE {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("stored frame holds {n} bytes, not one page"),
+        ))
+    }
+}
+
+fn zstd_error(code: usize) -> io::Error {
+    io::Error::other(zstd::zstd_safe::get_error_name(code))
+}
+
+/// Compresses one page with zstd at `level` and `dict` (the page profile,
+/// and no dictionary id: the record names the dictionary).
+///
+/// The context loads (copies) the dictionary and keeps it until another is
+/// asked for, so its tables, sized for one page, exist once per thread
+/// rather than once per dictionary. Callers that batch pages by domain
+/// load each dictionary once per batch.
+pub fn compress_dict(
+    page: &Page,
+    level: i32,
+    dict: &Dict,
+    out: &mut [u8; COMPRESS_BOUND],
+) -> io::Result<usize> {
+    DICT_CCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let (_, loaded, ctx) = match &mut *slot {
+            Some(s) if s.0 == level => s,
+            _ => {
+                let mut ctx = CCtx::try_create().ok_or_else(|| io::Error::other("zstd context"))?;
+                for param in page_profile(level).chain([
+                    CParameter::CompressionLevel(level),
+                    CParameter::DictIdFlag(false),
+                    CParameter::SrcSizeHint(PAGE_SIZE as u32),
+                ]) {
+                    ctx.set_parameter(param).map_err(zstd_error)?;
+                }
+                slot.insert((level, 0, ctx))
+            }
+        };
+        if *loaded != dict.id() {
+            *loaded = 0;
+            ctx.load_dictionary(dict.raw()).map_err(zstd_error)?;
+            *loaded = dict.id();
+        }
+        ctx.compress2(&mut out[..], &page[..]).map_err(zstd_error)
+    })
+}
+
+/// Decodes a frame made by [`compress_dict`] with the same dictionary.
+pub fn decompress_dict(frame: &[u8], dict: &Dict, out: &mut Page) -> io::Result<()> {
+    DICT_DCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let ctx = match &mut *slot {
+            Some(ctx) => ctx,
+            None => {
+                let mut ctx = DCtx::try_create().ok_or_else(|| io::Error::other("zstd context"))?;
+                ctx.set_parameter(DParameter::Format(FrameFormat::Magicless))
+                    .map_err(zstd_error)?;
+                slot.insert(ctx)
+            }
+        };
+        ctx.ref_ddict(dict.ddict()).map_err(zstd_error)?;
+        let done = ctx.decompress(&mut out[..], frame).map_err(zstd_error);
+        ctx.disable_dictionary().map_err(zstd_error)?;
+        whole_page(done?)
+    })
 }
 
 /// The zstd parameters for one page at `level`, on top of the level's own.
@@ -194,14 +464,7 @@ pub fn decompress(frame: &[u8], out: &mut Page) -> io::Result<()> {
             None => slot.insert(page_decompressor()?),
         };
         let n = ctx.decompress_to_buffer(frame, &mut out[..])?;
-        if n == PAGE_SIZE {
-            Ok(())
-        } else {
-            Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("stored frame holds {n} bytes, not one page"),
-            ))
-        }
+        whole_page(n)
     })
 }
 
@@ -262,7 +525,7 @@ mod tests {
     fn text_compresses_and_round_trips() {
         let page = text_page();
         let mut buf = [0u8; COMPRESS_BOUND];
-        let Some(len) = encode_data(&page, 1, 3968, &mut buf).unwrap() else {
+        let Some(len) = encode_data(&page, Codec::Zstd, 1, 3968, &mut buf).unwrap() else {
             panic!("text page should compress")
         };
         assert!(len < 1024, "compressed to {len}");
@@ -275,7 +538,7 @@ mod tests {
     fn noise_is_stored_raw() {
         let page = noise_page(7);
         let mut buf = [0u8; COMPRESS_BOUND];
-        assert_eq!(encode_data(&page, 1, 3968, &mut buf).unwrap(), None);
+        assert_eq!(encode_data(&page, Codec::Zstd, 1, 3968, &mut buf).unwrap(), None);
         let mut out = [0u8; PAGE_SIZE];
         decode(&page, &mut out).unwrap();
         assert_eq!(out, page);
@@ -295,7 +558,7 @@ mod tests {
         twice.copy_within(..PAGE_SIZE / 2, PAGE_SIZE / 2);
         assert!(!looks_incompressible(&twice));
         let mut buf = [0u8; COMPRESS_BOUND];
-        let Some(len) = encode_data(&twice, 1, 3968, &mut buf).unwrap() else {
+        let Some(len) = encode_data(&twice, Codec::Zstd, 1, 3968, &mut buf).unwrap() else {
             panic!("a page that repeats itself compresses")
         };
         assert!(len < 2200, "{len}");
@@ -329,6 +592,117 @@ mod tests {
             let stock = zstd::bulk::compress(&page[..], level).unwrap().len();
             assert!(ours + 5 <= stock, "level {level}: {ours} against stock {stock}");
         }
+    }
+
+    /// Pages of several shapes: text, structs of small integers, noise
+    /// repeated, runs, a page that is almost all one byte.
+    fn shapes() -> Vec<Page> {
+        let mut pages = vec![text_page(), noise_page(9)];
+        let mut ints = [0u8; PAGE_SIZE];
+        for (i, w) in ints.chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&((i as u64 * 2_654_435_761) % 1000).to_le_bytes());
+        }
+        pages.push(ints);
+        let mut twice = noise_page(5);
+        twice.copy_within(..PAGE_SIZE / 2, PAGE_SIZE / 2);
+        pages.push(twice);
+        let mut runs = [0u8; PAGE_SIZE];
+        for (i, b) in runs.iter_mut().enumerate() {
+            *b = ((i / 300) * 7) as u8;
+        }
+        pages.push(runs);
+        let mut almost = [0x55u8; PAGE_SIZE];
+        almost[4090] = 1;
+        almost[3] = 2;
+        pages.push(almost);
+        let mut tail = noise_page(11);
+        tail[..PAGE_SIZE - 20].fill(0);
+        pages.push(tail);
+        pages
+    }
+
+    #[test]
+    fn lz4_blocks_round_trip_through_lz4_flex_and_are_deterministic() {
+        for (i, page) in shapes().iter().enumerate() {
+            let mut buf = [0u8; COMPRESS_BOUND];
+            let Some(len) = lz4_compress(page, COMPRESS_BOUND, &mut buf) else {
+                panic!("shape {i}: no block within the bound")
+            };
+            let mut out = [0u8; PAGE_SIZE];
+            lz4_decompress(&buf[..len], &mut out).unwrap();
+            assert_eq!(out, *page, "shape {i}");
+            // Another page in between must not change the block (stale table entries).
+            let mut other = [0u8; COMPRESS_BOUND];
+            lz4_compress(&noise_page(i as u64 + 100), COMPRESS_BOUND, &mut other);
+            let mut again = [0u8; COMPRESS_BOUND];
+            assert_eq!(
+                lz4_compress(page, COMPRESS_BOUND, &mut again),
+                Some(len),
+                "shape {i}"
+            );
+            assert_eq!(buf[..len], again[..len], "shape {i}");
+            // About as small as lz4_flex's own blocks.
+            let theirs = lz4_flex::block::compress(&page[..]).len();
+            assert!(
+                len <= theirs + theirs / 8 + 16,
+                "shape {i}: {len} against {theirs}"
+            );
+        }
+    }
+
+    #[test]
+    fn lz4_gives_up_at_the_limit_and_the_table_survives_wrapping() {
+        let mut buf = [0u8; COMPRESS_BOUND];
+        assert_eq!(lz4_compress(&noise_page(1), 3968, &mut buf), None);
+        let page = text_page();
+        let len = lz4_compress(&page, 3968, &mut buf).unwrap();
+        assert_eq!(
+            lz4_compress(&page, len, &mut buf),
+            None,
+            "a block of exactly the limit is refused"
+        );
+        let mut table = Lz4Table::new();
+        table.tag = 0xfffe;
+        for _ in 0..3 {
+            let n = lz4_block(&page, COMPRESS_BOUND, &mut buf, &mut table).unwrap();
+            let mut out = [0u8; PAGE_SIZE];
+            lz4_decompress(&buf[..n], &mut out).unwrap();
+            assert_eq!(out, page);
+        }
+        assert_eq!(table.tag, 2, "wrapped to 1 on the second page");
+    }
+
+    #[test]
+    fn lz4_rejects_bad_blocks() {
+        let mut out = [0u8; PAGE_SIZE];
+        assert!(lz4_decompress(&[0xff, 1, 2], &mut out).is_err());
+        // A valid block of less than a page.
+        let short = lz4_flex::block::compress(&[7u8; 100]);
+        assert!(lz4_decompress(&short, &mut out).is_err());
+    }
+
+    #[test]
+    fn dictionary_frames_round_trip_only_with_their_dictionary() {
+        let mut samples = Vec::new();
+        for seed in 0..200u64 {
+            let mut p = text_page();
+            p[..8].copy_from_slice(&seed.to_le_bytes());
+            p[2000..2008].copy_from_slice(&(seed * 77).to_le_bytes());
+            samples.extend_from_slice(&p);
+        }
+        let sizes = vec![PAGE_SIZE; 200];
+        let raw = zstd::dict::from_continuous(&samples, &sizes, 4096).unwrap();
+        let dict = Dict::new(&raw, 1).unwrap();
+        let page = text_page();
+        let mut buf = [0u8; COMPRESS_BOUND];
+        let len = compress_dict(&page, 3, &dict, &mut buf).unwrap();
+        let plain = compress(&page, 3, &mut [0u8; COMPRESS_BOUND]).unwrap();
+        assert!(len < plain, "{len} with the dictionary against {plain}");
+        let mut out = [0u8; PAGE_SIZE];
+        decode_frame(&buf[..len], &Decoder::Dict(std::sync::Arc::new(dict)), &mut out).unwrap();
+        assert_eq!(out, page);
+        // Without it the frame does not decode (to the page, at least).
+        assert!(decompress(&buf[..len], &mut out).is_err() || out != page);
     }
 
     #[test]

@@ -288,3 +288,37 @@ fn an_over_share_guest_of_metadata_takes_no_room_from_the_others() {
         assert_eq!(put(&s, 1, 1000 + i, &text_page(1000 + i)), PutOutcome::Stored);
     }
 }
+
+/// The recompressor shrinks payloads behind the guests' backs: each
+/// guest's account follows, and is empty again when the guest goes.
+#[test]
+fn recompressed_payloads_stay_on_their_guests_account() {
+    let s = Store::new(StoreConfig {
+        mem_limit: 1 << 30,
+        compression: Compression::Auto,
+        zstd_level: 3,
+        ..StoreConfig::default()
+    })
+    .unwrap();
+    for i in 0..800 {
+        put(&s, 0, i, &text_page(i));
+        put(&s, 1, i, &text_page(1 << 32 | i));
+    }
+    let before = s.guest_budget(GuestId(0)).ram_bytes;
+    for _ in 0..200 {
+        if s.recompress(100_000).unwrap().idle() {
+            break;
+        }
+    }
+    assert!(s.stats().codecs.recompressions > 0, "nothing was recompressed");
+    assert!(
+        s.guest_budget(GuestId(0)).ram_bytes < before,
+        "the account did not shrink"
+    );
+    assert_accounts_match(&s);
+    for g in 0..2 {
+        s.drop_guest(GuestId(g));
+        let b = s.guest_budget(GuestId(g));
+        assert_eq!((b.ram_bytes, b.spill_bytes), (0, 0), "guest {g}");
+    }
+}

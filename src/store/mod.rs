@@ -5,7 +5,11 @@
 //! safe to call concurrently.
 //!
 //! Layout (see docs/design.md for the reasons):
-//! - `codec`: same-filled detection, zstd with per-thread contexts, raw fallback;
+//! - `codec`: same-filled detection, zstd with per-thread contexts, lz4
+//!   blocks, zstd with a dictionary, raw fallback;
+//! - `dict`: trained zstd dictionaries per dedup domain, versioned and freed
+//!   once unused;
+//! - `recompress`: the background recompressor (lz4 to zstd for cold pages);
 //! - `keys`: the secret keys drawn at start, and the keyed hashes (content,
 //!   fill, index placement) that decide where a guest's data goes;
 //! - `index`: index shards, (guest, pool, index) -> 32-bit object handle, page counters;
@@ -32,18 +36,21 @@
 mod alloc;
 mod budget;
 mod codec;
+mod dict;
 mod index;
 mod keys;
 mod objects;
 mod owners;
 mod pressure;
+mod recompress;
 mod share;
 mod slab;
 mod spill;
 mod stats;
 
-/// The store's zstd set-up for pages, for benchmarks that compare against it.
-pub use codec::page_compressor;
+/// The store's zstd set-up for pages and its lz4 encoder, for benchmarks
+/// that compare against them.
+pub use codec::{lz4_compress, page_compressor, COMPRESS_BOUND};
 /// The spill tier alone, sealed and in plaintext, for `tmem-bench store --spill-tier`.
 pub use spill::{SpillTierBench, SpillTierFile};
 
@@ -69,6 +76,7 @@ use self::{
 pub use self::{
     index::OTHER_POOLS,
     objects::MAX_CANDIDATES,
+    recompress::RecompressRound,
     share::{GuestBudget, ShareError, MAX_GUESTS},
 };
 
@@ -107,12 +115,27 @@ pub struct SpillConfig {
     pub limit: u64,
 }
 
+/// How pages are encoded (`--compression`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compression {
+    /// zstd at `zstd_level` on every put.
+    #[default]
+    Zstd,
+    /// lz4 on every put; nothing is recompressed.
+    Lz4,
+    /// lz4 on every put; [`Store::recompress`] re-encodes pages that stay
+    /// cold with zstd at `zstd_level` and a dictionary trained per dedup domain.
+    Auto,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreConfig {
     /// Host RAM the store may use: payload, allocator slack and metadata.
     pub mem_limit: u64,
     pub spill: Option<SpillConfig>,
+    /// The zstd level of puts (`Zstd`) or of recompression (`Auto`).
     pub zstd_level: i32,
+    pub compression: Compression,
     pub dedup: DedupDomain,
     /// Pages whose zstd frame is this long or longer are stored raw.
     pub raw_threshold: usize,
@@ -158,6 +181,7 @@ impl Default for StoreConfig {
             mem_limit: 256 << 20,
             spill: None,
             zstd_level: 1,
+            compression: Compression::Zstd,
             dedup: DedupDomain::Guest,
             raw_threshold: PAGE_SIZE - PAGE_SIZE / 32,
             shards: 0,
@@ -266,7 +290,31 @@ pub struct StoreStats {
     /// needed room.
     #[serde(default)]
     pub background_writebacks: u64,
+    /// Stored payloads by encoding, the recompressor's work and its
+    /// dictionaries (boxed: replies that carry stats stay small).
+    #[serde(default)]
+    pub codecs: Box<CodecStats>,
     pub guests: BTreeMap<u32, GuestStats>,
+}
+
+/// Unique stored payloads (objects, fills aside) by how they are encoded,
+/// in either tier, and what the recompressor has done.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodecStats {
+    pub raw_pages: u64,
+    pub zstd_pages: u64,
+    pub lz4_pages: u64,
+    /// zstd with a trained dictionary.
+    pub dict_pages: u64,
+    pub recompressions: u64,
+    /// lz4 payloads the recompressor left alone: zstd did not shrink them.
+    pub recompress_kept: u64,
+    /// Dictionaries alive (current, or retired and still used), their host
+    /// bytes (counted in `mem_used_bytes`), trained and freed so far.
+    pub dict_versions: u64,
+    pub dict_bytes: u64,
+    pub dicts_trained: u64,
+    pub dicts_freed: u64,
 }
 
 /// A breakdown of `mem_used_bytes`, for benchmarks and operators.
@@ -317,6 +365,11 @@ pub struct Store {
     background_writebacks: AtomicU64,
     /// Guests with a [`Reservation`]: few (one per blk device), so a scan.
     reserved: Vec<u32>,
+    /// What puts encode with: zstd, or lz4 (`lz4` and `auto`).
+    put_codec: slab::Codec,
+    /// Whether [`Store::recompress`] works (`auto`).
+    recompress: bool,
+    dicts: dict::Dictionaries,
 }
 
 /// An object a put holds a reference on, about to be linked at its index.
@@ -407,6 +460,12 @@ impl Store {
             pressure: pressure::Pressure::default(),
             background_writebacks: AtomicU64::new(0),
             reserved: config.reserved.iter().map(|r| r.guest.0).collect(),
+            put_codec: match config.compression {
+                Compression::Zstd => slab::Codec::Zstd,
+                Compression::Lz4 | Compression::Auto => slab::Codec::Lz4,
+            },
+            recompress: config.compression == Compression::Auto,
+            dicts: dict::Dictionaries::default(),
         };
         // The fixed part (the shard arrays, the spill cipher) is host memory too.
         let fixed = std::mem::size_of::<Store>()
@@ -511,9 +570,11 @@ impl Store {
             }
         }
         codec::with_scratch(|frame| {
-            let payload = match codec::encode_data(page, self.zstd_level, self.raw_threshold, frame) {
-                Ok(Some(len)) => &frame[..len],
-                Ok(None) => &page[..],
+            let encoded =
+                codec::encode_data(page, self.put_codec, self.zstd_level, self.raw_threshold, frame);
+            let (payload, codec) = match encoded {
+                Ok(Some(len)) => (&frame[..len], self.put_codec),
+                Ok(None) => (&page[..], slab::Codec::Zstd),
                 Err(e) => {
                     self.reject(guest, pool, index);
                     return Err(StoreError::Compress(e));
@@ -521,6 +582,7 @@ impl Store {
             };
             let content = Content::Data {
                 key,
+                codec,
                 shard_hash,
                 payload,
                 candidates,
@@ -870,7 +932,9 @@ impl Store {
         match loaded? {
             Loaded::Fill(word) => codec::write_fill(out, word),
             Loaded::Raw => {}
-            Loaded::Frame(len) => codec::decompress(&frame[..len], out).map_err(StoreError::Decompress)?,
+            Loaded::Frame(len, how) => {
+                codec::decode_frame(&frame[..len], &how, out).map_err(StoreError::Decompress)?
+            }
         }
         Ok(GetOutcome::Found)
     }
@@ -897,14 +961,22 @@ impl Store {
     /// Drops every page of one guest (device reset, disconnect): the cost
     /// follows that guest's pools and pages.
     pub fn drop_guest(&self, guest: GuestId) -> u64 {
-        self.index
+        let dropped = self
+            .index
             .iter()
             .map(|shard| {
                 shard.0.lock().take_guest(guest.0, &self.budget, |h| {
                     self.release(h);
                 })
             })
-            .sum()
+            .sum();
+        // The shared domain's samples and dictionaries go with its last page.
+        let forget =
+            self.dedup != DedupDomain::Global || self.objects.iter().all(|s| s.0.lock().live_objects() == 0);
+        if forget {
+            self.dicts.forget(self.domain(guest), &self.budget);
+        }
+        dropped
     }
 
     /// Host bytes of metadata the store holds for one guest: its index
@@ -1098,6 +1170,7 @@ impl Store {
         for (&guest, g) in stats.guests.iter_mut() {
             g.budget = shares.view(guest, limit, used);
         }
+        stats.codecs = Box::new(self.codec_stats());
         stats
     }
 
@@ -1123,6 +1196,26 @@ impl Store {
         self.budget
             .shares()
             .view(guest.0, self.budget.limit(), self.budget.used())
+    }
+
+    /// Payloads by encoding, recompressions and dictionaries.
+    pub fn codec_stats(&self) -> CodecStats {
+        let mut c = CodecStats::default();
+        for shard in self.objects.iter() {
+            let n = shard.0.lock().codec_counts();
+            c.raw_pages += n.raw;
+            c.zstd_pages += n.zstd;
+            c.lz4_pages += n.lz4;
+            c.dict_pages += n.dict;
+            c.recompressions += n.recompressed;
+            c.recompress_kept += n.kept;
+        }
+        let d = self.dicts.counts();
+        c.dict_versions = d.live;
+        c.dict_bytes = d.bytes;
+        c.dicts_trained = d.trained;
+        c.dicts_freed = d.freed;
+        c
     }
 
     /// Dedup candidates compared by all puts so far, and puts that stopped

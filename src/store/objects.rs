@@ -12,16 +12,19 @@
 //! writeback is split in two calls ([`ObjShard::begin_evict`],
 //! [`ObjShard::end_evict`]) so that its file write runs without the lock.
 
+use std::sync::Arc;
+
 use hashbrown::{HashMap, HashTable};
 
 use super::{
     alloc::{ChunkAlloc, Loc, CHUNK, HDR},
     budget::Budget,
-    codec,
+    codec::{self, Decoder},
+    dict::Dict,
     keys::Keys,
     owners::{ObjCounters, Owners},
     share::Mask,
-    slab::{key_hash, Obj, Slab, Tier, INDEXED, MAX_REFS, REFERENCED},
+    slab::{key_hash, Codec, Obj, Slab, Tier, INDEXED, MAX_REFS, REFERENCED, WARM},
     spill::{units_for, Label, SpillFile, UNIT},
     Page, StoreError, PAGE_SIZE,
 };
@@ -64,11 +67,13 @@ pub enum Content<'a> {
         /// `Keys::fill(word, domain)`: record key and shard.
         hash: u64,
     },
-    /// `payload` is a zstd frame, or the page itself when `PAGE_SIZE` long.
-    /// `key` is the low 32 bits of its 128-bit content hash, the only part
-    /// the record keeps: bytes are compared before any hit.
+    /// `payload` is a frame in `codec` (zstd or lz4), or the page itself
+    /// when `PAGE_SIZE` long. `key` is the low 32 bits of its 128-bit
+    /// content hash, the only part the record keeps: bytes are compared
+    /// before any hit.
     Data {
         key: u32,
+        codec: Codec,
         /// The high half of the hash, which chose the shard.
         shard_hash: u64,
         payload: &'a [u8],
@@ -92,8 +97,35 @@ pub enum Loaded {
     Fill(u64),
     /// The page itself was copied out.
     Raw,
-    /// The first `len` bytes of the frame buffer hold a zstd frame.
-    Frame(usize),
+    /// The first `len` bytes of the frame buffer hold a frame to decode so.
+    Frame(usize, Decoder),
+}
+
+/// A cold object the recompressor copied out, to re-encode with no lock
+/// held; [`ObjShard::swap_payload`] checks that it is still the same.
+#[derive(Clone, Copy, Debug)]
+pub struct Cold {
+    pub id: u32,
+    pub key: u32,
+    pub owner: u16,
+    /// The guest that owns it (its dictionary domain follows).
+    pub guest: u32,
+    pub codec: Codec,
+    pub slot: u8,
+    pub len: usize,
+}
+
+/// Objects by how their payload is encoded, for the stats.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CodecCounts {
+    pub raw: u64,
+    pub zstd: u64,
+    pub lz4: u64,
+    pub dict: u64,
+    /// Payloads the recompressor re-encoded, and lz4 payloads it left as
+    /// they were because zstd did not make them smaller.
+    pub recompressed: u64,
+    pub kept: u64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -165,6 +197,16 @@ pub struct ObjShard {
     max_ids: u32,
     /// This shard's part of an object handle: handle = `handle_base | id`.
     handle_base: u32,
+    /// The dictionaries this shard's objects were encoded with, by (owner
+    /// guest, slot), and how many objects use each: the last one's release
+    /// drops the reference, so the store can free a retired dictionary.
+    dicts: HashMap<(u32, u8), (Arc<Dict>, u32)>,
+    /// Objects by encoding: raw, then by [`Codec`].
+    by_codec: [u64; 5],
+    recompressed: u64,
+    kept: u64,
+    /// Where the recompressor's hand is in the slab.
+    warm_hand: u32,
 }
 
 impl ObjShard {
@@ -185,6 +227,11 @@ impl ObjShard {
             cancelled: false,
             max_ids,
             handle_base,
+            dicts: HashMap::new(),
+            by_codec: [0; 5],
+            recompressed: 0,
+            kept: 0,
+            warm_hand: 0,
         }
     }
 
@@ -203,7 +250,7 @@ impl ObjShard {
     }
 
     pub fn heap_bytes(&self) -> u64 {
-        (self.dedup.allocation_size() + self.fills.allocation_size()) as u64
+        (self.dedup.allocation_size() + self.fills.allocation_size() + self.dicts.allocation_size()) as u64
             + self.slab.heap_bytes()
             + self.alloc.heap_bytes()
             + self.owners.heap_bytes()
@@ -218,6 +265,11 @@ impl ObjShard {
     /// Candidates compared so far, and lookups that stopped at the bound.
     pub fn dedup_compares(&self) -> (u64, u64) {
         (self.compared, self.too_many)
+    }
+
+    /// Records handed out so far, live or free (one lap of a sweep).
+    pub fn records(&self) -> u32 {
+        self.slab.high_water()
     }
 
     pub fn live_objects(&self) -> u32 {
@@ -254,6 +306,7 @@ impl ObjShard {
     /// A new record for `obj`, with one reference, owned by `by`; its
     /// metadata goes on `by`'s guest's account.
     fn insert_obj(&mut self, obj: Obj, by: By, budget: &Budget) -> u32 {
+        self.count_codec(&obj, true);
         let before = self.owners.guest_meta(by.guest);
         let id = self.slab.insert(obj);
         let owner = self.owners.acquire(by.guest, by.pool, id);
@@ -322,8 +375,12 @@ impl ObjShard {
             Content::Fill { .. } => Tier::Fill,
             Content::Data { .. } => Tier::Ram,
         };
-        let flags = REFERENCED | if dedup { INDEXED } else { 0 };
-        let id = self.insert_obj(Obj::new(key, tier, payload_len, 0, flags), by, budget);
+        let flags = REFERENCED | WARM | if dedup { INDEXED } else { 0 };
+        let mut obj = Obj::new(key, tier, payload_len, 0, flags);
+        if let Content::Data { codec, .. } = *content {
+            obj.set_codec(codec, 0);
+        }
+        let id = self.insert_obj(obj, by, budget);
         match *content {
             Content::Data { payload, .. } => {
                 let loc = self.alloc.alloc(payload.len(), id);
@@ -366,7 +423,11 @@ impl ObjShard {
             Content::Fill { word, domain, .. } => {
                 o.tier() == Tier::Fill && shard.fills.get(&id) == Some(&(word, domain))
             }
-            Content::Data { payload, .. } if o.len() == payload.len() => {
+            // Equal frames are equal pages only in the same codec (a raw page is
+            // the page whatever its record says).
+            Content::Data { payload, codec, .. }
+                if o.len() == payload.len() && (o.is_raw() || o.codec() == codec) =>
+            {
                 let mut read = [0u8; PAGE_SIZE];
                 shard.candidate_payload(id, o, spill, &mut read) == Some(payload)
             }
@@ -434,8 +495,11 @@ impl ObjShard {
             if o.is_raw() {
                 return payload == &page[..];
             }
+            let Some(how) = shard.decoder(id, o) else {
+                return false;
+            };
             let mut decoded = [0u8; PAGE_SIZE];
-            codec::decompress(payload, &mut decoded).is_ok() && decoded == *page
+            codec::decode_frame(payload, &how, &mut decoded).is_ok() && decoded == *page
         });
         if let Found::Hit(id) = found {
             self.take_ref(id);
@@ -466,11 +530,49 @@ impl ObjShard {
         }
     }
 
+    /// How the frame of object `id` decodes; `None` for a dictionary this
+    /// shard does not hold (never, while the object lives).
+    fn decoder(&self, id: u32, o: &Obj) -> Option<Decoder> {
+        Some(match o.codec() {
+            Codec::Zstd => Decoder::Zstd,
+            Codec::Lz4 | Codec::Lz4Kept => Decoder::Lz4,
+            Codec::Dict => {
+                let guest = self.owners.guest_of(o.owner(), id)?;
+                Decoder::Dict(Arc::clone(&self.dicts.get(&(guest, o.dict_slot()))?.0))
+            }
+        })
+    }
+
+    fn count_codec(&mut self, o: &Obj, add: bool) {
+        if o.tier() == Tier::Fill {
+            return;
+        }
+        let at = if o.is_raw() { 0 } else { 1 + o.codec() as usize };
+        if add {
+            self.by_codec[at] += 1;
+        } else {
+            self.by_codec[at] -= 1;
+        }
+    }
+
+    /// Objects by encoding, and the recompressor's work here.
+    pub fn codec_counts(&self) -> CodecCounts {
+        let [raw, zstd, lz4, dict, kept_now] = self.by_codec;
+        CodecCounts {
+            raw,
+            zstd,
+            lz4: lz4 + kept_now,
+            dict,
+            recompressed: self.recompressed,
+            kept: self.kept,
+        }
+    }
+
     /// One more reference on `id`, which a put just matched.
     fn take_ref(&mut self, id: u32) {
         let o = self.slab.get_mut(id);
         o.set_refs(o.refs() + 1);
-        o.set(REFERENCED, true);
+        o.set(REFERENCED | WARM, true);
         if o.tier() == Tier::Spilled {
             self.counters(id).spilled_pages += 1;
         }
@@ -486,7 +588,10 @@ impl ObjShard {
         budget: &Budget,
         spill: &SpillFile,
     ) -> Result<Obtained, StoreError> {
-        let Content::Data { key, payload, .. } = *content else {
+        let Content::Data {
+            key, payload, codec, ..
+        } = *content
+        else {
             return Ok(self.obtain(content, by, budget, Some(spill)));
         };
         let dedup = match self.lookup(content, by, Some(spill)) {
@@ -507,8 +612,9 @@ impl ObjShard {
             self.settle(budget);
             return Ok(Obtained::NeedRoom);
         };
-        let flags = REFERENCED | if dedup { INDEXED } else { 0 };
+        let flags = REFERENCED | WARM | if dedup { INDEXED } else { 0 };
         let mut obj = Obj::new(key, Tier::Spilled, payload.len(), 0, flags);
+        obj.set_codec(codec, 0);
         obj.set_loc(offset / UNIT);
         let inserted = self.insert_obj(obj, by, budget);
         debug_assert_eq!(inserted, id);
@@ -550,6 +656,10 @@ impl ObjShard {
             if let Ok(entry) = self.dedup.find_entry(obj.table_hash(), |&i| i == id) {
                 entry.remove();
             }
+        }
+        self.count_codec(&obj, false);
+        if obj.codec() == Codec::Dict && !obj.is_raw() {
+            self.drop_dict_user(obj.owner(), id, obj.dict_slot());
         }
         let len = obj.len();
         let guest = self.guest_of(id);
@@ -598,7 +708,9 @@ impl ObjShard {
             self.dedup = HashTable::new();
             self.fills = HashMap::new();
             self.alloc = ChunkAlloc::new();
+            self.dicts = HashMap::new();
             self.compact_floor = 0;
+            self.warm_hand = 0;
         } else {
             let (len, cap) = (self.dedup.len(), self.dedup.capacity());
             if cap > 64 && len * 4 < cap {
@@ -669,13 +781,16 @@ impl ObjShard {
         spill: Option<&SpillFile>,
     ) -> Result<Loaded, StoreError> {
         let o = self.slab.get_mut(id);
-        o.set(REFERENCED, true);
+        o.set(REFERENCED | WARM, true);
         let obj = *o;
         let len = obj.len();
-        let (dest, loaded) = if obj.is_raw() {
+        let (dest, loaded) = if obj.is_raw() || obj.tier() == Tier::Fill {
             (&mut page[..], Loaded::Raw)
         } else {
-            (frame, Loaded::Frame(len))
+            let how = self
+                .decoder(id, &obj)
+                .ok_or(StoreError::Corrupt { offset: u64::MAX })?;
+            (frame, Loaded::Frame(len, how))
         };
         match obj.tier() {
             Tier::Fill => match self.fills.get(&id) {
@@ -818,6 +933,190 @@ impl ObjShard {
         Ok(Evicted::One)
     }
 
+    fn drop_dict_user(&mut self, owner: u16, id: u32, slot: u8) {
+        let Some(guest) = self.owners.guest_of(owner, id) else {
+            return;
+        };
+        if let Some((_, users)) = self.dicts.get_mut(&(guest, slot)) {
+            *users -= 1;
+            if *users == 0 {
+                self.dicts.remove(&(guest, slot));
+            }
+        }
+    }
+
+    /// Objects here that use a dictionary (for tests of retirement).
+    #[cfg(test)]
+    pub fn dict_users(&self) -> u32 {
+        self.dicts.values().map(|&(_, users)| users).sum()
+    }
+
+    /// The recompressor's sweep: walks at most `scan` records from its own
+    /// hand, clearing [`WARM`] on each RAM object it passes; an object found
+    /// without it has not been used since the last sweep (it is cold), and
+    /// if `wants` it, its record goes to `out` and its payload to the end of
+    /// `bytes`. Stops at `max` objects. Returns how many records it looked
+    /// at, and how many objects it found warm (and cooled).
+    pub fn cold_batch(
+        &mut self,
+        max: usize,
+        scan: usize,
+        mut wants: impl FnMut(u32, &Obj) -> bool,
+        out: &mut Vec<Cold>,
+        bytes: &mut Vec<u8>,
+    ) -> (usize, usize) {
+        let high = self.slab.high_water();
+        let (mut looked, mut cooled) = (0, 0);
+        while looked < scan.min(high as usize) && out.len() < max {
+            looked += 1;
+            let id = self.warm_hand;
+            self.warm_hand = if id + 1 >= high { 0 } else { id + 1 };
+            let o = self.slab.get_mut(id);
+            if o.tier() != Tier::Ram || o.is_raw() {
+                continue;
+            }
+            if o.has(WARM) {
+                o.set(WARM, false);
+                cooled += 1;
+                continue;
+            }
+            let o = *o;
+            let Some(guest) = self.owners.guest_of(o.owner(), id) else {
+                continue;
+            };
+            if !wants(guest, &o) {
+                continue;
+            }
+            bytes.extend_from_slice(self.alloc.bytes(Loc::unpack(o.loc()), o.len()));
+            out.push(Cold {
+                id,
+                key: o.key(),
+                owner: o.owner(),
+                guest,
+                codec: o.codec(),
+                slot: o.dict_slot(),
+                len: o.len(),
+            });
+        }
+        (looked, cooled)
+    }
+
+    /// Whether object `cold.id` is still the one [`ObjShard::cold_batch`]
+    /// copied out: in RAM, same key, owner and encoding, and the same payload
+    /// bytes. Meanwhile it may have been got, released and its id reused, or
+    /// moved by compaction (same bytes elsewhere: still the same object).
+    fn still(&self, cold: &Cold, old: &[u8]) -> bool {
+        // An emptied shard starts a new slab: the id may be past its end.
+        if cold.id >= self.slab.high_water() {
+            return false;
+        }
+        let o = self.slab.get(cold.id);
+        o.tier() == Tier::Ram
+            && o.key() == cold.key
+            && o.owner() == cold.owner
+            && o.codec() == cold.codec
+            && o.dict_slot() == cold.slot
+            && o.len() == cold.len
+            && old.len() == cold.len
+            && self.owners.guest_of(o.owner(), cold.id) == Some(cold.guest)
+            && self.alloc.bytes(Loc::unpack(o.loc()), o.len()) == old
+    }
+
+    /// Replaces the payload of `cold.id` by `new`, encoded with `codec` (and
+    /// `dict`, in `slot` of the owner's domain), if the object is still the
+    /// one whose payload was `old`. False when it changed meanwhile, or the
+    /// budget has no room for the new payload: nothing is touched then.
+    #[allow(clippy::too_many_arguments)]
+    pub fn swap_payload(
+        &mut self,
+        cold: &Cold,
+        old: &[u8],
+        new: &[u8],
+        codec: Codec,
+        slot: u8,
+        dict: Option<&Arc<Dict>>,
+        budget: &Budget,
+    ) -> bool {
+        if !self.still(cold, old) || new.is_empty() || new.len() >= PAGE_SIZE {
+            return false;
+        }
+        if let (Codec::Dict, Some(dict)) = (codec, dict) {
+            // A slot holds one dictionary while any object here names it.
+            if let Some((held, _)) = self.dicts.get(&(cold.guest, slot)) {
+                if !Arc::ptr_eq(held, dict) {
+                    return false;
+                }
+            }
+        } else if codec == Codec::Dict {
+            return false;
+        }
+        let growth = (self.alloc.growth_for(new.len()) + self.dicts_growth(codec, cold.guest, slot)) as u64;
+        if (growth > 0 && !self.alloc.can_grow()) || !budget.try_reserve(growth) {
+            return false;
+        }
+        self.counted += growth;
+        let obj = *self.slab.get(cold.id);
+        let from = Loc::unpack(obj.loc());
+        let to = self.alloc.alloc(new.len(), cold.id);
+        self.alloc.bytes_mut(to, new.len()).copy_from_slice(new);
+        self.alloc.free(from, obj.len());
+        self.count_codec(&obj, false);
+        if obj.codec() == Codec::Dict {
+            self.drop_dict_user(obj.owner(), cold.id, obj.dict_slot());
+        }
+        if let (Codec::Dict, Some(dict)) = (codec, dict) {
+            self.dicts
+                .entry((cold.guest, slot))
+                .or_insert_with(|| (Arc::clone(dict), 0))
+                .1 += 1;
+        }
+        let o = self.slab.get_mut(cold.id);
+        o.set_loc(to.pack());
+        o.set_len(new.len());
+        o.set_codec(codec, slot);
+        let o = *o;
+        self.count_codec(&o, true);
+        // The owner's account follows its payload's size, as the stats do.
+        let delta = obj_ram_bytes(Tier::Ram, new.len()) as i64 - obj_ram_bytes(Tier::Ram, obj.len()) as i64;
+        let guest = self.guest_of(cold.id);
+        budget.shares().ram(guest, delta);
+        budget.shares().payload(guest, delta);
+        let c = self.counters(cold.id);
+        c.compr_data_bytes = c.compr_data_bytes + new.len() as u64 - obj.len() as u64;
+        c.mem_used_bytes =
+            c.mem_used_bytes + obj_ram_bytes(Tier::Ram, new.len()) - obj_ram_bytes(Tier::Ram, obj.len());
+        self.recompressed += 1;
+        self.tidy(budget);
+        self.settle(budget);
+        true
+    }
+
+    fn dicts_growth(&self, codec: Codec, guest: u32, slot: u8) -> usize {
+        if codec == Codec::Dict
+            && !self.dicts.contains_key(&(guest, slot))
+            && self.dicts.len() == self.dicts.capacity()
+        {
+            self.dicts.allocation_size().max(256)
+        } else {
+            0
+        }
+    }
+
+    /// Marks an lz4 object that zstd could not shrink, so it is not tried
+    /// again (if it is still the one copied out).
+    pub fn keep_lz4(&mut self, cold: &Cold, old: &[u8]) {
+        if cold.codec != Codec::Lz4 || !self.still(cold, old) {
+            return;
+        }
+        let o = *self.slab.get(cold.id);
+        self.count_codec(&o, false);
+        let r = self.slab.get_mut(cold.id);
+        r.set_codec(Codec::Lz4Kept, 0);
+        let r = *r;
+        self.count_codec(&r, true);
+        self.kept += 1;
+    }
+
     /// Hands this shard's object counters to `into`, by (guest, pool); each
     /// guest's other pools report under `other_pool`.
     pub fn add_stats(&self, other_pool: u32, into: impl FnMut(u32, u32, &ObjCounters)) {
@@ -871,6 +1170,7 @@ mod tests {
     fn data(key: u32, payload: &[u8], dedup: bool) -> Content<'_> {
         Content::Data {
             key,
+            codec: Codec::Zstd,
             shard_hash: !u64::from(key),
             payload,
             candidates: if dedup { MAX_CANDIDATES } else { 0 },
@@ -1016,7 +1316,10 @@ mod tests {
         assert!(!hit);
         assert_ne!(a, b);
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
-        assert_eq!(s.load(b, &mut page, &mut buf, None).unwrap(), Loaded::Frame(100));
+        assert_eq!(
+            s.load(b, &mut page, &mut buf, None).unwrap(),
+            Loaded::Frame(100, Decoder::Zstd)
+        );
         assert_eq!(&buf[..100], &[2u8; 100]);
     }
 
@@ -1072,7 +1375,7 @@ mod tests {
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
         assert_eq!(
             s.load(a, &mut page, &mut buf, Some(&spill)).unwrap(),
-            Loaded::Frame(700)
+            Loaded::Frame(700, Decoder::Zstd)
         );
         assert_eq!(&buf[..700], &p[..]);
         // A spilled object is still a dedup candidate, compared from the file.
@@ -1120,13 +1423,87 @@ mod tests {
         for (i, &id) in ids.iter().enumerate().filter(|(i, _)| i % 4 == 0) {
             assert_eq!(
                 s.load(id, &mut page, &mut frame, None).unwrap(),
-                Loaded::Frame(900)
+                Loaded::Frame(900, Decoder::Zstd)
             );
             assert_eq!(&frame[..900], &payload(i as u32)[..]);
         }
         // Moved payloads are still found by dedup.
         let (again, hit) = id_of(s.obtain(&data(1, &payload(0), true), by(0), &budget, None));
         assert!(hit && again == ids[0]);
+    }
+
+    fn lz4(key: u32, payload: &[u8]) -> Content<'_> {
+        Content::Data {
+            key,
+            codec: Codec::Lz4,
+            shard_hash: !u64::from(key),
+            payload,
+            candidates: MAX_CANDIDATES,
+        }
+    }
+
+    /// What the recompressor copies out, then what happens to each object
+    /// while it encodes with no lock held, then whether its swap goes in.
+    #[test]
+    fn a_swap_goes_in_only_if_the_object_is_still_the_one_copied() {
+        let budget = Budget::new(1 << 30);
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
+        let payload = |i: u8| vec![i; 200 + usize::from(i)];
+        let ids: Vec<u32> = (0..5u8)
+            .map(|i| id_of(s.obtain(&lz4(u32::from(i) + 1, &payload(i)), by(0), &budget, None)).0)
+            .collect();
+        let (mut cold, mut bytes) = (Vec::new(), Vec::new());
+        assert_eq!(
+            s.cold_batch(10, 100, |_, _| true, &mut cold, &mut bytes),
+            (5, 5),
+            "all warm at first"
+        );
+        assert!(cold.is_empty());
+        s.cold_batch(10, 100, |_, _| true, &mut cold, &mut bytes);
+        assert_eq!(cold.len(), 5);
+        let old = |k: usize| {
+            let at: usize = cold[..k].iter().map(|c| c.len).sum();
+            bytes[at..at + cold[k].len].to_vec()
+        };
+        // 0: got meanwhile (only warmed: the same payload, so the swap is right).
+        let (mut page, mut frame) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+        s.load(ids[0], &mut page, &mut frame, None).unwrap();
+        // 1: invalidated, and its id reused by another page.
+        s.release(ids[1], None, &budget);
+        let (reused, _) = id_of(s.obtain(&lz4(99, &payload(9)), by(0), &budget, None));
+        assert_eq!(reused, ids[1]);
+        // 2: overwritten by a page with the same key and length but other bytes.
+        s.release(ids[2], None, &budget);
+        let mut other = payload(2);
+        other[7] ^= 1;
+        assert_eq!(id_of(s.obtain(&lz4(3, &other), by(0), &budget, None)).0, ids[2]);
+        // 3: invalidated, nothing in its place.
+        s.release(ids[3], None, &budget);
+        // 4: untouched.
+        let new = [0xabu8; 50];
+        let swapped: Vec<bool> = (0..5)
+            .map(|k| s.swap_payload(&cold[k], &old(k), &new, Codec::Zstd, 0, None, &budget))
+            .collect();
+        assert_eq!(swapped, [true, false, false, false, true]);
+        assert_eq!(s.slab.get(ids[4]).codec(), Codec::Zstd);
+        assert_eq!(s.slab.get(ids[4]).len(), 50);
+        assert_eq!(
+            s.load(ids[1], &mut page, &mut frame, None).unwrap(),
+            Loaded::Frame(209, Decoder::Lz4)
+        );
+        assert_eq!(&frame[..209], &payload(9)[..]);
+        assert_eq!(
+            s.load(ids[4], &mut page, &mut frame, None).unwrap(),
+            Loaded::Frame(50, Decoder::Zstd)
+        );
+        let c = s.codec_counts();
+        assert_eq!((c.lz4, c.zstd, c.recompressed), (2, 2, 2));
+        // A lookup never matches equal bytes in another codec.
+        let (fresh, hit) = id_of(s.obtain(&data(5, &new, true), by(0), &budget, None));
+        assert!(!hit || fresh == ids[4]);
+        let (twin, hit) = id_of(s.obtain(&lz4(5, &new), by(0), &budget, None));
+        assert!(!hit && twin != ids[4]);
+        assert_eq!(budget.used(), s.heap_bytes());
     }
 
     #[test]
@@ -1190,7 +1567,7 @@ mod tests {
         let (mut page, mut frame) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
         assert_matches::assert_matches!(
             s.load(first, &mut page, &mut frame, Some(&spill)),
-            Ok(Loaded::Frame(_))
+            Ok(Loaded::Frame(..))
         );
         let written = spill.write_for(pick.guest(), &buf[..pick.payload_len()], pick.label());
         assert_eq!(s.end_evict(pick, written, &spill, &budget).unwrap(), Evicted::One);
@@ -1219,7 +1596,7 @@ mod tests {
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
         assert_eq!(
             s.load(a, &mut page, &mut buf, Some(&spill)).unwrap(),
-            Loaded::Frame(300)
+            Loaded::Frame(300, Decoder::Zstd)
         );
         assert_eq!(&buf[..300], &[5u8; 300]);
     }

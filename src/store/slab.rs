@@ -34,14 +34,54 @@ impl Tier {
 
 /// Locations are 40 bits: 2^24 RAM chunks of a shard, or 128 TiB of spill file.
 pub const LOC_BITS: u32 = 40;
-/// References one record can carry; an equal page past this gets a new copy.
-pub const MAX_REFS: u32 = (1 << 23) - 1;
+/// References one record can carry; an equal page past this gets a new copy
+/// (about a gigabyte of one page: a fill, in practice, costing one more record).
+pub const MAX_REFS: u32 = (1 << 18) - 1;
 
 const LEN_SHIFT: u32 = 8;
 const LEN_MASK: u32 = (1 << 13) - 1;
 const TIER_SHIFT: u32 = 21;
 const FLAG_SHIFT: u32 = 23;
-const REFS_HI_SHIFT: u32 = 25;
+const CODEC_SHIFT: u32 = 26;
+const SLOT_SHIFT: u32 = 28;
+const REFS_HI_SHIFT: u32 = 30;
+
+/// How a compressed payload is encoded (a raw payload, `PAGE_SIZE` long,
+/// ignores it). Two bits of the record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Codec {
+    /// zstd without a dictionary (puts under `zstd:L`, or a recompression
+    /// before the domain has a dictionary).
+    #[default]
+    Zstd,
+    /// lz4 block, as a put under `lz4` or `auto` made it.
+    Lz4,
+    /// zstd with the dictionary in the record's slot of its domain.
+    Dict,
+    /// lz4 block that the recompressor tried and could not shrink: it is
+    /// not tried again.
+    Lz4Kept,
+}
+
+impl Codec {
+    fn from_bits(b: u32) -> Codec {
+        match b & 3 {
+            0 => Codec::Zstd,
+            1 => Codec::Lz4,
+            2 => Codec::Dict,
+            _ => Codec::Lz4Kept,
+        }
+    }
+
+    /// Whether the payload is an lz4 block.
+    pub fn is_lz4(self) -> bool {
+        matches!(self, Codec::Lz4 | Codec::Lz4Kept)
+    }
+}
+
+/// Dictionaries a domain can have in use at once: a record names one by a
+/// 2-bit slot, and a slot is reused only once no object names it.
+pub const DICT_SLOTS: usize = 4;
 
 /// One stored content, packed into 16 bytes: records are the largest
 /// per-object cost after the payload itself, so every byte here is about
@@ -54,7 +94,8 @@ pub struct Obj {
     key: u32,
     loc_lo: u32,
     /// Location bits 32..40, payload length (13 bits, `PAGE_SIZE` = raw),
-    /// tier (2), flags (2) and the upper 7 bits of the reference count.
+    /// tier (2), flags (3), codec (2), dictionary slot (2) and the upper 2
+    /// bits of the reference count.
     bits: u32,
     /// The shard-local id of the (guest, pool) that created it (see
     /// [`super::owners`]): object counters go there.
@@ -62,13 +103,18 @@ pub struct Obj {
     refs_lo: u16,
 }
 
+/// Used since the CLOCK hand last passed (writeback's second chance).
 pub const REFERENCED: u32 = 1;
+/// In the dedup table.
 pub const INDEXED: u32 = 2;
+/// Used since the recompressor's hand last passed: set with [`REFERENCED`],
+/// cleared by the recompressor only, so the two hands age objects apart.
+pub const WARM: u32 = 4;
 
 impl Obj {
     /// A record with one reference. `len` is at most `PAGE_SIZE`.
     pub fn new(key: u32, tier: Tier, len: usize, owner: u16, flags: u32) -> Obj {
-        debug_assert!(len <= PAGE_SIZE && flags <= 3);
+        debug_assert!(len <= PAGE_SIZE && flags <= 7);
         let mut o = Obj {
             key,
             owner,
@@ -133,6 +179,28 @@ impl Obj {
         } else {
             self.bits &= !(flag << FLAG_SHIFT);
         }
+    }
+
+    pub fn codec(&self) -> Codec {
+        Codec::from_bits(self.bits >> CODEC_SHIFT)
+    }
+
+    /// The dictionary slot, meaningful for [`Codec::Dict`].
+    pub fn dict_slot(&self) -> u8 {
+        ((self.bits >> SLOT_SHIFT) & 3) as u8
+    }
+
+    pub fn set_codec(&mut self, codec: Codec, slot: u8) {
+        debug_assert!(usize::from(slot) < DICT_SLOTS);
+        self.bits = (self.bits & !(0xf << CODEC_SHIFT))
+            | (codec as u32) << CODEC_SHIFT
+            | u32::from(slot & 3) << SLOT_SHIFT;
+    }
+
+    /// Sets the length of a payload that was re-encoded in place.
+    pub fn set_len(&mut self, len: usize) {
+        debug_assert!(len <= PAGE_SIZE);
+        self.bits = (self.bits & !(LEN_MASK << LEN_SHIFT)) | (len as u32) << LEN_SHIFT;
     }
 
     pub fn is_raw(&self) -> bool {
@@ -296,8 +364,22 @@ mod tests {
                 assert!(o.has(INDEXED));
                 assert_eq!((o.key(), o.len(), o.owner()), (0xdead_beef, PAGE_SIZE, 0xfffe));
                 assert_eq!(o.tier(), Tier::Spilled);
+                for (codec, slot) in [(Codec::Lz4Kept, 3), (Codec::Dict, 2), (Codec::Zstd, 0)] {
+                    o.set_codec(codec, slot);
+                    assert_eq!((o.codec(), o.dict_slot()), (codec, slot));
+                    assert_eq!((o.loc(), o.refs(), o.len()), (loc, refs, PAGE_SIZE));
+                }
+                o.set(WARM, true);
+                assert!(o.has(WARM) && o.has(INDEXED));
+                assert_eq!(o.codec(), Codec::Zstd);
             }
         }
+        o.set_len(100);
+        assert_eq!(
+            (o.len(), o.loc(), o.key()),
+            (100, (1 << LOC_BITS) - 1, 0xdead_beef)
+        );
+        o.set_len(PAGE_SIZE);
         o.set_tier(Tier::Ram);
         assert_eq!(
             (o.tier(), o.loc(), o.refs()),

@@ -607,7 +607,8 @@ impl SpillTierBench {
         let mut payloads = Vec::with_capacity(pages.len());
         for page in pages.iter().filter(|p| codec::fill_value(p).is_none()) {
             payloads.push(codec::with_scratch(|frame| {
-                let encoded = codec::encode_data(page, zstd_level, raw_threshold, frame);
+                let encoded =
+                    codec::encode_data(page, super::slab::Codec::Zstd, zstd_level, raw_threshold, frame);
                 Ok::<_, StoreError>(match encoded.map_err(StoreError::Compress)? {
                     Some(len) => frame[..len].to_vec(),
                     None => page.to_vec(),
