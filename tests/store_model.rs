@@ -878,6 +878,17 @@ fn thread_content(rng: &mut SplitMix) -> Content {
     }
 }
 
+/// Tells the background threads of a scope to stop when it ends, also when
+/// a worker's panic unwinds it: the scope waits for every thread, so one left
+/// running would turn a failed test into one that never ends.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Under `auto`, a thread running recompressor rounds until `done`, racing
 /// the workers' gets, puts and invalidates for the same objects.
 fn spawn_recompressor<'s>(
@@ -904,6 +915,7 @@ fn run_disjoint_threads(setup: &Setup, seed: u64, threads: u32, ops_per_thread: 
     let h = open_store(setup);
     let workers_done = std::sync::atomic::AtomicBool::new(false);
     let models: Vec<HashMap<Key, Box<Page>>> = std::thread::scope(|s| {
+        let _stop = StopOnDrop(&workers_done);
         let writer = (setup.headroom > 0).then(|| {
             let (h, done) = (&h, &workers_done);
             s.spawn(move || {
@@ -1103,6 +1115,7 @@ fn run_hammer(setup: &Setup, seed: u64, threads: u32, ops_per_thread: usize) -> 
     // Each thread's last view of each key.
     let workers_done = std::sync::atomic::AtomicBool::new(false);
     let lasts: Vec<Vec<Option<After>>> = std::thread::scope(|s| {
+        let _stop = StopOnDrop(&workers_done);
         let recompressor = spawn_recompressor(s, &h, setup, &workers_done, seed);
         let handles: Vec<_> = (0..threads)
             .map(|t| {

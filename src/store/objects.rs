@@ -1037,6 +1037,13 @@ impl ObjShard {
         dict: Option<&Arc<Dict>>,
         budget: &Budget,
     ) -> bool {
+        // A writeback copied this payload out and is writing it to the
+        // file with the lock released; its end takes the record as it left
+        // it. Swapping now would leave the file holding the old encoding
+        // under the new one's codec and length.
+        if self.writing == Some(cold.id) {
+            return false;
+        }
         if !self.still(cold, old) || new.is_empty() || new.len() >= PAGE_SIZE {
             return false;
         }
@@ -1583,6 +1590,36 @@ mod tests {
         assert_eq!((spill.live_bytes(), s.live_objects(), s.chunk_bytes()), (0, 0, 0));
         let v = budget.shares().view(0, 1 << 30, 0);
         assert_eq!((v.ram_bytes, v.spill_bytes), (0, 0));
+    }
+
+    /// The recompressor copied a payload out, and a writeback took the same
+    /// object before the swap came back: the swap is refused, so the file
+    /// gets the encoding the record names, and the page reads back.
+    #[test]
+    fn a_payload_being_written_back_is_not_swapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = SpillFile::open(&dir.path().join("s"), 1 << 20, &[]).unwrap();
+        let budget = Budget::new(1 << 30);
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
+        let p = vec![5u8; 300];
+        let (id, _) = id_of(s.obtain(&lz4(1, &p), by(0), &budget, None));
+        let (mut cold, mut bytes) = (Vec::new(), Vec::new());
+        s.cold_batch(10, 100, |_, _| true, &mut cold, &mut bytes);
+        s.cold_batch(10, 100, |_, _| true, &mut cold, &mut bytes);
+        assert_eq!(cold.len(), 1);
+        let mut buf = [0u8; PAGE_SIZE];
+        let pick = s.begin_evict(None, &mut buf).unwrap();
+        assert_eq!(pick.id, id);
+        let new = [0xabu8; 40];
+        assert!(!s.swap_payload(&cold[0], &bytes, &new, Codec::Zstd, 0, None, &budget));
+        let written = spill.write_for(pick.guest(), &buf[..pick.payload_len()], pick.label());
+        assert_eq!(s.end_evict(pick, written, &spill, &budget).unwrap(), Evicted::One);
+        let (mut page, mut frame) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+        assert_eq!(
+            s.load(id, &mut page, &mut frame, Some(&spill)).unwrap(),
+            Loaded::Frame(300, Decoder::Lz4)
+        );
+        assert_eq!(&frame[..300], &p[..]);
     }
 
     #[test]
