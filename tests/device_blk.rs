@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use common::{page, Daemon};
+use common::{page, Daemon, StopOnDrop};
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vhost_user_tmem::{
     harness::frontend::{blk_range, feature, Completion, DescAddr, DescSpec, RawChain, Virtqueue},
@@ -392,6 +392,7 @@ fn the_whole_disk_fills_with_incompressible_data_beside_a_tmem_guest() {
     let stop = AtomicBool::new(false);
     let pages = size / PAGE as u64;
     let (rejected, stored) = std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
         let hammer = s.spawn(|| {
             let q = &mut tmem[0];
             let (mut rejected, mut stored, mut i) = (0u64, 0u64, 0u64);

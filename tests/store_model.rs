@@ -20,8 +20,11 @@
 //! Runs with tiny RAM and spill limits (and with no spill file) so that
 //! writeback and rejection paths run, and multi-threaded.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 
+use common::StopOnDrop;
 use proptest::{
     prelude::*,
     test_runner::{FileFailurePersistence, TestCaseError},
@@ -875,17 +878,6 @@ fn thread_content(rng: &mut SplitMix) -> Content {
         3 => Content::Text(rng.below(5) as u8),
         4 => Content::Half(rng.below(5) as u8),
         _ => Content::NearFill(7, rng.below(4) as u16),
-    }
-}
-
-/// Tells the background threads of a scope to stop when it ends, also when
-/// a worker's panic unwinds it: the scope waits for every thread, so one left
-/// running would turn a failed test into one that never ends.
-struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

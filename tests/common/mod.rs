@@ -206,3 +206,14 @@ pub fn connect_socket_for_test(path: &Path) -> UnixStream {
     s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
     s
 }
+
+/// Tells the background threads of a scope to stop when it ends, also when
+/// a panic unwinds it: the scope waits for every thread, so one left running
+/// would turn a failed test into one that never ends.
+pub struct StopOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
