@@ -1957,7 +1957,15 @@ mod tests {
         let meta = s.guest_metadata_bytes(g);
         // Two tables and a pool record per pool: at least 100 bytes each.
         assert!(meta > 3000 * 100, "{meta}");
-        assert!(s.mem_used() >= used + meta, "{} vs {used} + {meta}", s.mem_used());
+        // The two fill objects' records are charged to `g` whole, but may
+        // sit in a slab block that guest 6's page already made (and that
+        // `used` counts), when the keyed placement puts them in its shard.
+        let records_in_old_block = 2 * 64;
+        assert!(
+            s.mem_used() + records_in_old_block >= used + meta,
+            "{} vs {used} + {meta}",
+            s.mem_used()
+        );
         assert_eq!(s.guest_metadata_bytes(other), victim_meta);
         let st = s.stats();
         let pools = &st.guests[&5].pools;
