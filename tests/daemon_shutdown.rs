@@ -35,8 +35,11 @@ impl Frozen {
         }
     }
 
-    /// Stops every thread of the daemon but the main one.
+    /// Stops every thread of the daemon but the main one, once set-up is
+    /// over: the socket exists before the threads do, and a thread started
+    /// after the snapshot would not be stopped.
     fn all_but_main(pid: i32) -> Frozen {
+        wait_for_set_up(pid);
         let mut frozen = Frozen::none(pid);
         for (tid, name) in threads_of(pid) {
             if tid != pid {
@@ -121,6 +124,23 @@ fn wait_for_thread(d: &Daemon, name: &str) {
 
 /// Waits until no thread of the daemon has `signal` pending any longer:
 /// one of them has taken it.
+/// Waits until the main thread has confined itself (`Seccomp: 2`), which
+/// it does once every other thread is started.
+fn wait_for_set_up(pid: i32) {
+    let deadline = Instant::now() + common::TIMEOUT;
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/status")).unwrap();
+        if status
+            .lines()
+            .any(|line| line.split_whitespace().eq(["Seccomp:", "2"]))
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the daemon's set-up did not end");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn wait_until_taken(d: &Daemon, signal: i32) {
     let deadline = Instant::now() + common::TIMEOUT;
     loop {
