@@ -1,7 +1,7 @@
 //! Per-guest budgets through the whole store: each guest's account, its
 //! cap, and which guest gives up room first.
 
-use super::*;
+use super::{tests::noise_page, *};
 
 fn text_page(seed: u64) -> Page {
     let mut p = [0u8; PAGE_SIZE];
@@ -18,19 +18,6 @@ fn text_page(seed: u64) -> Page {
         at += n;
     }
     p[..8].copy_from_slice(&seed.to_le_bytes());
-    p
-}
-
-/// Incompressible: stored raw, a whole page each.
-fn noise_page(seed: u64) -> Page {
-    let mut p = [0u8; PAGE_SIZE];
-    let mut x = seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
-    for w in p.chunks_exact_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        w.copy_from_slice(&x.to_le_bytes());
-    }
     p
 }
 

@@ -1266,7 +1266,8 @@ mod tests {
         p
     }
 
-    fn noise_page(seed: u64) -> Page {
+    /// Incompressible: stored raw, a whole page each.
+    pub(super) fn noise_page(seed: u64) -> Page {
         let mut p = [0u8; PAGE_SIZE];
         let mut x = seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
         for w in p.chunks_exact_mut(8) {
