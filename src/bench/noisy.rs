@@ -131,6 +131,9 @@ pub struct NoisyReport {
     pub attacker_puts_per_sec: f64,
     /// From the daemon's stats at the end.
     pub attacker_spilled_pages: u64,
+    /// Writebacks made by puts of the over-share guest (the attacker) while
+    /// the background writer was behind.
+    pub throttled_writebacks: u64,
     pub victim_spilled_pages: u64,
     pub victim_ram_bytes: u64,
     pub victim_fair_share_bytes: u64,
@@ -218,6 +221,7 @@ pub fn run_bench(args: &NoisyArgs) -> Result<NoisyReport, NoisyError> {
         attacker_rejects: attacked.attacker_rejects,
         attacker_puts_per_sec: attacked.attacker_puts_per_sec,
         attacker_spilled_pages: a.total.spilled_pages,
+        throttled_writebacks: store.throttled_writebacks,
         victim_spilled_pages: v.total.spilled_pages,
         victim_ram_bytes: v.budget.ram_bytes,
         victim_fair_share_bytes: v.budget.fair_share_bytes,
@@ -459,11 +463,12 @@ fn print_table(r: &NoisyReport) {
         r.attacked_service_get.p99_us
     );
     println!(
-        "attacker: {} stored, {} rejected ({:.0} puts/s), {} spilled; RAM {} KiB of a {} KiB share (victim {} KiB of {} KiB, {} spilled)",
+        "attacker: {} stored, {} rejected ({:.0} puts/s), {} spilled ({} by its own puts); RAM {} KiB of a {} KiB share (victim {} KiB of {} KiB, {} spilled)",
         r.attacker_puts,
         r.attacker_rejects,
         r.attacker_puts_per_sec,
         r.attacker_spilled_pages,
+        r.throttled_writebacks,
         r.attacker_ram_bytes >> 10,
         r.attacker_fair_share_bytes >> 10,
         r.victim_ram_bytes >> 10,

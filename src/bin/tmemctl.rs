@@ -236,7 +236,7 @@ fn render_stats(stats: &Stats) -> String {
     );
     let _ = writeln!(
         s,
-        "  stores {} ok / {} failed, loads {} / {} failed, invalidates {}, writebacks {}, spill reads {} writes {} ({} in the background)",
+        "  stores {} ok / {} failed, loads {} / {} failed, invalidates {}, writebacks {}, spill reads {} writes {} ({} in the background, {} paid by over-share puts)",
         t.succ_stores,
         t.failed_stores,
         t.loads,
@@ -246,6 +246,7 @@ fn render_stats(stats: &Stats) -> String {
         t.spill_reads,
         t.spill_writes,
         stats.store.background_writebacks,
+        stats.store.throttled_writebacks,
     );
     let _ = writeln!(s);
     let _ = writeln!(
@@ -434,6 +435,13 @@ fn render_metrics(stats: &Stats) -> String {
     );
     let _ = writeln!(s, "# TYPE {metric} counter");
     let _ = writeln!(s, "{metric} {}", stats.store.background_writebacks);
+    let metric = "tmem_store_throttled_writebacks_total";
+    let _ = writeln!(
+        s,
+        "# HELP {metric} Objects written back by puts of guests over their fair share while the background writer was behind."
+    );
+    let _ = writeln!(s, "# TYPE {metric} counter");
+    let _ = writeln!(s, "{metric} {}", stats.store.throttled_writebacks);
     type Family = (
         &'static str,
         &'static str,
@@ -577,6 +585,7 @@ mod tests {
                 },
                 mem_limit_bytes: 512 << 20,
                 background_writebacks: 0,
+                throttled_writebacks: 0,
                 codecs: Default::default(),
                 guests,
             },

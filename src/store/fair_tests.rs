@@ -314,3 +314,63 @@ fn recompressed_payloads_stay_on_their_guests_account() {
         assert_eq!((b.ram_bytes, b.spill_bytes), (0, 0), "guest {g}");
     }
 }
+
+#[test]
+fn under_pressure_an_over_share_guest_pays_for_its_own_writeback() {
+    let dir = tempfile::tempdir().unwrap();
+    let (limit, headroom) = (2 << 20, 512 << 10);
+    let s = Store::new(StoreConfig {
+        mem_limit: limit,
+        spill: Some(SpillConfig {
+            path: dir.path().join("spill"),
+            limit: 64 << 20,
+        }),
+        writeback_headroom: headroom,
+        ..StoreConfig::default()
+    })
+    .unwrap();
+    // The victim holds a little, well within its half.
+    for i in 0..32 {
+        assert_eq!(put(&s, 0, i, &text_page(i)), PutOutcome::Stored);
+    }
+    // The attacker floods; no background writer runs here, so RAM reaches
+    // the pressure mark and the flood's puts start writing back themselves.
+    let mut i = 0;
+    while s.stats().throttled_writebacks == 0 {
+        assert!(i < 4 * (limit / PAGE_SIZE as u64), "never throttled");
+        assert_eq!(put(&s, 1, i, &noise_page(i)), PutOutcome::Stored);
+        i += 1;
+    }
+    for j in i..i + 200 {
+        assert_eq!(put(&s, 1, j, &noise_page(j)), PutOutcome::Stored);
+    }
+    let throttled = s.stats().throttled_writebacks;
+    assert!(throttled > 100, "{throttled}");
+    // Under the same pressure, the victim's puts are served without paying.
+    assert!(s.mem_used() + headroom / 2 > limit);
+    for k in 32..64 {
+        assert_eq!(put(&s, 0, k, &text_page(k)), PutOutcome::Stored);
+    }
+    let st = s.stats();
+    assert_eq!(st.throttled_writebacks, throttled);
+    // What was written back was the attacker's: the victim keeps all in RAM.
+    assert_eq!(st.guests[&0].total.spilled_pages, 0);
+    assert!(st.guests[&1].total.spilled_pages >= throttled);
+    for k in 0..64 {
+        assert_eq!(get(&s, 0, k), Some(text_page(k)));
+    }
+    assert_accounts_match(&s);
+}
+
+#[test]
+fn without_headroom_no_put_pays_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir, 1 << 20, Some(64 << 20));
+    put(&s, 0, 0, &text_page(0));
+    for i in 0..1000 {
+        put(&s, 1, i, &noise_page(i));
+    }
+    let st = s.stats();
+    assert!(st.total.spilled_pages > 0);
+    assert_eq!(st.throttled_writebacks, 0);
+}

@@ -290,6 +290,10 @@ pub struct StoreStats {
     /// needed room.
     #[serde(default)]
     pub background_writebacks: u64,
+    /// Objects written back by puts of guests over their fair share while
+    /// the background writer was behind (they pay for their own room).
+    #[serde(default)]
+    pub throttled_writebacks: u64,
     /// Stored payloads by encoding, the recompressor's work and its
     /// dictionaries (boxed: replies that carry stats stay small).
     #[serde(default)]
@@ -363,6 +367,7 @@ pub struct Store {
     headroom: u64,
     pressure: pressure::Pressure,
     background_writebacks: AtomicU64,
+    throttled_writebacks: AtomicU64,
     /// Guests with a [`Reservation`]: few (one per blk device), so a scan.
     reserved: Vec<u32>,
     /// What puts encode with: zstd, or lz4 (`lz4` and `auto`).
@@ -459,6 +464,7 @@ impl Store {
             headroom: config.writeback_headroom,
             pressure: pressure::Pressure::default(),
             background_writebacks: AtomicU64::new(0),
+            throttled_writebacks: AtomicU64::new(0),
             reserved: config.reserved.iter().map(|r| r.guest.0).collect(),
             put_codec: match config.compression {
                 Compression::Zstd => slab::Codec::Zstd,
@@ -537,6 +543,7 @@ impl Store {
         if !self.admits(guest) {
             return Ok(self.reject(guest, pool, index));
         }
+        self.pay_own_writeback(guest)?;
         if let Some(word) = codec::fill_value(page) {
             return self.put_fill_admitted(guest, pool, index, word);
         }
@@ -602,6 +609,7 @@ impl Store {
         if !self.admits(guest) {
             return Ok(self.reject(guest, pool, index));
         }
+        self.pay_own_writeback(guest)?;
         self.put_fill_admitted(guest, pool, index, fill)
     }
 
@@ -1011,6 +1019,38 @@ impl Store {
         Ok(())
     }
 
+    /// Under pressure (RAM within half the headroom of its limit: the
+    /// background writer is behind), a guest over its fair share writes one
+    /// cold object of the over-share guests back itself before its put is
+    /// served, as `balance_dirty_pages` makes a task that dirties pages pay
+    /// for their writeback. A flood's writeback cost then lands on the
+    /// flooding guest's own worker rather than on the writer that every
+    /// guest shares, and its put rate falls to what its own writebacks
+    /// allow. Guests within their share never pay here.
+    ///
+    /// One relaxed load per put while there is room.
+    fn pay_own_writeback(&self, guest: GuestId) -> Result<(), StoreError> {
+        let Some(spill) = &self.spill else {
+            return Ok(());
+        };
+        let (limit, used) = (self.budget.limit(), self.budget.used());
+        if self.headroom == 0 || used + self.headroom / 2 <= limit {
+            return Ok(());
+        }
+        if !self.budget.shares().is_over(guest.0, limit, used) {
+            return Ok(());
+        }
+        match self.evict_fair(spill, Some(guest), false)? {
+            Evicted::One => {
+                self.throttled_writebacks.fetch_add(1, Ordering::Relaxed);
+            }
+            // Someone else's writeback is making room, or there is nothing
+            // to write: the put goes on and makes room as any put does.
+            Evicted::Busy | Evicted::TierFull | Evicted::NoVictim => {}
+        }
+        Ok(())
+    }
+
     /// Wakes the background writer once RAM is within half the headroom of
     /// its limit. One atomic load per put while there is room.
     fn note_pressure(&self) {
@@ -1163,6 +1203,7 @@ impl Store {
         let spill_file = self.spill.as_ref().map_or(0, SpillFile::file_bytes);
         let mut stats = gather.finish(self.budget.used(), self.budget.limit(), spill_file);
         stats.background_writebacks = background_writebacks;
+        stats.throttled_writebacks = self.throttled_writebacks.load(Ordering::Relaxed);
         let (shares, limit, used) = (self.budget.shares(), self.budget.limit(), self.budget.used());
         for guest in shares.listed() {
             stats.guests.entry(guest).or_default();

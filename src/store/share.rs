@@ -302,6 +302,15 @@ impl Shares {
         mask
     }
 
+    /// Whether `guest` holds more RAM than its fair share.
+    pub fn is_over(&self, guest: u32, limit: u64, used: u64) -> bool {
+        let (pool, total) = self.pool(limit, used, None);
+        let Some(s) = self.used_slots().get(slot_of(guest)) else {
+            return false;
+        };
+        s.ram.load(Ordering::Relaxed) > Self::share(pool, s.weight.load(Ordering::Relaxed), total)
+    }
+
     /// Whether `guest` must give way: it is over its fair share, and the
     /// room left is less than what the guests under their share may still
     /// claim. The room is the free RAM plus what can be freed by spilling
