@@ -37,6 +37,8 @@ mod alloc;
 mod budget;
 mod codec;
 mod dict;
+#[cfg(feature = "harness")]
+mod frames;
 mod index;
 mod keys;
 mod objects;
@@ -53,6 +55,13 @@ mod stats;
 pub use codec::{lz4_compress, page_compressor, COMPRESS_BOUND};
 /// The spill tier alone, sealed and in plaintext, for `tmem-bench store --spill-tier`.
 pub use spill::{SpillTierBench, SpillTierFile};
+/// Multi-page spill frames, sealed as the spill tier seals a slot, and pages
+/// encoded as the store holds them, for `tmem-bench frames`.
+#[cfg(feature = "harness")]
+pub use {
+    codec::{fill_value, page_decompressor},
+    frames::{frame_slot_bytes, FrameFile, PagePayloads, FRAME_HEADER},
+};
 
 use std::{
     collections::{BTreeMap, HashSet},
