@@ -17,6 +17,7 @@
 //! - `slab`: the object records of a shard and the CLOCK hand over them;
 //! - `alloc`: the byte-packed chunk allocator (with compaction) that holds RAM payloads;
 //! - `spill`: the spill file: private, encrypted slots, and its free space;
+//! - `frames` (feature `harness`): multi-page spill frames, for `tmem-bench frames`;
 //! - `budget`: the RAM budget counter;
 //! - `share`: each guest's use, cap (`max`), weight and fair share, and
 //!   which guests give up room first;
