@@ -4,6 +4,7 @@
 use clap::Parser;
 
 pub mod device;
+pub mod frames;
 pub mod hostile;
 pub mod noisy;
 pub mod store;
@@ -24,6 +25,10 @@ pub enum BenchCommand {
     /// incompressible pages and a victim using a working set within its
     /// share; the victim's rejects and get latency, alone and attacked.
     Noisy(noisy::NoisyArgs),
+    /// Multi-page spill frames: N cold pages of one guest packed or
+    /// compressed together in one sealed frame, against one slot a page
+    /// (file bytes, write and get rates, read amplification, fragmentation).
+    Frames(frames::FramesArgs),
     /// The kernel's zram on the same pages (a hot-added device; root), then
     /// the store beside it.
     ZramPeer(zram::ZramArgs),
@@ -36,6 +41,7 @@ impl BenchCommand {
             BenchCommand::Device(args) => device::run(&args),
             BenchCommand::Hostile(args) => hostile::run(&args),
             BenchCommand::Noisy(args) => noisy::run(&args),
+            BenchCommand::Frames(args) => frames::run(&args),
             BenchCommand::ZramPeer(args) => zram::run(&args),
         }
     }

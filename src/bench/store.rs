@@ -475,7 +475,7 @@ fn timed(work: impl FnOnce() -> Result<(), StoreError>) -> Result<(Duration, Dur
 }
 
 /// CPU time (user and system) this thread has used so far.
-fn thread_cpu_time() -> Duration {
+pub(crate) fn thread_cpu_time() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

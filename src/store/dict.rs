@@ -339,7 +339,7 @@ impl Dictionaries {
 
 /// Trains a dictionary from whole pages; returns it with the ratio it gives
 /// on them.
-fn train(samples: &[u8], level: i32, version: u32) -> Option<(Dict, f64)> {
+pub(super) fn train(samples: &[u8], level: i32, version: u32) -> Option<(Dict, f64)> {
     let sizes = vec![PAGE_SIZE; samples.len() / PAGE_SIZE];
     let raw = zstd::dict::from_continuous(samples, &sizes, DICT_BYTES).ok()?;
     let dict = Dict::new(&raw, version).ok()?;

@@ -17,6 +17,7 @@
 //! - `slab`: the object records of a shard and the CLOCK hand over them;
 //! - `alloc`: the byte-packed chunk allocator (with compaction) that holds RAM payloads;
 //! - `spill`: the spill file: private, encrypted slots, and its free space;
+//! - `frames` (feature `harness`): multi-page spill frames, for `tmem-bench frames`;
 //! - `budget`: the RAM budget counter;
 //! - `share`: each guest's use, cap (`max`), weight and fair share, and
 //!   which guests give up room first;
@@ -37,6 +38,8 @@ mod alloc;
 mod budget;
 mod codec;
 mod dict;
+#[cfg(feature = "harness")]
+mod frames;
 mod index;
 mod keys;
 mod objects;
@@ -53,6 +56,13 @@ mod stats;
 pub use codec::{lz4_compress, page_compressor, COMPRESS_BOUND};
 /// The spill tier alone, sealed and in plaintext, for `tmem-bench store --spill-tier`.
 pub use spill::{SpillTierBench, SpillTierFile};
+/// Multi-page spill frames, sealed as the spill tier seals a slot, and pages
+/// encoded as the store holds them, for `tmem-bench frames`.
+#[cfg(feature = "harness")]
+pub use {
+    codec::{fill_value, page_decompressor},
+    frames::{frame_slot_bytes, FrameFile, PagePayloads, FRAME_HEADER},
+};
 
 use std::{
     collections::{BTreeMap, HashSet},

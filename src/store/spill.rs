@@ -62,7 +62,7 @@ pub const MAX_FILE_BYTES: u64 = UNIT << super::slab::LOC_BITS;
 /// The slot header: the write's nonce counter, then the AEAD tag.
 const CTR: usize = 8;
 const TAG: usize = 16;
-const HDR: usize = CTR + TAG;
+pub(super) const HDR: usize = CTR + TAG;
 const MAX_UNITS: usize = (HDR + PAGE_SIZE).div_ceil(UNIT as usize);
 /// Starts a free slot, where a stored slot has its nonce counter.
 const FREE_MARK: u32 = u32::from_le_bytes(*b"FREE");
@@ -292,6 +292,12 @@ impl SpillFile {
 
     /// Encrypts `slot[HDR..]` in place and fills in the header.
     fn seal(&self, offset: u64, label: Label, slot: &mut [u8]) -> Result<(), StoreError> {
+        self.seal_with(&aad(offset, slot.len() - HDR, label), slot)
+    }
+
+    /// [`SpillFile::seal`] under associated data `aad` of the caller's
+    /// (the bench's multi-page frames bind a longer length).
+    pub(super) fn seal_with(&self, aad: &[u8], slot: &mut [u8]) -> Result<(), StoreError> {
         let Sealing::Aead { cipher, next } = &self.sealing else {
             return Ok(());
         };
@@ -301,7 +307,7 @@ impl SpillFile {
         }
         let ctr = ctr.to_le_bytes();
         let (hdr, body) = slot.split_at_mut(HDR);
-        let tag = match cipher.encrypt_in_place_detached(&nonce(ctr), &aad(offset, body.len(), label), body) {
+        let tag = match cipher.encrypt_in_place_detached(&nonce(ctr), aad, body) {
             Ok(tag) => tag,
             // Only for messages of 64 GiB and more; a payload is a page at most.
             Err(aead::Error) => return Err(StoreError::SpillSeal),
@@ -319,19 +325,25 @@ impl SpillFile {
         self.file
             .read_exact_at(&mut buf[..total], offset)
             .map_err(StoreError::SpillIo)?;
-        if let Sealing::Aead { cipher, .. } = &self.sealing {
-            let (hdr, body) = buf[..total].split_at_mut(HDR);
-            let mut ctr = [0u8; CTR];
-            ctr.copy_from_slice(&hdr[..CTR]);
-            let tag = Tag::clone_from_slice(&hdr[CTR..]);
-            let opened = cipher.decrypt_in_place_detached(&nonce(ctr), &aad(offset, len, label), body, &tag);
-            if opened.is_err() {
-                // `aead::Error` carries nothing more to say.
-                return Err(StoreError::Corrupt { offset });
-            }
-        }
+        self.open_with(&aad(offset, len, label), offset, &mut buf[..total])?;
         out[..len].copy_from_slice(&buf[HDR..total]);
         Ok(())
+    }
+
+    /// Checks and decrypts in place a slot read from `offset`, sealed under
+    /// `aad`: its plaintext is then `slot[HDR..]`.
+    pub(super) fn open_with(&self, aad: &[u8], offset: u64, slot: &mut [u8]) -> Result<(), StoreError> {
+        let Sealing::Aead { cipher, .. } = &self.sealing else {
+            return Ok(());
+        };
+        let (hdr, body) = slot.split_at_mut(HDR);
+        let mut ctr = [0u8; CTR];
+        ctr.copy_from_slice(&hdr[..CTR]);
+        let tag = Tag::clone_from_slice(&hdr[CTR..]);
+        cipher
+            .decrypt_in_place_detached(&nonce(ctr), aad, body, &tag)
+            // `aead::Error` carries nothing more to say.
+            .map_err(|aead::Error| StoreError::Corrupt { offset })
     }
 
     /// Returns the slot of a payload of `len` bytes at `offset` for reuse.
@@ -357,6 +369,12 @@ impl SpillFile {
     pub fn file_bytes(&self) -> u64 {
         let reserved = self.reserves.iter().map(|r| r.end).max().unwrap_or(0);
         self.space.lock().end.max(reserved)
+    }
+
+    /// The file, for the bench's multi-page frames, which place their own slots.
+    #[cfg(feature = "harness")]
+    pub(super) fn fd(&self) -> &File {
+        &self.file
     }
 
     /// Bytes of slots holding live objects.
