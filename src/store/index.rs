@@ -326,9 +326,9 @@ impl Half {
             present: 0,
             handles: [0; RUN_LEN],
         });
-        for &(lo, handle) in self.pages.iter_hash(h) {
-            if lo & !RUN_MASK == first {
-                leaf.set(lo, handle);
+        for &(other, held) in self.pages.iter_hash(h) {
+            if other & !RUN_MASK == first {
+                leaf.set(other, held);
             }
         }
         for (i, _) in leaf.pages() {
