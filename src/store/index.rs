@@ -1,12 +1,24 @@
 //! One index shard: (guest, pool, index) -> object handle, and the page
 //! counters of each pool.
 //!
-//! Layout: guest -> pool -> tables. A pool record holds its page counters,
-//! the table of its indices below 2^32 (swap offsets fit there), and a map of
-//! tables by upper index half for any others. An entry is only the lower 32
-//! bits of the index and a 32-bit handle: 8 bytes plus hashbrown's control
-//! byte, divided by the load factor (7/16 to 7/8). Nothing is preallocated by
-//! swap size; a table that empties to a quarter shrinks back.
+//! Layout: guest -> pool -> halves. A pool record holds its page counters,
+//! the half of its indices below 2^32 (swap offsets fit there), and a map of
+//! halves by upper index half for any others. A half holds each aligned run
+//! of 64 indices ([`RUN_BITS`]) in one of two forms:
+//! - sparse, while the run holds fewer than [`DENSE`] pages: one entry per
+//!   page, the lower 32 bits of the index and a 32-bit handle, 8 bytes plus
+//!   hashbrown's control byte, divided by the load factor (7/16 to 7/8);
+//! - dense, once it holds [`DENSE`]: one entry for the run pointing at a leaf
+//!   of 64 handles and a presence bitmap (272 bytes from malloc), 4.25 bytes
+//!   a page when the run is full. It goes back to entries when it falls below
+//!   `DENSE / 2` pages, so a guest cannot make every operation convert.
+//!
+//! Swap fills clusters of consecutive offsets, so a guest's pages mostly sit
+//! in dense runs. A guest that scatters its pages pays for entries, or for
+//! leaves of at least `DENSE / 2` pages, and the bytes are its own (see
+//! docs/design.md for the figures).
+//! Nothing is preallocated by swap size; a table that empties to a quarter
+//! shrinks back.
 //!
 //! Every byte here is allocated on some guest's behalf, so:
 //! - it is counted at the size malloc gives it ([`malloc_bytes`]), in running
@@ -26,8 +38,6 @@ use hashbrown::{HashMap, HashTable};
 
 use super::{budget::Budget, keys::Keys, Counters};
 
-type Table = HashTable<(u32, u32)>;
-
 /// Pool number under which the "other pools" of a guest report: ops on pools
 /// holding no page here, emptied pools, and pools past the stats' top N.
 pub const OTHER_POOLS: u32 = u32::MAX;
@@ -36,21 +46,29 @@ pub const OTHER_POOLS: u32 = u32::MAX;
 #[derive(Debug, PartialEq, Eq)]
 pub struct NoRoom;
 
-/// Indices in one aligned run of 64 share a shard and sit side by side in
-/// its table, so sequential swap-ins touch few cache lines.
+/// Indices in one aligned run of 64 share a shard, a place in its tables
+/// and, once dense, one leaf, so sequential swap-ins touch few cache lines.
 pub const RUN_BITS: u32 = 6;
-const RUN_MASK: u64 = (1 << RUN_BITS) - 1;
-/// hashbrown takes its 7-bit tag from the top of the hash.
-const TAG_MASK: u64 = 0x7f << 57;
+const RUN_LEN: usize = 1 << RUN_BITS;
+const RUN_MASK: u32 = (1 << RUN_BITS) - 1;
+
+/// Pages at which a run's entries become a leaf. A leaf and its table entry
+/// (about 290 bytes) cost what 14 to 29 entries do (9 bytes at 7/8 to 7/16
+/// load), so at 16 the change is about even. A leaf goes back to entries below
+/// `DENSE / 2` pages: a guest needs `DENSE / 2` operations per conversion, and
+/// a leaf's page costs at most about 37 bytes.
+pub const DENSE: u32 = 16;
 
 /// What glibc's malloc takes for an allocation of `n` bytes: an 8-byte
 /// header, rounded up to 16, at least 32. The index makes many small
 /// allocations (a one-page pool's table is 52 bytes), so the header counts.
-pub fn malloc_bytes(n: usize) -> u64 {
+pub const fn malloc_bytes(n: usize) -> u64 {
     if n == 0 {
         0
+    } else if n + 8 <= 32 {
+        32
     } else {
-        ((n + 8 + 15) & !15).max(32) as u64
+        ((n + 8 + 15) & !15) as u64
     }
 }
 
@@ -66,19 +84,49 @@ fn growth<T>(len: usize, capacity: usize, allocation: usize) -> u64 {
     }
 }
 
+/// [`growth`] of a table.
+fn grows<T>(t: &HashTable<T>) -> u64 {
+    growth::<T>(t.len(), t.capacity(), t.allocation_size())
+}
+
+/// Bytes reserved for adding `n` entries to a table at once: the allocation
+/// `HashTable::reserve` makes if it must grow (at least the next size up).
+fn growth_by<T>(t: &HashTable<T>, n: usize) -> u64 {
+    if t.len() + n <= t.capacity() {
+        0
+    } else {
+        malloc_bytes(table_allocation::<T>((t.len() + n).max(t.capacity() + 1)))
+    }
+}
+
+/// hashbrown's allocation for a table of `n` entries: its bucket count (4, 8,
+/// then the power of two at or above 8/7 of `n`), the entries rounded to 16,
+/// a control byte per bucket and a group's worth more. A test holds it to
+/// `allocation_size`.
+fn table_allocation<T>(n: usize) -> usize {
+    let buckets = if n < 4 {
+        4
+    } else if n < 8 {
+        8
+    } else {
+        (n * 8 / 7).next_power_of_two()
+    };
+    (buckets * std::mem::size_of::<T>()).next_multiple_of(16) + buckets + 16
+}
+
 fn mix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
 }
 
-/// Table hash of an entry, from the keyed hash of its run: the low bits
-/// (the bucket) keep the position within the run and take the run's place
-/// from the key, so a guest cannot choose indices that pile into one probe
-/// chain; the top 7 bits (the tag) vary within the run.
-fn slot_hash(run: u64, lo: u32) -> u64 {
-    let place = run & !RUN_MASK & !TAG_MASK;
-    place | (u64::from(lo) & RUN_MASK) | (mix(run ^ u64::from(lo)) & TAG_MASK)
+/// Table hash of a run, in both tables of a half: its keyed hash, remixed
+/// because the top bits of that picked the shard, and hashbrown takes its
+/// 7-bit tag from the top. A guest cannot choose indices whose runs pile into
+/// one probe chain, and a run brings at most `DENSE - 1` entries to its own:
+/// they sit side by side, and one probe sequence finds them all.
+fn run_hash(run: u64) -> u64 {
+    mix(run)
 }
 
 /// Where an operation is: the page's address and its run's keyed hash.
@@ -142,13 +190,199 @@ impl PageCounters {
     }
 }
 
+/// The handles of a dense run, by position in the run.
+struct Leaf {
+    /// Bit i: position i holds a page. Every u32 can be a handle (object
+    /// shard 0's id 0 is 0), so absence cannot be a handle value.
+    present: u64,
+    handles: [u32; RUN_LEN],
+}
+
+/// What malloc takes for a leaf: 264 bytes, 272 with its header.
+const LEAF_BYTES: u64 = malloc_bytes(std::mem::size_of::<Leaf>());
+
+impl Leaf {
+    fn get(&self, lo: u32) -> Option<u32> {
+        let i = (lo & RUN_MASK) as usize;
+        (self.present >> i & 1 == 1).then(|| self.handles[i])
+    }
+
+    fn set(&mut self, lo: u32, handle: u32) -> Option<u32> {
+        let old = self.get(lo);
+        let i = (lo & RUN_MASK) as usize;
+        self.present |= 1 << i;
+        self.handles[i] = handle;
+        old
+    }
+
+    fn take(&mut self, lo: u32) -> Option<u32> {
+        let old = self.get(lo)?;
+        self.present &= !(1 << (lo & RUN_MASK));
+        Some(old)
+    }
+
+    fn len(&self) -> u32 {
+        self.present.count_ones()
+    }
+
+    /// (position in the run, handle) of each page.
+    fn pages(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        (0..RUN_LEN as u32)
+            .filter(|&i| self.present >> i & 1 == 1)
+            .map(|i| (i, self.handles[i as usize]))
+    }
+}
+
+/// Recomputes a table hash when a table grows, shrinks or takes a run over:
+/// entries keep only the lower half of their index.
+#[derive(Clone, Copy)]
+struct Rehash<'a> {
+    keys: &'a Keys,
+    guest: u32,
+    pool: u32,
+    hi: u32,
+}
+
+impl Rehash<'_> {
+    fn of(&self, lo: u32) -> u64 {
+        run_hash(
+            self.keys
+                .run(self.guest, self.pool, u64::from(self.hi) << 32 | u64::from(lo)),
+        )
+    }
+}
+
+/// Frees an emptied table, or halves one that has emptied to a quarter.
+/// Returns whether its allocation changed.
+fn shrink<T>(t: &mut HashTable<T>, hasher: impl Fn(&T) -> u64) -> bool {
+    let (len, cap) = (t.len(), t.capacity());
+    if len == 0 && cap > 0 {
+        *t = HashTable::new();
+    } else if cap > 64 && len * 4 < cap {
+        t.shrink_to(len * 2, hasher);
+    } else {
+        return false;
+    }
+    true
+}
+
+/// The indices of a pool that share one upper half. A run is in one table
+/// or the other, never both.
+#[derive(Default)]
+struct Half {
+    /// Pages of sparse runs: (lower 32 bits of the index, handle).
+    pages: HashTable<(u32, u32)>,
+    /// Dense runs: (lower 32 bits of the run's first index, leaf).
+    leaves: HashTable<(u32, Box<Leaf>)>,
+}
+
+impl Half {
+    fn bytes(&self) -> u64 {
+        malloc_bytes(self.pages.allocation_size())
+            + malloc_bytes(self.leaves.allocation_size())
+            + self.leaves.len() as u64 * LEAF_BYTES
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pages.is_empty() && self.leaves.is_empty()
+    }
+
+    fn get(&self, h: u64, lo: u32) -> Option<u32> {
+        let first = lo & !RUN_MASK;
+        match self.leaves.find(h, |e| e.0 == first) {
+            Some((_, leaf)) => leaf.get(lo),
+            None => self.pages.find(h, |e| e.0 == lo).map(|e| e.1),
+        }
+    }
+
+    /// Points a page that is here at `handle`, returning the old one; or, if
+    /// it is not here and its run is dense, puts it in the leaf. `None`: the
+    /// page needs an entry.
+    fn replace(&mut self, h: u64, lo: u32, handle: u32) -> Option<Option<u32>> {
+        let first = lo & !RUN_MASK;
+        if let Some((_, leaf)) = self.leaves.find_mut(h, |e| e.0 == first) {
+            return Some(leaf.set(lo, handle));
+        }
+        let e = self.pages.find_mut(h, |e| e.0 == lo)?;
+        Some(Some(std::mem::replace(&mut e.1, handle)))
+    }
+
+    /// Entries of the sparse run of `lo`: one probe sequence, at most
+    /// `DENSE - 1` of them and a few of other runs with the same tag.
+    fn sparse(&self, h: u64, lo: u32) -> u32 {
+        let first = lo & !RUN_MASK;
+        self.pages
+            .iter_hash(h)
+            .filter(|e| e.0 & !RUN_MASK == first)
+            .count() as u32
+    }
+
+    /// Makes the run of `lo` dense with the new page in it: its entries
+    /// (fewer than `DENSE`) move to a new leaf. The caller has reserved the
+    /// leaf and the growth of `leaves`.
+    fn densify(&mut self, h: u64, lo: u32, handle: u32, r: Rehash<'_>) {
+        let first = lo & !RUN_MASK;
+        let mut leaf = Box::new(Leaf {
+            present: 0,
+            handles: [0; RUN_LEN],
+        });
+        for &(other, held) in self.pages.iter_hash(h) {
+            if other & !RUN_MASK == first {
+                leaf.set(other, held);
+            }
+        }
+        for (i, _) in leaf.pages() {
+            if let Ok(e) = self.pages.find_entry(h, |e| e.0 == first | i) {
+                e.remove();
+            }
+        }
+        leaf.set(lo, handle);
+        shrink(&mut self.pages, |e| r.of(e.0));
+        self.leaves.insert_unique(h, (first, leaf), |e| r.of(e.0));
+    }
+
+    /// Turns the dense run at `first` back into entries. The caller has
+    /// reserved the growth of `pages` for them.
+    fn sparsify(&mut self, h: u64, first: u32, r: Rehash<'_>) {
+        let Ok(e) = self.leaves.find_entry(h, |e| e.0 == first) else {
+            return;
+        };
+        let ((_, leaf), _) = e.remove();
+        self.pages.reserve(leaf.len() as usize, |e| r.of(e.0));
+        for (i, handle) in leaf.pages() {
+            self.pages.insert_unique(h, (first | i, handle), |e| r.of(e.0));
+        }
+        shrink(&mut self.leaves, |e| r.of(e.0));
+    }
+
+    fn drain(self, f: &mut impl FnMut(u32)) -> u64 {
+        let mut n = 0;
+        for (_, h) in self.pages {
+            f(h);
+            n += 1;
+        }
+        for (_, leaf) in self.leaves {
+            for (_, h) in leaf.pages() {
+                f(h);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.pages.len() + self.leaves.iter().map(|(_, l)| l.len() as usize).sum::<usize>()
+    }
+}
+
 struct PoolRec {
     c: PageCounters,
     /// Indices below 2^32.
-    low: Table,
-    /// Tables of the other upper halves (keyed: the guest picks them).
-    high: HashMap<u32, Table, RandomState>,
-    /// Bytes of `low`, `high` and `high`'s tables.
+    low: Half,
+    /// The other upper halves (keyed: the guest picks them).
+    high: HashMap<u32, Half, RandomState>,
+    /// Bytes of `low`, `high` and `high`'s halves.
     bytes: u64,
 }
 
@@ -156,13 +390,13 @@ impl PoolRec {
     fn new(hasher: RandomState) -> Self {
         PoolRec {
             c: PageCounters::default(),
-            low: Table::new(),
+            low: Half::default(),
             high: HashMap::with_hasher(hasher),
             bytes: 0,
         }
     }
 
-    fn table(&self, hi: u32) -> Option<&Table> {
+    fn half(&self, hi: u32) -> Option<&Half> {
         if hi == 0 {
             Some(&self.low)
         } else {
@@ -170,39 +404,57 @@ impl PoolRec {
         }
     }
 
-    /// Bytes the next insert at `hi` may allocate.
+    fn half_mut(&mut self, hi: u32) -> Option<&mut Half> {
+        if hi == 0 {
+            Some(&mut self.low)
+        } else {
+            self.high.get_mut(&hi)
+        }
+    }
+
+    /// Bytes a new entry at `hi` may allocate.
     fn growth(&self, hi: u32) -> u64 {
-        let t = match self.table(hi) {
-            Some(t) => t,
+        match self.half(hi) {
+            Some(half) => grows(&half.pages),
             None => {
                 let h = &self.high;
-                return growth::<(u32, Table)>(h.len(), h.capacity(), h.allocation_size())
-                    + growth::<(u32, u32)>(0, 0, 0);
+                growth::<(u32, Half)>(h.len(), h.capacity(), h.allocation_size())
+                    + growth::<(u32, u32)>(0, 0, 0)
             }
-        };
-        growth::<(u32, u32)>(t.len(), t.capacity(), t.allocation_size())
+        }
     }
 
     #[cfg(test)]
     fn recount(&mut self) {
-        self.bytes = malloc_bytes(self.low.allocation_size())
+        self.bytes = self.low.bytes()
             + malloc_bytes(self.high.allocation_size())
-            + self
-                .high
-                .values()
-                .map(|t| malloc_bytes(t.allocation_size()))
-                .sum::<u64>();
+            + self.high.values().map(Half::bytes).sum::<u64>();
     }
 
-    /// Bytes of the table at `hi` and of the high map, for updating `bytes`
-    /// around a change to that one table.
+    /// Bytes of the half at `hi` and of the high map, for updating `bytes`
+    /// around a change to that one half.
     fn part(&self, hi: u32) -> u64 {
-        let t = self.table(hi).map_or(0, |t| malloc_bytes(t.allocation_size()));
+        let t = self.half(hi).map_or(0, Half::bytes);
         if hi == 0 {
             t
         } else {
             t + malloc_bytes(self.high.allocation_size())
         }
+    }
+
+    /// Frees the half at `hi` if it is empty.
+    fn tidy_half(&mut self, hi: u32) {
+        if hi == 0 || !self.high.get(&hi).is_some_and(Half::is_empty) {
+            return;
+        }
+        self.high.remove(&hi);
+        if self.high.is_empty() {
+            self.high.shrink_to_fit();
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.low.is_empty() && self.high.is_empty()
     }
 }
 
@@ -242,8 +494,8 @@ impl IndexShard {
         }
     }
 
-    /// Bytes the index holds for pages: pool maps, pool records and tables.
-    /// Guest records are per device and left out, so an emptied store
+    /// Bytes the index holds for pages: pool maps, pool records, tables and
+    /// leaves. Guest records are per device and left out, so an emptied store
     /// returns exactly to its starting footprint.
     pub fn heap_bytes(&self) -> u64 {
         self.heap
@@ -290,7 +542,9 @@ impl IndexShard {
         }
     }
 
-    /// Points the page at `handle`, returning the handle it replaces.
+    /// Points the page at `handle`, returning the handle it replaces. A page
+    /// of a dense run, or one already here, allocates nothing; the page that
+    /// makes its run dense allocates the leaf, which is reserved first.
     pub fn insert(
         &mut self,
         keys: &Keys,
@@ -300,22 +554,26 @@ impl IndexShard {
         force: bool,
     ) -> Result<Option<u32>, NoRoom> {
         let (hi, lo) = at.split();
-        let h = slot_hash(at.run, lo);
+        let h = run_hash(at.run);
         self.visited += 1;
         let hasher = self.hasher.clone();
         let g = self.guest(at.guest);
+        let mut dense = false;
         let need = match g.pools.get_mut(&at.pool) {
-            Some(p) => {
-                let found = if hi == 0 {
-                    Some(&mut p.low)
-                } else {
-                    p.high.get_mut(&hi)
-                };
-                if let Some(e) = found.and_then(|t| t.find_mut(h, |e| e.0 == lo)) {
-                    return Ok(Some(std::mem::replace(&mut e.1, handle)));
+            Some(p) => match p.half_mut(hi) {
+                Some(half) => {
+                    if let Some(old) = half.replace(h, lo, handle) {
+                        return Ok(old);
+                    }
+                    dense = half.sparse(h, lo) + 1 >= DENSE;
+                    if dense {
+                        LEAF_BYTES + grows(&half.leaves)
+                    } else {
+                        grows(&half.pages)
+                    }
                 }
-                p.growth(hi)
-            }
+                None => p.growth(hi),
+            },
             None => {
                 let m = &g.pools;
                 growth::<(u32, PoolRec)>(m.len(), m.capacity(), m.allocation_size())
@@ -330,15 +588,22 @@ impl IndexShard {
         let map_before = g.map_bytes();
         let p = g.pools.entry(at.pool).or_insert_with(|| PoolRec::new(hasher));
         let part_before = p.part(hi);
-        let t = if hi == 0 {
+        let half = if hi == 0 {
             &mut p.low
         } else {
             p.high.entry(hi).or_default()
         };
-        let (guest, pool) = (at.guest, at.pool);
-        t.insert_unique(h, (lo, handle), |e| {
-            slot_hash(keys.run(guest, pool, u64::from(hi) << 32 | u64::from(e.0)), e.0)
-        });
+        let r = Rehash {
+            keys,
+            guest: at.guest,
+            pool: at.pool,
+            hi,
+        };
+        if dense {
+            half.densify(h, lo, handle, r);
+        } else {
+            half.pages.insert_unique(h, (lo, handle), |e| r.of(e.0));
+        }
         let part_after = p.part(hi);
         p.bytes = p.bytes + part_after - part_before;
         let map_after = g.map_bytes();
@@ -350,43 +615,62 @@ impl IndexShard {
         let (hi, lo) = at.split();
         self.visited += 1;
         let p = self.guests.get(&at.guest)?.pools.get(&at.pool)?;
-        p.table(hi)?
-            .find(slot_hash(at.run, lo), |e| e.0 == lo)
-            .map(|e| e.1)
+        p.half(hi)?.get(run_hash(at.run), lo)
     }
 
-    /// Removes the page's entry. The pool record stays, for the caller to
-    /// count the removal, until [`IndexShard::tidy`].
+    /// Removes the page. The pool record stays, for the caller to count the
+    /// removal, until [`IndexShard::tidy`]. A dense run that falls below
+    /// `DENSE / 2` pages goes back to entries if the budget gives their
+    /// table's growth; if not, the leaf stays until a later removal finds
+    /// room or the run empties.
     pub fn remove(&mut self, keys: &Keys, at: At, budget: &Budget) -> Option<u32> {
         let (hi, lo) = at.split();
+        let (h, first) = (run_hash(at.run), lo & !RUN_MASK);
         self.visited += 1;
         let p = self.guests.get_mut(&at.guest)?.pools.get_mut(&at.pool)?;
         let before = p.part(hi);
-        let t = if hi == 0 { &mut p.low } else { p.high.get_mut(&hi)? };
-        let Ok(entry) = t.find_entry(slot_hash(at.run, lo), |e| e.0 == lo) else {
-            return None;
+        let half = p.half_mut(hi)?;
+        let r = Rehash {
+            keys,
+            guest: at.guest,
+            pool: at.pool,
+            hi,
         };
-        let ((_, handle), _) = entry.remove();
-        let (len, cap) = (t.len(), t.capacity());
-        if len == 0 {
-            if hi == 0 {
-                p.low = Table::new();
-            } else {
-                p.high.remove(&hi);
-                if p.high.is_empty() {
-                    p.high.shrink_to_fit();
+        let (handle, left) = match half.leaves.find_mut(h, |e| e.0 == first) {
+            Some((_, leaf)) => (leaf.take(lo)?, Some(leaf.len())),
+            None => {
+                let Ok(e) = half.pages.find_entry(h, |e| e.0 == lo) else {
+                    return None;
+                };
+                (e.remove().0 .1, None)
+            }
+        };
+        let mut reserved = 0;
+        match left {
+            Some(0) => {
+                if let Ok(e) = half.leaves.find_entry(h, |e| e.0 == first) {
+                    e.remove();
+                }
+                shrink(&mut half.leaves, |e| r.of(e.0));
+            }
+            Some(n) if n < DENSE / 2 => {
+                reserved = growth_by(&half.pages, n as usize);
+                if !budget.try_reserve(reserved) {
+                    return Some(handle);
+                }
+                half.sparsify(h, first, r);
+            }
+            Some(_) => return Some(handle),
+            None => {
+                if !shrink(&mut half.pages, |e| r.of(e.0)) {
+                    return Some(handle);
                 }
             }
-        } else if cap > 64 && len * 4 < cap {
-            let (guest, pool) = (at.guest, at.pool);
-            t.shrink_to(len * 2, |e| {
-                slot_hash(keys.run(guest, pool, u64::from(hi) << 32 | u64::from(e.0)), e.0)
-            });
-        } else {
-            return Some(handle);
         }
+        p.tidy_half(hi);
         let after = p.part(hi);
         p.bytes = p.bytes + after - before;
+        self.counted += reserved;
         self.moved(at.guest, before, after, budget);
         Some(handle)
     }
@@ -404,7 +688,7 @@ impl IndexShard {
         let Some(p) = g.pools.remove(&pool) else {
             return;
         };
-        debug_assert!(p.low.is_empty() && p.high.is_empty());
+        debug_assert!(p.is_empty());
         p.c.retire_into(&mut g.other);
         shrink_map(&mut g.pools);
         let after = g.map_bytes();
@@ -494,7 +778,23 @@ impl IndexShard {
         self.guests
             .values()
             .flat_map(|g| g.pools.values())
-            .map(|p| p.low.len() + p.high.values().map(Table::len).sum::<usize>())
+            .map(|p| p.low.len() + p.high.values().map(Half::len).sum::<usize>())
+            .sum()
+    }
+
+    /// Capacity of pool (0, 0)'s table of entries below 2^32 (tests).
+    #[cfg(test)]
+    fn low_pages_capacity(&self) -> usize {
+        self.guests[&0].pools[&0].low.pages.capacity()
+    }
+
+    /// Dense runs held here (tests).
+    #[cfg(test)]
+    fn leaves(&self) -> usize {
+        self.guests
+            .values()
+            .flat_map(|g| g.pools.values())
+            .map(|p| p.low.leaves.len() + p.high.values().map(|h| h.leaves.len()).sum::<usize>())
             .sum()
     }
 
@@ -514,6 +814,7 @@ impl IndexShard {
             assert_eq!(g.bytes, bytes, "guest bytes");
             heap += bytes;
         }
+        assert_eq!(self.heap, heap, "shard bytes");
         heap
     }
 }
@@ -526,17 +827,10 @@ fn shrink_map<V>(m: &mut HashMap<u32, V, RandomState>) {
     }
 }
 
-fn drain(mut p: PoolRec, f: &mut impl FnMut(u32)) -> u64 {
-    let mut n = 0;
-    for (_, h) in p.low.drain() {
-        f(h);
-        n += 1;
-    }
-    for (_, mut t) in p.high.drain() {
-        for (_, h) in t.drain() {
-            f(h);
-            n += 1;
-        }
+fn drain(p: PoolRec, f: &mut impl FnMut(u32)) -> u64 {
+    let mut n = p.low.drain(f);
+    for (_, half) in p.high {
+        n += half.drain(f);
     }
     n
 }
@@ -628,19 +922,316 @@ mod tests {
     #[test]
     fn runs_stay_together_and_strides_spread() {
         let k = Keys::new();
-        let h = |lo: u32| slot_hash(k.run(0, 0, u64::from(lo)), lo);
-        // One run: consecutive buckets.
-        let base = h(640) & 0xffff;
-        for i in 0..64 {
-            assert_eq!(h(640 + i) & 0xffff, base + u64::from(i));
-        }
+        let h = |i: u64| run_hash(k.run(0, 0, i));
+        // One run: one hash, so its entries share a home and a probe sequence.
+        assert!((640..704).all(|i| h(i) == h(640)));
+        assert_ne!(h(640), h(704));
         // Power-of-two strides (a classic way to pile keys up) spread over the
-        // run places: a guest can crowd at most one run's worth into a place.
-        let buckets: std::collections::HashSet<u64> = (0..1000u32).map(|i| h(i << 16) & 0xffff).collect();
-        assert!(buckets.len() > 500, "{} distinct buckets", buckets.len());
-        // Tags vary inside a run.
-        let tags: std::collections::HashSet<u64> = (0..64).map(|i| h(i) >> 57).collect();
-        assert!(tags.len() > 20);
+        // run places: a guest can crowd at most one run's entries into a place.
+        let buckets: std::collections::HashSet<u64> = (0..1000).map(|i| h(i << 16) & 0xffff).collect();
+        assert!(buckets.len() > 900, "{} distinct buckets", buckets.len());
+        // The tag is not the shard: runs whose keyed hashes pick one shard
+        // still get most of the 128 tags.
+        let tags: std::collections::HashSet<u64> = (0..20_000u64)
+            .map(|i| k.run(0, 0, i << RUN_BITS))
+            .filter(|run| run >> 60 == 0)
+            .map(|run| run_hash(run) >> 57)
+            .collect();
+        assert!(tags.len() > 100, "{} distinct tags in one shard", tags.len());
+    }
+
+    #[test]
+    fn table_allocation_is_hashbrowns() {
+        let mut t: HashTable<(u32, u32)> = HashTable::new();
+        let mut l: HashTable<(u32, Box<Leaf>)> = HashTable::new();
+        for n in [1, 3, 4, 7, 8, 14, 15, 28, 29, 100, 1000] {
+            t.reserve(n, |_| 0);
+            l.reserve(n, |_| 0);
+            assert_eq!(table_allocation::<(u32, u32)>(n), t.allocation_size(), "{n}");
+            assert_eq!(
+                table_allocation::<(u32, Box<Leaf>)>(n),
+                l.allocation_size(),
+                "{n}"
+            );
+            t = HashTable::new();
+            l = HashTable::new();
+        }
+        // A full table grows to the next size up at least.
+        for i in 0..7 {
+            t.insert_unique(u64::from(i), (i, i), |e| u64::from(e.0));
+        }
+        let need = growth_by(&t, 1);
+        t.reserve(1, |e| u64::from(e.0));
+        assert_eq!(need, malloc_bytes(t.allocation_size()));
+        assert_eq!(growth_by(&t, 1), 0);
+        assert_eq!(LEAF_BYTES, 272);
+    }
+
+    /// Inserts pages `lo` of run `run` (of guest 0, pool 0).
+    fn fill(s: &mut IndexShard, k: &Keys, b: &Budget, run: u64, lo: std::ops::Range<u64>) {
+        for i in lo {
+            let index = run << RUN_BITS | i;
+            assert_eq!(s.insert(k, at(k, 0, 0, index), index as u32, b, false), Ok(None));
+        }
+    }
+
+    fn empty(s: &mut IndexShard, k: &Keys, b: &Budget, run: u64, lo: std::ops::Range<u64>) {
+        for i in lo {
+            let index = run << RUN_BITS | i;
+            assert_eq!(s.remove(k, at(k, 0, 0, index), b), Some(index as u32));
+        }
+    }
+
+    /// Every page of `runs` that `has` says is there reads back, and no other.
+    fn check(
+        s: &mut IndexShard,
+        k: &Keys,
+        b: &Budget,
+        runs: std::ops::Range<u64>,
+        has: impl Fn(u64) -> bool,
+    ) {
+        for index in runs.start << RUN_BITS..runs.end << RUN_BITS {
+            let want = has(index).then_some(index as u32);
+            assert_eq!(s.get(at(k, 0, 0, index)), want, "index {index}");
+        }
+        assert_eq!(s.recount(), s.heap_bytes());
+        assert_eq!(b.used(), s.heap_bytes());
+    }
+
+    #[test]
+    fn runs_turn_dense_and_back_with_hysteresis() {
+        let k = Keys::new();
+        let b = Budget::new(1 << 30);
+        let mut s = IndexShard::new(&k);
+        let d = u64::from(DENSE);
+        // Scattered order within the run: positions 5, 10, 15, ...
+        let pos = |n: u64| (n * 5) % 64;
+        for n in 0..d - 1 {
+            let index = 3 << RUN_BITS | pos(n);
+            s.insert(&k, at(&k, 0, 0, index), index as u32, &b, false)
+                .unwrap();
+        }
+        assert_eq!(s.leaves(), 0);
+        let index = 3 << RUN_BITS | pos(d - 1);
+        s.insert(&k, at(&k, 0, 0, index), index as u32, &b, false)
+            .unwrap();
+        assert_eq!((s.leaves(), s.entries()), (1, DENSE as usize));
+        let held = |i: u64| i >> RUN_BITS == 3 && (0..d).any(|n| pos(n) == i & 63);
+        check(&mut s, &k, &b, 0..8, held);
+        // A replace in a leaf allocates nothing.
+        let heap = s.heap_bytes();
+        assert_eq!(
+            s.insert(&k, at(&k, 0, 0, index), 7, &b, false),
+            Ok(Some(index as u32))
+        );
+        assert_eq!(
+            s.insert(&k, at(&k, 0, 0, index), index as u32, &b, false),
+            Ok(Some(7))
+        );
+        assert_eq!(s.heap_bytes(), heap);
+        // Down to DENSE / 2 it stays a leaf; below, entries again.
+        for n in 0..=d / 2 {
+            let index = 3 << RUN_BITS | pos(n);
+            assert_eq!(s.remove(&k, at(&k, 0, 0, index), &b), Some(index as u32));
+            assert_eq!(s.leaves(), usize::from(n < d / 2), "after {} removes", n + 1);
+        }
+        let held = |i: u64| i >> RUN_BITS == 3 && (d / 2 + 1..d).any(|n| pos(n) == i & 63);
+        check(&mut s, &k, &b, 0..8, held);
+        // Back up: dense again only at DENSE.
+        for n in 0..d / 2 {
+            let index = 3 << RUN_BITS | pos(n);
+            s.insert(&k, at(&k, 0, 0, index), index as u32, &b, false)
+                .unwrap();
+        }
+        assert_eq!(s.leaves(), 0);
+        let index = 3 << RUN_BITS | pos(d / 2);
+        s.insert(&k, at(&k, 0, 0, index), index as u32, &b, false)
+            .unwrap();
+        assert_eq!(s.leaves(), 1);
+        // Emptied, the run and every table go.
+        for n in 0..d {
+            let index = 3 << RUN_BITS | pos(n);
+            assert_eq!(s.remove(&k, at(&k, 0, 0, index), &b), Some(index as u32));
+        }
+        check(&mut s, &k, &b, 0..8, |_| false);
+        s.counters(0, 0).stored_pages = 0;
+        s.tidy(0, 0, &b);
+        assert_eq!((s.heap_bytes(), b.used()), (0, 0));
+    }
+
+    #[test]
+    fn no_room_for_a_leaf_leaves_the_index_as_it_was() {
+        let k = Keys::new();
+        let b = Budget::new(1 << 30);
+        let mut s = IndexShard::new(&k);
+        fill(&mut s, &k, &b, 1, 0..u64::from(DENSE) - 1);
+        b.set_limit(b.used() + LEAF_BYTES - 1);
+        let index = 1 << RUN_BITS | 63;
+        let before = (s.heap_bytes(), b.used(), s.entries());
+        assert_eq!(s.insert(&k, at(&k, 0, 0, index), 1, &b, false), Err(NoRoom));
+        assert_eq!((s.heap_bytes(), b.used(), s.entries()), before);
+        assert_eq!(s.leaves(), 0);
+        check(&mut s, &k, &b, 0..4, |i| {
+            i >> RUN_BITS == 1 && i & 63 < u64::from(DENSE) - 1
+        });
+        // A reserved guest's insert takes it past the limit.
+        assert_eq!(
+            s.insert(&k, at(&k, 0, 0, index), index as u32, &b, true),
+            Ok(None)
+        );
+        assert_eq!(s.leaves(), 1);
+        b.set_limit(1 << 30);
+        check(&mut s, &k, &b, 0..4, |i| {
+            i >> RUN_BITS == 1 && (i & 63 < u64::from(DENSE) - 1 || i & 63 == 63)
+        });
+    }
+
+    #[test]
+    fn no_room_for_entries_keeps_the_leaf_until_there_is() {
+        let k = Keys::new();
+        let b = Budget::new(1 << 30);
+        let mut s = IndexShard::new(&k);
+        let d = u64::from(DENSE);
+        fill(&mut s, &k, &b, 1, 0..d);
+        // The run's entries went to the leaf and their table was freed, so
+        // going back needs a new table.
+        assert_eq!((s.leaves(), s.low_pages_capacity()), (1, 0));
+        empty(&mut s, &k, &b, 1, 0..d / 2);
+        b.set_limit(b.used());
+        let (heap, used) = (s.heap_bytes(), b.used());
+        empty(&mut s, &k, &b, 1, d / 2..d / 2 + 1);
+        assert_eq!(s.leaves(), 1, "no room: the leaf stays");
+        assert_eq!((s.heap_bytes(), b.used()), (heap, used));
+        check(&mut s, &k, &b, 0..4, |i| {
+            i >> RUN_BITS == 1 && (d / 2 + 1..d).contains(&(i & 63))
+        });
+        b.set_limit(1 << 30);
+        empty(&mut s, &k, &b, 1, d / 2 + 1..d / 2 + 2);
+        assert_eq!(s.leaves(), 0, "room: entries again");
+        check(&mut s, &k, &b, 0..4, |i| {
+            i >> RUN_BITS == 1 && (d / 2 + 2..d).contains(&(i & 63))
+        });
+        assert!(s.heap_bytes() < heap);
+    }
+
+    /// Bytes per page of the index of one guest, beside the pool record.
+    fn per_page(s: &IndexShard, pages: usize) -> f64 {
+        s.heap_bytes() as f64 / pages as f64
+    }
+
+    #[test]
+    fn clustered_pages_cost_under_six_bytes() {
+        let k = Keys::new();
+        let b = Budget::new(1 << 30);
+        let mut s = IndexShard::new(&k);
+        for n in [5000, 20_000, 70_000] {
+            let start = s.entries() as u64;
+            for i in start..n {
+                s.insert(&k, at(&k, 0, 0, i), i as u32, &b, false).unwrap();
+            }
+            let cost = per_page(&s, n as usize);
+            assert!(cost <= 5.5, "{cost} bytes per page at {n} pages");
+        }
+        assert_eq!(s.recount(), s.heap_bytes());
+    }
+
+    #[test]
+    fn hostile_patterns_stay_within_their_bound() {
+        let k = Keys::new();
+        let b = Budget::new(1 << 30);
+        let d = u64::from(DENSE);
+        // One page per run: entries only, as before leaves (8 + 1 bytes at
+        // 7/16 load at worst, and the pool record).
+        let mut s = IndexShard::new(&k);
+        for n in 0..20_000u64 {
+            s.insert(&k, at(&k, 0, 0, n << RUN_BITS | (n % 64)), 1, &b, false)
+                .unwrap();
+            if n >= 1000 {
+                let cost = per_page(&s, n as usize + 1);
+                assert!(cost <= 21.5, "{cost} bytes per page at {n} runs");
+            }
+        }
+        assert_eq!(s.leaves(), 0);
+        // DENSE - 1 pages per run: still entries.
+        let (b, mut s) = (Budget::new(1 << 30), IndexShard::new(&k));
+        for run in 0..1000 {
+            fill(&mut s, &k, &b, run, 0..d - 1);
+        }
+        assert_eq!(s.leaves(), 0);
+        assert!(per_page(&s, s.entries()) <= 21.5);
+        // Leaves held at DENSE / 2 pages, the fewest a leaf keeps: at most
+        // (272 + a 16-byte entry at 7/16 load) / 8.
+        let (b, mut s) = (Budget::new(1 << 30), IndexShard::new(&k));
+        for run in 0..1000 {
+            fill(&mut s, &k, &b, run, 0..d);
+            empty(&mut s, &k, &b, run, 0..d / 2);
+        }
+        assert_eq!(s.leaves(), 1000);
+        let cost = per_page(&s, s.entries());
+        assert!(cost <= 39.0, "{cost} bytes per page in half-empty leaves");
+        // Alternating around either threshold converts once, not every time.
+        // The leaves hold positions DENSE / 2 .. DENSE; position 0 toggles.
+        for round in 0..10 {
+            for run in 0..1000 {
+                if round % 2 == 0 {
+                    empty(&mut s, &k, &b, run, d / 2..d / 2 + 1);
+                } else {
+                    fill(&mut s, &k, &b, run, d / 2..d / 2 + 1);
+                }
+            }
+            assert_eq!(s.leaves(), 0, "round {round}");
+            assert!(per_page(&s, s.entries()) <= 21.5);
+            assert_eq!(b.used(), s.heap_bytes());
+        }
+        for run in 0..1000 {
+            fill(&mut s, &k, &b, run, 0..d / 2 - 1);
+        }
+        assert_eq!(s.entries(), 1000 * (d as usize - 1));
+        for round in 0..10 {
+            for run in 0..1000 {
+                if round % 2 == 0 {
+                    fill(&mut s, &k, &b, run, d / 2 - 1..d / 2);
+                } else {
+                    empty(&mut s, &k, &b, run, d / 2 - 1..d / 2);
+                }
+            }
+            assert_eq!(s.leaves(), 1000, "round {round}");
+            assert!(per_page(&s, s.entries()) <= 21.5);
+            assert_eq!(b.used(), s.heap_bytes());
+        }
+        assert_eq!(s.recount(), s.heap_bytes());
+    }
+
+    #[test]
+    fn drops_take_leaves_and_entries() {
+        let k = Keys::new();
+        let b = Budget::new(1 << 30);
+        let mut s = IndexShard::new(&k);
+        let d = u64::from(DENSE);
+        // Pool 0 of guest 0: dense and sparse runs, low and high halves.
+        fill(&mut s, &k, &b, 0, 0..64);
+        fill(&mut s, &k, &b, 1, 0..d - 1);
+        for i in 0..64 {
+            let index = 1 << 40 | i;
+            s.insert(&k, at(&k, 0, 0, index), i as u32, &b, false).unwrap();
+        }
+        // Another guest's pages, dense too.
+        for i in 0..200 {
+            s.insert(&k, at(&k, 1, 0, i), 7, &b, false).unwrap();
+        }
+        s.counters(0, 0).stored_pages = 64 + d - 1 + 64;
+        assert_eq!(s.leaves(), 2 + 3);
+        let other = s.guest_bytes(1);
+        let mut taken = 0;
+        assert_eq!(s.take_pool(0, 0, &b, |h| taken += u64::from(h)), 64 + d - 1 + 64);
+        assert_eq!(
+            taken,
+            (0..64).sum::<u64>() + (64..64 + d - 1).sum::<u64>() + (0..64).sum::<u64>()
+        );
+        assert_eq!((s.heap_bytes(), s.guest_bytes(1)), (other, other));
+        assert_eq!(b.used(), s.heap_bytes());
+        assert_eq!(s.take_guest(1, &b, |h| assert_eq!(h, 7)), 200);
+        assert_eq!((s.heap_bytes(), b.used(), s.leaves()), (0, 0, 0));
     }
 
     #[test]
