@@ -15,6 +15,7 @@
 //! - `index`: index shards, (guest, pool, index) -> 32-bit object handle, page counters;
 //! - `objects`: object shards, stored contents with dedup, refcounts, tiers;
 //! - `slab`: the object records of a shard and the CLOCK hand over them;
+//! - `dedup`: a shard's dedup table, object ids by record key;
 //! - `alloc`: the byte-packed chunk allocator (with compaction) that holds RAM payloads;
 //! - `spill`: the spill file: private, encrypted slots, and its free space;
 //! - `budget`: the RAM budget counter;
@@ -36,6 +37,7 @@
 mod alloc;
 mod budget;
 mod codec;
+mod dedup;
 mod dict;
 mod index;
 mod keys;

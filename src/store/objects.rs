@@ -14,17 +14,18 @@
 
 use std::sync::Arc;
 
-use hashbrown::{HashMap, HashTable};
+use hashbrown::HashMap;
 
 use super::{
     alloc::{ChunkAlloc, Loc, CHUNK, HDR},
     budget::Budget,
     codec::{self, Decoder},
+    dedup::{self, DedupTable},
     dict::Dict,
     keys::Keys,
     owners::{ObjCounters, Owners},
     share::Mask,
-    slab::{key_hash, Codec, Obj, Slab, Tier, INDEXED, MAX_REFS, REFERENCED, WARM},
+    slab::{Codec, Obj, Slab, Tier, INDEXED, MAX_REFS, REFERENCED, WARM},
     spill::{units_for, Label, SpillFile, UNIT},
     Page, StoreError, PAGE_SIZE,
 };
@@ -170,10 +171,10 @@ impl Writing {
 
 pub struct ObjShard {
     slab: Slab,
-    dedup: HashTable<u32>,
+    dedup: DedupTable,
     /// Word and dedup domain of each fill object, by id: they do not fit a
     /// record, and distinct fills are few (zero pages are almost all of them).
-    fills: HashMap<u32, (u64, u32)>,
+    fills: HashMap<u32, FillWord>,
     alloc: ChunkAlloc,
     /// Owner records: object counters by (guest, pool).
     owners: Owners,
@@ -214,7 +215,7 @@ impl ObjShard {
     pub fn new(handle_base: u32, max_ids: u32, keys: &Keys) -> Self {
         ObjShard {
             slab: Slab::new(),
-            dedup: HashTable::new(),
+            dedup: DedupTable::new(),
             fills: HashMap::new(),
             alloc: ChunkAlloc::new(),
             owners: Owners::new(keys.map_hasher()),
@@ -225,7 +226,8 @@ impl ObjShard {
             compact_floor: 0,
             writing: None,
             cancelled: false,
-            max_ids,
+            // A dedup slot holds the id in 26 bits.
+            max_ids: max_ids.min(dedup::MAX_IDS),
             handle_base,
             dicts: HashMap::new(),
             by_codec: [0; 5],
@@ -250,7 +252,8 @@ impl ObjShard {
     }
 
     pub fn heap_bytes(&self) -> u64 {
-        (self.dedup.allocation_size() + self.fills.allocation_size() + self.dicts.allocation_size()) as u64
+        (self.fills.allocation_size() + self.dicts.allocation_size()) as u64
+            + self.dedup.heap_bytes()
             + self.slab.heap_bytes()
             + self.alloc.heap_bytes()
             + self.owners.heap_bytes()
@@ -276,10 +279,10 @@ impl ObjShard {
         self.slab.live()
     }
 
-    /// Bytes the dedup table grows by on the next insert.
-    fn dedup_growth(&self, dedup: bool) -> usize {
-        if dedup && self.dedup.len() == self.dedup.capacity() {
-            self.dedup.allocation_size().max(128)
+    /// Bytes the dedup table grows by on an insert of `key`.
+    fn dedup_growth(&self, dedup: bool, key: u32) -> u64 {
+        if dedup {
+            self.dedup.growth(key)
         } else {
             0
         }
@@ -352,7 +355,8 @@ impl ObjShard {
             }
             _ => 0,
         };
-        let growth = (alloc_growth + self.dedup_growth(dedup) + fill_growth + self.slab.growth()) as u64
+        let growth = (alloc_growth + fill_growth + self.slab.growth()) as u64
+            + self.dedup_growth(dedup, key)
             + self.owners.growth(by.guest, by.pool);
         // New chunks for puts leave one chunk of headroom, for compaction to move into.
         let keep = if alloc_growth > 0 { CHUNK as u64 } else { 0 };
@@ -388,13 +392,12 @@ impl ObjShard {
                 self.slab.get_mut(id).set_loc(loc.pack());
             }
             Content::Fill { word, domain, .. } => {
-                self.fills.insert(id, (word, domain));
+                self.fills.insert(id, FillWord::new(word, domain));
             }
         }
         if dedup {
             let slab = &self.slab;
-            self.dedup
-                .insert_unique(key_hash(key), id, |&i| slab.get(i).table_hash());
+            self.dedup.insert(key, id, |i| slab.get(i).key());
         }
         if tier == Tier::Ram {
             self.in_ram += 1;
@@ -421,7 +424,7 @@ impl ObjShard {
         }
         let (found, _) = self.candidates(key, by, limit, |shard, id, o| match *content {
             Content::Fill { word, domain, .. } => {
-                o.tier() == Tier::Fill && shard.fills.get(&id) == Some(&(word, domain))
+                o.tier() == Tier::Fill && shard.fills.get(&id) == Some(&FillWord::new(word, domain))
             }
             // Equal frames are equal pages only in the same codec (a raw page is
             // the page whatever its record says).
@@ -452,7 +455,7 @@ impl ObjShard {
     ) -> (Found, u32) {
         let mut compared = 0;
         let mut found = Found::Miss;
-        for &id in self.dedup.iter_hash(key_hash(key)) {
+        for id in self.dedup.candidates(key) {
             let o = self.slab.get(id);
             if o.key() != key {
                 continue;
@@ -600,7 +603,7 @@ impl ObjShard {
             Found::TooMany => false,
         };
         let growth =
-            (self.dedup_growth(dedup) + self.slab.growth()) as u64 + self.owners.growth(by.guest, by.pool);
+            self.dedup_growth(dedup, key) + self.slab.growth() as u64 + self.owners.growth(by.guest, by.pool);
         if !self.slab.has_room(self.max_ids) || !budget.reserve(growth, by.reserved) {
             return Ok(Obtained::NeedRoom);
         }
@@ -620,8 +623,7 @@ impl ObjShard {
         debug_assert_eq!(inserted, id);
         if dedup {
             let slab = &self.slab;
-            self.dedup
-                .insert_unique(key_hash(key), id, |&i| slab.get(i).table_hash());
+            self.dedup.insert(key, id, |i| slab.get(i).key());
         }
         let c = self.counters(id);
         c.mem_used_bytes += obj_ram_bytes(Tier::Spilled, payload.len());
@@ -653,9 +655,8 @@ impl ObjShard {
             self.cancelled = true;
         }
         if obj.has(INDEXED) {
-            if let Ok(entry) = self.dedup.find_entry(obj.table_hash(), |&i| i == id) {
-                entry.remove();
-            }
+            let slab = &self.slab;
+            self.dedup.remove(obj.key(), id, |i| slab.get(i).key());
         }
         self.count_codec(&obj, false);
         if obj.codec() == Codec::Dict && !obj.is_raw() {
@@ -705,18 +706,13 @@ impl ObjShard {
         if self.slab.live() == 0 {
             // Empty: give every table back, so the store returns to its start.
             self.slab = Slab::new();
-            self.dedup = HashTable::new();
+            self.dedup = DedupTable::new();
             self.fills = HashMap::new();
             self.alloc = ChunkAlloc::new();
             self.dicts = HashMap::new();
             self.compact_floor = 0;
             self.warm_hand = 0;
         } else {
-            let (len, cap) = (self.dedup.len(), self.dedup.capacity());
-            if cap > 64 && len * 4 < cap {
-                let slab = &self.slab;
-                self.dedup.shrink_to(len * 2, |&i| slab.get(i).table_hash());
-            }
             if fill && self.fills.is_empty() {
                 self.fills = HashMap::new();
             } else if fill && self.fills.capacity() > 64 && self.fills.len() * 4 < self.fills.capacity() {
@@ -794,7 +790,7 @@ impl ObjShard {
         };
         match obj.tier() {
             Tier::Fill => match self.fills.get(&id) {
-                Some(&(word, _)) => Ok(Loaded::Fill(word)),
+                Some(fill) => Ok(Loaded::Fill(fill.word())),
                 None => Err(StoreError::Corrupt { offset: u64::MAX }),
             },
             Tier::Ram => {
@@ -1146,6 +1142,21 @@ fn content_key(content: &Content<'_>) -> (u32, u32) {
     }
 }
 
+/// The word and dedup domain of a fill object, in 4-byte parts: with its
+/// id, a fills-table entry is 16 bytes, where `(u32, (u64, u32))` took 24.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FillWord([u32; 3]);
+
+impl FillWord {
+    fn new(word: u64, domain: u32) -> Self {
+        FillWord([word as u32, (word >> 32) as u32, domain])
+    }
+
+    fn word(self) -> u64 {
+        u64::from(self.0[1]) << 32 | u64::from(self.0[0])
+    }
+}
+
 /// RAM payload attributed to one object: its slot (header and payload) in a chunk.
 fn obj_ram_bytes(tier: Tier, len: usize) -> u64 {
     if tier == Tier::Ram {
@@ -1160,9 +1171,9 @@ fn obj_ram_bytes(tier: Tier, len: usize) -> u64 {
 /// byte, at full load; the tables' slack is the shard's).
 pub fn obj_meta(tier: Tier, indexed: bool) -> u64 {
     let record = std::mem::size_of::<Obj>();
-    let dedup = if indexed { 4 + 1 } else { 0 };
+    let dedup = if indexed { 4 } else { 0 };
     let fill = if tier == Tier::Fill {
-        std::mem::size_of::<(u32, (u64, u32))>() + 1
+        std::mem::size_of::<(u32, FillWord)>() + 1
     } else {
         0
     };

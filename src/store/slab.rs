@@ -206,22 +206,24 @@ impl Obj {
     pub fn is_raw(&self) -> bool {
         self.len() == PAGE_SIZE
     }
-
-    /// Hash used by the dedup table.
-    pub fn table_hash(&self) -> u64 {
-        key_hash(self.key)
-    }
 }
 
-/// Spreads a 32-bit key over the 64 bits hashbrown uses (bucket bits at the
-/// bottom, its 7-bit tag at the top).
+/// Spreads a 32-bit key over 64 bits, for the dedup table (its part from
+/// the top bits, its home slot from the next ones).
 pub fn key_hash(key: u32) -> u64 {
     u64::from(key).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
+/// Block pointers to add when the table is full: a quarter more (at least
+/// 4), not double, so its slack stays small.
+fn table_step(cap: usize) -> usize {
+    (cap / 4).max(4)
+}
+
 #[derive(Default)]
 pub struct Slab {
-    blocks: Vec<Box<[Obj]>>,
+    /// Thin pointers, added a quarter at a time (see [`table_step`]).
+    blocks: Vec<Box<[Obj; BLOCK]>>,
     /// Records ever handed out (the high-water mark).
     len: u32,
     free_head: u32,
@@ -239,7 +241,7 @@ impl Slab {
 
     pub fn heap_bytes(&self) -> u64 {
         (self.blocks.len() * BLOCK * std::mem::size_of::<Obj>()
-            + self.blocks.capacity() * std::mem::size_of::<Box<[Obj]>>()) as u64
+            + self.blocks.capacity() * std::mem::size_of::<Box<[Obj; BLOCK]>>()) as u64
     }
 
     pub fn live(&self) -> u32 {
@@ -250,7 +252,7 @@ impl Slab {
     pub fn growth(&self) -> usize {
         if self.free_head == NONE && self.len as usize == self.blocks.len() * BLOCK {
             let table = if self.blocks.len() == self.blocks.capacity() {
-                self.blocks.capacity().max(4) * std::mem::size_of::<Box<[Obj]>>()
+                table_step(self.blocks.capacity()) * std::mem::size_of::<Box<[Obj; BLOCK]>>()
             } else {
                 0
             };
@@ -281,7 +283,10 @@ impl Slab {
             id
         } else {
             if self.len as usize == self.blocks.len() * BLOCK {
-                self.blocks.push(vec![Obj::default(); BLOCK].into_boxed_slice());
+                if self.blocks.len() == self.blocks.capacity() {
+                    self.blocks.reserve_exact(table_step(self.blocks.capacity()));
+                }
+                self.blocks.push(Box::new([Obj::default(); BLOCK]));
             }
             self.len += 1;
             self.len - 1
