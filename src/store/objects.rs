@@ -1251,6 +1251,112 @@ mod tests {
         assert_eq!(total.unique_pages, 0);
     }
 
+    /// Recounts the dedup table against the records: its invariants, and
+    /// one entry per live record flagged as indexed.
+    fn check_dedup(s: &ObjShard) {
+        s.dedup.check(|i| s.slab.get(i).key());
+        let indexed = (0..s.slab.high_water())
+            .filter(|&i| s.slab.get(i).tier() != Tier::Free && s.slab.get(i).has(INDEXED))
+            .count();
+        assert_eq!(indexed, s.dedup.len());
+    }
+
+    /// Spread keys, as the keyed hash gives them.
+    fn spread(i: u32) -> u32 {
+        (u64::from(i).wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32
+    }
+
+    #[test]
+    fn dedup_growth_under_a_full_budget_leaves_nothing_changed() {
+        let budget = Budget::new(1 << 30);
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
+        // Short payloads, and freed records: only the table can need room.
+        let p = [4u8; 1];
+        let ids: Vec<u32> = (0..6000)
+            .map(|i| id_of(s.obtain(&data(spread(i), &p, true), by(0), &budget, None)).0)
+            .collect();
+        for &id in &ids[3000..] {
+            s.release(id, None, &budget);
+        }
+        check_dedup(&s);
+        budget.set_limit(budget.used());
+        let (mut refused, mut stored) = (0, 0);
+        for i in 6000..9000 {
+            let key = spread(i);
+            let needs = s.dedup.growth(key) > 0;
+            if s.slab.growth() > 0 || s.alloc.growth_for(p.len()) > 0 || s.owners.growth(0, 0) > 0 {
+                break;
+            }
+            let (heap, used, live, indexed) =
+                (s.heap_bytes(), budget.used(), s.live_objects(), s.dedup.len());
+            match s.obtain(&data(key, &p, true), by(0), &budget, None) {
+                Obtained::NeedRoom => {
+                    assert!(needs, "refused only for the table's growth");
+                    assert_eq!(
+                        (s.heap_bytes(), budget.used(), s.live_objects(), s.dedup.len()),
+                        (heap, used, live, indexed)
+                    );
+                    refused += 1;
+                }
+                Obtained::Ref { hit, .. } => {
+                    assert!(!needs && !hit);
+                    assert_eq!(budget.used(), s.heap_bytes());
+                    stored += 1;
+                }
+            }
+        }
+        assert!(refused > 0 && stored > 0, "{refused} refused, {stored} stored");
+        check_dedup(&s);
+        budget.set_limit(1 << 30);
+        let (_, hit) = id_of(s.obtain(&data(spread(5), &p, true), by(0), &budget, None));
+        assert!(hit, "what was stored is still found");
+        assert_eq!(budget.used(), s.heap_bytes());
+    }
+
+    #[test]
+    fn dedup_table_recounts_through_churn_and_an_emptied_shard_holds_nothing() {
+        let budget = Budget::new(1 << 30);
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
+        let start = s.heap_bytes();
+        let payload = |i: u32| vec![(i % 251) as u8; 30 + (i % 50) as usize];
+        let mut live: Vec<u32> = Vec::new();
+        for i in 0..12_000u32 {
+            // Some pages repeat (dedup hits), some fills, some without dedup.
+            let content = match i % 10 {
+                0 => fill(u64::from(i % 7), 0),
+                1 => data(spread(i), &[], false),
+                _ => data(spread(i % 9000), &[], true),
+            };
+            let p = payload(i % 9000);
+            let content = match content {
+                Content::Data { key, candidates, .. } => Content::Data {
+                    key,
+                    codec: Codec::Zstd,
+                    shard_hash: 0,
+                    payload: &p,
+                    candidates,
+                },
+                fill => fill,
+            };
+            live.push(id_of(s.obtain(&content, by(i % 3), &budget, None)).0);
+            if i % 4 == 3 {
+                let id = live.swap_remove((i as usize * 7919) % live.len());
+                s.release(id, None, &budget);
+            }
+            if i % 1000 == 0 {
+                check_dedup(&s);
+            }
+        }
+        check_dedup(&s);
+        assert_eq!(budget.used(), s.heap_bytes());
+        for id in live {
+            s.release(id, None, &budget);
+        }
+        assert_eq!((s.live_objects(), s.dedup.len()), (0, 0));
+        assert_eq!(s.heap_bytes(), start, "an emptied shard is back to its start");
+        assert_eq!(budget.used(), s.heap_bytes());
+    }
+
     #[test]
     fn a_record_at_its_reference_limit_gets_a_twin() {
         let budget = Budget::new(1 << 30);
