@@ -500,7 +500,6 @@ mod tests {
         let mut t = DedupTable::new();
         let keys: Vec<u32> = (0..u32::MAX)
             .step_by(97)
-            .map(|k| k as u32)
             .filter(|&k| home(k, 1 << 16) < 64)
             .take(100)
             .collect();

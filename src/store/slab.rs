@@ -222,7 +222,9 @@ fn table_step(cap: usize) -> usize {
 
 #[derive(Default)]
 pub struct Slab {
-    /// Thin pointers, added a quarter at a time (see [`table_step`]).
+    /// Thin pointers, added a quarter at a time (see [`table_step`]). Boxed
+    /// so that growing the table moves pointers, never records.
+    #[allow(clippy::vec_box)]
     blocks: Vec<Box<[Obj; BLOCK]>>,
     /// Records ever handed out (the high-water mark).
     len: u32,
