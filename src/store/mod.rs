@@ -617,7 +617,6 @@ impl Store {
         let domain = self.domain(guest);
         let content = Content::Fill {
             word: fill,
-            domain,
             hash: self.keys.fill(fill, domain),
         };
         self.put_content(guest, pool, index, &content)

@@ -25,7 +25,7 @@ use super::{
     keys::Keys,
     owners::{ObjCounters, Owners},
     share::Mask,
-    slab::{Codec, Obj, Slab, Tier, INDEXED, MAX_REFS, REFERENCED, WARM},
+    slab::{Codec, Obj, Slab, Tier, FILL_KEY_MASK, INDEXED, MAX_REFS, REFERENCED, WARM},
     spill::{units_for, Label, SpillFile, UNIT},
     Page, StoreError, PAGE_SIZE,
 };
@@ -64,8 +64,8 @@ pub enum Found {
 pub enum Content<'a> {
     Fill {
         word: u64,
-        domain: u32,
-        /// `Keys::fill(word, domain)`: record key and shard.
+        /// `Keys::fill(word, domain)`: record key and shard. The domain
+        /// itself is not kept: see [`Obj::fill_private`].
         hash: u64,
     },
     /// `payload` is a frame in `codec` (zstd or lz4), or the page itself
@@ -172,9 +172,6 @@ impl Writing {
 pub struct ObjShard {
     slab: Slab,
     dedup: DedupTable,
-    /// Word and dedup domain of each fill object, by id: they do not fit a
-    /// record, and distinct fills are few (zero pages are almost all of them).
-    fills: HashMap<u32, FillWord>,
     alloc: ChunkAlloc,
     /// Owner records: object counters by (guest, pool).
     owners: Owners,
@@ -216,7 +213,6 @@ impl ObjShard {
         ObjShard {
             slab: Slab::new(),
             dedup: DedupTable::new(),
-            fills: HashMap::new(),
             alloc: ChunkAlloc::new(),
             owners: Owners::new(keys.map_hasher()),
             compared: 0,
@@ -252,7 +248,7 @@ impl ObjShard {
     }
 
     pub fn heap_bytes(&self) -> u64 {
-        (self.fills.allocation_size() + self.dicts.allocation_size()) as u64
+        self.dicts.allocation_size() as u64
             + self.dedup.heap_bytes()
             + self.slab.heap_bytes()
             + self.alloc.heap_bytes()
@@ -349,13 +345,7 @@ impl ObjShard {
         } else {
             0
         };
-        let fill_growth = match content {
-            Content::Fill { .. } if self.fills.len() == self.fills.capacity() => {
-                self.fills.allocation_size().max(256)
-            }
-            _ => 0,
-        };
-        let growth = (alloc_growth + fill_growth + self.slab.growth()) as u64
+        let growth = (alloc_growth + self.slab.growth()) as u64
             + self.dedup_growth(dedup, key)
             + self.owners.growth(by.guest, by.pool);
         // New chunks for puts leave one chunk of headroom, for compaction to move into.
@@ -380,10 +370,14 @@ impl ObjShard {
             Content::Data { .. } => Tier::Ram,
         };
         let flags = REFERENCED | WARM | if dedup { INDEXED } else { 0 };
-        let mut obj = Obj::new(key, tier, payload_len, 0, flags);
-        if let Content::Data { codec, .. } = *content {
-            obj.set_codec(codec, 0);
-        }
+        let obj = match *content {
+            Content::Data { codec, .. } => {
+                let mut obj = Obj::new(key, tier, payload_len, 0, flags);
+                obj.set_codec(codec, 0);
+                obj
+            }
+            Content::Fill { word, .. } => Obj::fill(key, word, 0, flags, by.private),
+        };
         let id = self.insert_obj(obj, by, budget);
         match *content {
             Content::Data { payload, .. } => {
@@ -391,9 +385,7 @@ impl ObjShard {
                 self.alloc.bytes_mut(loc, payload.len()).copy_from_slice(payload);
                 self.slab.get_mut(id).set_loc(loc.pack());
             }
-            Content::Fill { word, domain, .. } => {
-                self.fills.insert(id, FillWord::new(word, domain));
-            }
+            Content::Fill { .. } => {}
         }
         if dedup {
             let slab = &self.slab;
@@ -423,8 +415,10 @@ impl ObjShard {
             return Found::Miss;
         }
         let (found, _) = self.candidates(key, by, limit, |shard, id, o| match *content {
-            Content::Fill { word, domain, .. } => {
-                o.tier() == Tier::Fill && shard.fills.get(&id) == Some(&FillWord::new(word, domain))
+            // The domain is the owner's guest's in a private domain (which
+            // candidates() checks), and the one shared domain otherwise.
+            Content::Fill { word, .. } => {
+                o.tier() == Tier::Fill && o.fill_word() == word && o.fill_private() == by.private
             }
             // Equal frames are equal pages only in the same codec (a raw page is
             // the page whatever its record says).
@@ -676,10 +670,7 @@ impl ObjShard {
                     shares.spill_freed();
                 }
             }
-            Tier::Fill => {
-                self.fills.remove(&id);
-            }
-            Tier::Free => {}
+            Tier::Fill | Tier::Free => {}
         }
         let ram = obj_ram_bytes(obj.tier(), len);
         let slot = if obj.tier() == Tier::Spilled {
@@ -707,17 +698,11 @@ impl ObjShard {
             // Empty: give every table back, so the store returns to its start.
             self.slab = Slab::new();
             self.dedup = DedupTable::new();
-            self.fills = HashMap::new();
             self.alloc = ChunkAlloc::new();
             self.dicts = HashMap::new();
             self.compact_floor = 0;
             self.warm_hand = 0;
         } else {
-            if fill && self.fills.is_empty() {
-                self.fills = HashMap::new();
-            } else if fill && self.fills.capacity() > 64 && self.fills.len() * 4 < self.fills.capacity() {
-                self.fills.shrink_to(self.fills.len() * 2);
-            }
             self.tidy(budget);
         }
         self.settle(budget);
@@ -789,10 +774,7 @@ impl ObjShard {
             (frame, Loaded::Frame(len, how))
         };
         match obj.tier() {
-            Tier::Fill => match self.fills.get(&id) {
-                Some(fill) => Ok(Loaded::Fill(fill.word())),
-                None => Err(StoreError::Corrupt { offset: u64::MAX }),
-            },
+            Tier::Fill => Ok(Loaded::Fill(obj.fill_word())),
             Tier::Ram => {
                 dest[..len].copy_from_slice(self.alloc.bytes(Loc::unpack(obj.loc()), len));
                 Ok(loaded)
@@ -1137,23 +1119,8 @@ impl ObjShard {
 /// lookup may compare (0: none, and it is stored without dedup).
 fn content_key(content: &Content<'_>) -> (u32, u32) {
     match *content {
-        Content::Fill { hash, .. } => (hash as u32, MAX_CANDIDATES),
+        Content::Fill { hash, .. } => (hash as u32 & FILL_KEY_MASK, MAX_CANDIDATES),
         Content::Data { key, candidates, .. } => (key, candidates),
-    }
-}
-
-/// The word and dedup domain of a fill object, in 4-byte parts: with its
-/// id, a fills-table entry is 16 bytes, where `(u32, (u64, u32))` took 24.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct FillWord([u32; 3]);
-
-impl FillWord {
-    fn new(word: u64, domain: u32) -> Self {
-        FillWord([word as u32, (word >> 32) as u32, domain])
-    }
-
-    fn word(self) -> u64 {
-        u64::from(self.0[1]) << 32 | u64::from(self.0[0])
     }
 }
 
@@ -1166,18 +1133,13 @@ fn obj_ram_bytes(tier: Tier, len: usize) -> u64 {
     }
 }
 
-/// Metadata charged to an object's owner: its record, its dedup-table
-/// entry, and a fill's entry in the fills table (entries with their control
-/// byte, at full load; the tables' slack is the shard's).
-pub fn obj_meta(tier: Tier, indexed: bool) -> u64 {
+/// Metadata charged to an object's owner: its record and its dedup-table
+/// slot (at full load; the table's slack is the shard's). A fill's word
+/// is in its record.
+pub fn obj_meta(_tier: Tier, indexed: bool) -> u64 {
     let record = std::mem::size_of::<Obj>();
     let dedup = if indexed { 4 } else { 0 };
-    let fill = if tier == Tier::Fill {
-        std::mem::size_of::<(u32, FillWord)>() + 1
-    } else {
-        0
-    };
-    (record + dedup + fill) as u64
+    (record + dedup) as u64
 }
 
 #[cfg(test)]
@@ -1207,7 +1169,6 @@ mod tests {
     fn fill(word: u64, domain: u32) -> Content<'static> {
         Content::Fill {
             word,
-            domain,
             hash: (word ^ u64::from(domain) << 7).wrapping_mul(0x9e37_79b9_7f4a_7c15),
         }
     }
@@ -1464,6 +1425,24 @@ mod tests {
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
         assert_eq!(s.load(f1, &mut page, &mut buf, None).unwrap(), Loaded::Fill(0));
         assert!(s.release(f1, None, &budget));
+        // The word is in the record, and so is whether its domain was a
+        // guest's own: the same key from a put in the shared domain (an
+        // equal hash, as only a guessed key gives) is not its twin.
+        let word = 0x0123_4567_89ab_cdef;
+        let own = By {
+            private: true,
+            ..by(0)
+        };
+        let (p, _) = id_of(s.obtain(&fill(word, 9), own, &budget, None));
+        assert_eq!(s.load(p, &mut page, &mut buf, None).unwrap(), Loaded::Fill(word));
+        let (shared, hit) = id_of(s.obtain(&fill(word, 9), by(0), &budget, None));
+        assert!(!hit && shared != p);
+        assert_eq!(id_of(s.obtain(&fill(word, 9), own, &budget, None)), (p, true));
+        assert_eq!(
+            id_of(s.obtain(&fill(word, 9), by(1), &budget, None)),
+            (shared, true)
+        );
+        check_dedup(&s);
     }
 
     #[test]
