@@ -51,13 +51,33 @@ impl Loc {
     }
 }
 
+/// 16 bytes: a thin pointer (`None` once the chunk went back) and 16-bit
+/// counts, which a chunk under 64 KiB needs no more than.
 struct Chunk {
-    data: Box<[u8]>,
+    data: Option<Box<[u8; CHUNK]>>,
     /// Bytes handed out from the start (headers included).
-    used: u32,
+    used: u16,
     /// Bytes of live payloads and their headers.
-    live: u32,
+    live: u16,
     open: bool,
+}
+
+impl Chunk {
+    fn data(&self) -> &[u8] {
+        self.data.as_deref().map_or(&[], |d| &d[..])
+    }
+
+    fn data_mut(&mut self) -> &mut [u8] {
+        self.data.as_deref_mut().map_or(&mut [], |d| &mut d[..])
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<Chunk>() == 16 && CHUNK <= u16::MAX as usize);
+
+/// Chunk records to add when the table is full: a quarter more (at least
+/// 4), not double, so its slack stays small.
+fn table_step(cap: usize) -> usize {
+    (cap / 4).max(4)
 }
 
 pub struct ChunkAlloc {
@@ -125,7 +145,7 @@ impl ChunkAlloc {
         if self.open_fit(len).is_some() {
             0
         } else if self.spare_ids.is_empty() && self.chunks.len() == self.chunks.capacity() {
-            CHUNK + self.chunks.capacity().max(4) * std::mem::size_of::<Chunk>()
+            CHUNK + table_step(self.chunks.capacity()) * std::mem::size_of::<Chunk>()
         } else {
             CHUNK
         }
@@ -138,10 +158,10 @@ impl ChunkAlloc {
             Some(c) => c,
             None => self.open_new_chunk(),
         };
-        let need = (HDR + len) as u32;
+        let need = (HDR + len) as u16;
         let c = &mut self.chunks[chunk as usize];
-        let at = c.used as usize;
-        c.data[at..at + HDR].copy_from_slice(&id.to_le_bytes());
+        let at = usize::from(c.used);
+        c.data_mut()[at..at + HDR].copy_from_slice(&id.to_le_bytes());
         c.used += need;
         c.live += need;
         self.live_bytes += u64::from(need);
@@ -154,10 +174,10 @@ impl ChunkAlloc {
 
     /// Marks a payload free; a chunk that empties goes back to the host.
     pub fn free(&mut self, loc: Loc, len: usize) {
-        let need = (HDR + len) as u32;
+        let need = (HDR + len) as u16;
         let c = &mut self.chunks[loc.chunk as usize];
         let at = loc.off as usize - HDR;
-        c.data[at..at + HDR].copy_from_slice(&(FREE_BIT | len as u32).to_le_bytes());
+        c.data_mut()[at..at + HDR].copy_from_slice(&(FREE_BIT | len as u32).to_le_bytes());
         c.live -= need;
         self.live_bytes -= u64::from(need);
         if c.live == 0 {
@@ -171,12 +191,12 @@ impl ChunkAlloc {
 
     pub fn bytes(&self, loc: Loc, len: usize) -> &[u8] {
         let at = loc.off as usize;
-        &self.chunks[loc.chunk as usize].data[at..at + len]
+        &self.chunks[loc.chunk as usize].data()[at..at + len]
     }
 
     pub fn bytes_mut(&mut self, loc: Loc, len: usize) -> &mut [u8] {
         let at = loc.off as usize;
-        &mut self.chunks[loc.chunk as usize].data[at..at + len]
+        &mut self.chunks[loc.chunk as usize].data_mut()[at..at + len]
     }
 
     /// The chunk with the fewest live bytes, if compacting it pays (at most
@@ -187,7 +207,7 @@ impl ChunkAlloc {
             .chunks
             .iter()
             .enumerate()
-            .filter(|(_, c)| !c.data.is_empty())
+            .filter(|(_, c)| c.data.is_some())
             .map(|(i, c)| {
                 let room = if c.open { CHUNK - c.used as usize } else { 0 };
                 (i as u32, c.live as usize + room)
@@ -219,7 +239,7 @@ impl ChunkAlloc {
         let mut at = from as usize;
         while at + HDR <= c.used as usize {
             let mut h = [0u8; HDR];
-            h.copy_from_slice(&c.data[at..at + HDR]);
+            h.copy_from_slice(&c.data()[at..at + HDR]);
             let h = u32::from_le_bytes(h);
             let loc = Loc {
                 chunk,
@@ -261,7 +281,9 @@ impl ChunkAlloc {
             }
         }
         let chunk = Chunk {
-            data: vec![0u8; CHUNK].into_boxed_slice(),
+            // Zeroed by the allocator (fresh pages come from the host as
+            // they are touched); the length is CHUNK, so the conversion holds.
+            data: vec![0u8; CHUNK].into_boxed_slice().try_into().ok(),
             used: 0,
             live: 0,
             open: true,
@@ -274,6 +296,9 @@ impl ChunkAlloc {
                 id
             }
             None => {
+                if self.chunks.len() == self.chunks.capacity() {
+                    self.chunks.reserve_exact(table_step(self.chunks.capacity()));
+                }
                 self.chunks.push(chunk);
                 (self.chunks.len() - 1) as u32
             }
@@ -284,8 +309,8 @@ impl ChunkAlloc {
 
     fn release(&mut self, id: u32) {
         let c = &mut self.chunks[id as usize];
-        self.chunk_bytes -= c.data.len() as u64;
-        c.data = Box::default();
+        self.chunk_bytes -= c.data().len() as u64;
+        c.data = None;
         c.used = 0;
         self.spare_ids.push(id);
     }
@@ -300,7 +325,7 @@ mod tests {
     fn check_totals(a: &ChunkAlloc) {
         let live: u64 = a.chunks.iter().map(|c| u64::from(c.live)).sum();
         assert_eq!(live, a.live_bytes);
-        let held: u64 = a.chunks.iter().map(|c| c.data.len() as u64).sum();
+        let held: u64 = a.chunks.iter().map(|c| c.data().len() as u64).sum();
         assert_eq!(held, a.chunk_bytes);
     }
 
@@ -360,7 +385,7 @@ mod tests {
                         live.get_mut(&oid).unwrap().0 = to;
                     }
                     assert!(
-                        a.chunks[src as usize].data.is_empty(),
+                        a.chunks[src as usize].data.is_none(),
                         "compacted chunk is returned"
                     );
                 }

@@ -15,6 +15,7 @@
 //! - `index`: index shards, (guest, pool, index) -> 32-bit object handle, page counters;
 //! - `objects`: object shards, stored contents with dedup, refcounts, tiers;
 //! - `slab`: the object records of a shard and the CLOCK hand over them;
+//! - `dedup`: a shard's dedup table, object ids by record key;
 //! - `alloc`: the byte-packed chunk allocator (with compaction) that holds RAM payloads;
 //! - `spill`: the spill file: private, encrypted slots, and its free space;
 //! - `frames` (feature `harness`): multi-page spill frames, for `tmem-bench frames`;
@@ -37,6 +38,7 @@
 mod alloc;
 mod budget;
 mod codec;
+mod dedup;
 mod dict;
 #[cfg(feature = "harness")]
 mod frames;
@@ -633,7 +635,6 @@ impl Store {
         let domain = self.domain(guest);
         let content = Content::Fill {
             word: fill,
-            domain,
             hash: self.keys.fill(fill, domain),
         };
         self.put_content(guest, pool, index, &content)

@@ -14,17 +14,18 @@
 
 use std::sync::Arc;
 
-use hashbrown::{HashMap, HashTable};
+use hashbrown::HashMap;
 
 use super::{
     alloc::{ChunkAlloc, Loc, CHUNK, HDR},
     budget::Budget,
     codec::{self, Decoder},
+    dedup::{self, DedupTable},
     dict::Dict,
     keys::Keys,
     owners::{ObjCounters, Owners},
     share::Mask,
-    slab::{key_hash, Codec, Obj, Slab, Tier, INDEXED, MAX_REFS, REFERENCED, WARM},
+    slab::{Codec, Obj, Slab, Tier, FILL_KEY_MASK, INDEXED, MAX_REFS, REFERENCED, WARM},
     spill::{units_for, Label, SpillFile, UNIT},
     Page, StoreError, PAGE_SIZE,
 };
@@ -63,8 +64,8 @@ pub enum Found {
 pub enum Content<'a> {
     Fill {
         word: u64,
-        domain: u32,
-        /// `Keys::fill(word, domain)`: record key and shard.
+        /// `Keys::fill(word, domain)`: record key and shard. The domain
+        /// itself is not kept: see [`Obj::fill_private`].
         hash: u64,
     },
     /// `payload` is a frame in `codec` (zstd or lz4), or the page itself
@@ -170,10 +171,7 @@ impl Writing {
 
 pub struct ObjShard {
     slab: Slab,
-    dedup: HashTable<u32>,
-    /// Word and dedup domain of each fill object, by id: they do not fit a
-    /// record, and distinct fills are few (zero pages are almost all of them).
-    fills: HashMap<u32, (u64, u32)>,
+    dedup: DedupTable,
     alloc: ChunkAlloc,
     /// Owner records: object counters by (guest, pool).
     owners: Owners,
@@ -214,8 +212,7 @@ impl ObjShard {
     pub fn new(handle_base: u32, max_ids: u32, keys: &Keys) -> Self {
         ObjShard {
             slab: Slab::new(),
-            dedup: HashTable::new(),
-            fills: HashMap::new(),
+            dedup: DedupTable::new(),
             alloc: ChunkAlloc::new(),
             owners: Owners::new(keys.map_hasher()),
             compared: 0,
@@ -225,7 +222,8 @@ impl ObjShard {
             compact_floor: 0,
             writing: None,
             cancelled: false,
-            max_ids,
+            // A dedup slot holds the id in 26 bits.
+            max_ids: max_ids.min(dedup::MAX_IDS),
             handle_base,
             dicts: HashMap::new(),
             by_codec: [0; 5],
@@ -250,7 +248,8 @@ impl ObjShard {
     }
 
     pub fn heap_bytes(&self) -> u64 {
-        (self.dedup.allocation_size() + self.fills.allocation_size() + self.dicts.allocation_size()) as u64
+        self.dicts.allocation_size() as u64
+            + self.dedup.heap_bytes()
             + self.slab.heap_bytes()
             + self.alloc.heap_bytes()
             + self.owners.heap_bytes()
@@ -276,10 +275,10 @@ impl ObjShard {
         self.slab.live()
     }
 
-    /// Bytes the dedup table grows by on the next insert.
-    fn dedup_growth(&self, dedup: bool) -> usize {
-        if dedup && self.dedup.len() == self.dedup.capacity() {
-            self.dedup.allocation_size().max(128)
+    /// Bytes the dedup table grows by on an insert of `key`.
+    fn dedup_growth(&self, dedup: bool, key: u32) -> u64 {
+        if dedup {
+            self.dedup.growth(key)
         } else {
             0
         }
@@ -346,13 +345,8 @@ impl ObjShard {
         } else {
             0
         };
-        let fill_growth = match content {
-            Content::Fill { .. } if self.fills.len() == self.fills.capacity() => {
-                self.fills.allocation_size().max(256)
-            }
-            _ => 0,
-        };
-        let growth = (alloc_growth + self.dedup_growth(dedup) + fill_growth + self.slab.growth()) as u64
+        let growth = (alloc_growth + self.slab.growth()) as u64
+            + self.dedup_growth(dedup, key)
             + self.owners.growth(by.guest, by.pool);
         // New chunks for puts leave one chunk of headroom, for compaction to move into.
         let keep = if alloc_growth > 0 { CHUNK as u64 } else { 0 };
@@ -376,10 +370,14 @@ impl ObjShard {
             Content::Data { .. } => Tier::Ram,
         };
         let flags = REFERENCED | WARM | if dedup { INDEXED } else { 0 };
-        let mut obj = Obj::new(key, tier, payload_len, 0, flags);
-        if let Content::Data { codec, .. } = *content {
-            obj.set_codec(codec, 0);
-        }
+        let obj = match *content {
+            Content::Data { codec, .. } => {
+                let mut obj = Obj::new(key, tier, payload_len, 0, flags);
+                obj.set_codec(codec, 0);
+                obj
+            }
+            Content::Fill { word, .. } => Obj::fill(key, word, 0, flags, by.private),
+        };
         let id = self.insert_obj(obj, by, budget);
         match *content {
             Content::Data { payload, .. } => {
@@ -387,14 +385,11 @@ impl ObjShard {
                 self.alloc.bytes_mut(loc, payload.len()).copy_from_slice(payload);
                 self.slab.get_mut(id).set_loc(loc.pack());
             }
-            Content::Fill { word, domain, .. } => {
-                self.fills.insert(id, (word, domain));
-            }
+            Content::Fill { .. } => {}
         }
         if dedup {
             let slab = &self.slab;
-            self.dedup
-                .insert_unique(key_hash(key), id, |&i| slab.get(i).table_hash());
+            self.dedup.insert(key, id, |i| slab.get(i).key());
         }
         if tier == Tier::Ram {
             self.in_ram += 1;
@@ -420,8 +415,10 @@ impl ObjShard {
             return Found::Miss;
         }
         let (found, _) = self.candidates(key, by, limit, |shard, id, o| match *content {
-            Content::Fill { word, domain, .. } => {
-                o.tier() == Tier::Fill && shard.fills.get(&id) == Some(&(word, domain))
+            // The domain is the owner's guest's in a private domain (which
+            // candidates() checks), and the one shared domain otherwise.
+            Content::Fill { word, .. } => {
+                o.tier() == Tier::Fill && o.fill_word() == word && o.fill_private() == by.private
             }
             // Equal frames are equal pages only in the same codec (a raw page is
             // the page whatever its record says).
@@ -452,7 +449,7 @@ impl ObjShard {
     ) -> (Found, u32) {
         let mut compared = 0;
         let mut found = Found::Miss;
-        for &id in self.dedup.iter_hash(key_hash(key)) {
+        for id in self.dedup.candidates(key) {
             let o = self.slab.get(id);
             if o.key() != key {
                 continue;
@@ -600,7 +597,7 @@ impl ObjShard {
             Found::TooMany => false,
         };
         let growth =
-            (self.dedup_growth(dedup) + self.slab.growth()) as u64 + self.owners.growth(by.guest, by.pool);
+            self.dedup_growth(dedup, key) + self.slab.growth() as u64 + self.owners.growth(by.guest, by.pool);
         if !self.slab.has_room(self.max_ids) || !budget.reserve(growth, by.reserved) {
             return Ok(Obtained::NeedRoom);
         }
@@ -620,8 +617,7 @@ impl ObjShard {
         debug_assert_eq!(inserted, id);
         if dedup {
             let slab = &self.slab;
-            self.dedup
-                .insert_unique(key_hash(key), id, |&i| slab.get(i).table_hash());
+            self.dedup.insert(key, id, |i| slab.get(i).key());
         }
         let c = self.counters(id);
         c.mem_used_bytes += obj_ram_bytes(Tier::Spilled, payload.len());
@@ -653,9 +649,8 @@ impl ObjShard {
             self.cancelled = true;
         }
         if obj.has(INDEXED) {
-            if let Ok(entry) = self.dedup.find_entry(obj.table_hash(), |&i| i == id) {
-                entry.remove();
-            }
+            let slab = &self.slab;
+            self.dedup.remove(obj.key(), id, |i| slab.get(i).key());
         }
         self.count_codec(&obj, false);
         if obj.codec() == Codec::Dict && !obj.is_raw() {
@@ -675,10 +670,7 @@ impl ObjShard {
                     shares.spill_freed();
                 }
             }
-            Tier::Fill => {
-                self.fills.remove(&id);
-            }
-            Tier::Free => {}
+            Tier::Fill | Tier::Free => {}
         }
         let ram = obj_ram_bytes(obj.tier(), len);
         let slot = if obj.tier() == Tier::Spilled {
@@ -705,23 +697,12 @@ impl ObjShard {
         if self.slab.live() == 0 {
             // Empty: give every table back, so the store returns to its start.
             self.slab = Slab::new();
-            self.dedup = HashTable::new();
-            self.fills = HashMap::new();
+            self.dedup = DedupTable::new();
             self.alloc = ChunkAlloc::new();
             self.dicts = HashMap::new();
             self.compact_floor = 0;
             self.warm_hand = 0;
         } else {
-            let (len, cap) = (self.dedup.len(), self.dedup.capacity());
-            if cap > 64 && len * 4 < cap {
-                let slab = &self.slab;
-                self.dedup.shrink_to(len * 2, |&i| slab.get(i).table_hash());
-            }
-            if fill && self.fills.is_empty() {
-                self.fills = HashMap::new();
-            } else if fill && self.fills.capacity() > 64 && self.fills.len() * 4 < self.fills.capacity() {
-                self.fills.shrink_to(self.fills.len() * 2);
-            }
             self.tidy(budget);
         }
         self.settle(budget);
@@ -793,10 +774,7 @@ impl ObjShard {
             (frame, Loaded::Frame(len, how))
         };
         match obj.tier() {
-            Tier::Fill => match self.fills.get(&id) {
-                Some(&(word, _)) => Ok(Loaded::Fill(word)),
-                None => Err(StoreError::Corrupt { offset: u64::MAX }),
-            },
+            Tier::Fill => Ok(Loaded::Fill(obj.fill_word())),
             Tier::Ram => {
                 dest[..len].copy_from_slice(self.alloc.bytes(Loc::unpack(obj.loc()), len));
                 Ok(loaded)
@@ -1141,7 +1119,7 @@ impl ObjShard {
 /// lookup may compare (0: none, and it is stored without dedup).
 fn content_key(content: &Content<'_>) -> (u32, u32) {
     match *content {
-        Content::Fill { hash, .. } => (hash as u32, MAX_CANDIDATES),
+        Content::Fill { hash, .. } => (hash as u32 & FILL_KEY_MASK, MAX_CANDIDATES),
         Content::Data { key, candidates, .. } => (key, candidates),
     }
 }
@@ -1155,18 +1133,13 @@ fn obj_ram_bytes(tier: Tier, len: usize) -> u64 {
     }
 }
 
-/// Metadata charged to an object's owner: its record, its dedup-table
-/// entry, and a fill's entry in the fills table (entries with their control
-/// byte, at full load; the tables' slack is the shard's).
-pub fn obj_meta(tier: Tier, indexed: bool) -> u64 {
+/// Metadata charged to an object's owner: its record and its dedup-table
+/// slot (at full load; the table's slack is the shard's). A fill's word
+/// is in its record.
+pub fn obj_meta(_tier: Tier, indexed: bool) -> u64 {
     let record = std::mem::size_of::<Obj>();
-    let dedup = if indexed { 4 + 1 } else { 0 };
-    let fill = if tier == Tier::Fill {
-        std::mem::size_of::<(u32, (u64, u32))>() + 1
-    } else {
-        0
-    };
-    (record + dedup + fill) as u64
+    let dedup = if indexed { 4 } else { 0 };
+    (record + dedup) as u64
 }
 
 #[cfg(test)]
@@ -1196,7 +1169,6 @@ mod tests {
     fn fill(word: u64, domain: u32) -> Content<'static> {
         Content::Fill {
             word,
-            domain,
             hash: (word ^ u64::from(domain) << 7).wrapping_mul(0x9e37_79b9_7f4a_7c15),
         }
     }
@@ -1238,6 +1210,112 @@ mod tests {
             total.unique_pages += c.unique_pages + c.compr_data_bytes + c.mem_used_bytes
         });
         assert_eq!(total.unique_pages, 0);
+    }
+
+    /// Recounts the dedup table against the records: its invariants, and
+    /// one entry per live record flagged as indexed.
+    fn check_dedup(s: &ObjShard) {
+        s.dedup.check(|i| s.slab.get(i).key());
+        let indexed = (0..s.slab.high_water())
+            .filter(|&i| s.slab.get(i).tier() != Tier::Free && s.slab.get(i).has(INDEXED))
+            .count();
+        assert_eq!(indexed, s.dedup.len());
+    }
+
+    /// Spread keys, as the keyed hash gives them.
+    fn spread(i: u32) -> u32 {
+        (u64::from(i).wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32
+    }
+
+    #[test]
+    fn dedup_growth_under_a_full_budget_leaves_nothing_changed() {
+        let budget = Budget::new(1 << 30);
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
+        // Short payloads, and freed records: only the table can need room.
+        let p = [4u8; 1];
+        let ids: Vec<u32> = (0..6000)
+            .map(|i| id_of(s.obtain(&data(spread(i), &p, true), by(0), &budget, None)).0)
+            .collect();
+        for &id in &ids[3000..] {
+            s.release(id, None, &budget);
+        }
+        check_dedup(&s);
+        budget.set_limit(budget.used());
+        let (mut refused, mut stored) = (0, 0);
+        for i in 6000..9000 {
+            let key = spread(i);
+            let needs = s.dedup.growth(key) > 0;
+            if s.slab.growth() > 0 || s.alloc.growth_for(p.len()) > 0 || s.owners.growth(0, 0) > 0 {
+                break;
+            }
+            let (heap, used, live, indexed) =
+                (s.heap_bytes(), budget.used(), s.live_objects(), s.dedup.len());
+            match s.obtain(&data(key, &p, true), by(0), &budget, None) {
+                Obtained::NeedRoom => {
+                    assert!(needs, "refused only for the table's growth");
+                    assert_eq!(
+                        (s.heap_bytes(), budget.used(), s.live_objects(), s.dedup.len()),
+                        (heap, used, live, indexed)
+                    );
+                    refused += 1;
+                }
+                Obtained::Ref { hit, .. } => {
+                    assert!(!needs && !hit);
+                    assert_eq!(budget.used(), s.heap_bytes());
+                    stored += 1;
+                }
+            }
+        }
+        assert!(refused > 0 && stored > 0, "{refused} refused, {stored} stored");
+        check_dedup(&s);
+        budget.set_limit(1 << 30);
+        let (_, hit) = id_of(s.obtain(&data(spread(5), &p, true), by(0), &budget, None));
+        assert!(hit, "what was stored is still found");
+        assert_eq!(budget.used(), s.heap_bytes());
+    }
+
+    #[test]
+    fn dedup_table_recounts_through_churn_and_an_emptied_shard_holds_nothing() {
+        let budget = Budget::new(1 << 30);
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
+        let start = s.heap_bytes();
+        let payload = |i: u32| vec![(i % 251) as u8; 30 + (i % 50) as usize];
+        let mut live: Vec<u32> = Vec::new();
+        for i in 0..12_000u32 {
+            // Some pages repeat (dedup hits), some fills, some without dedup.
+            let content = match i % 10 {
+                0 => fill(u64::from(i % 7), 0),
+                1 => data(spread(i), &[], false),
+                _ => data(spread(i % 9000), &[], true),
+            };
+            let p = payload(i % 9000);
+            let content = match content {
+                Content::Data { key, candidates, .. } => Content::Data {
+                    key,
+                    codec: Codec::Zstd,
+                    shard_hash: 0,
+                    payload: &p,
+                    candidates,
+                },
+                fill => fill,
+            };
+            live.push(id_of(s.obtain(&content, by(i % 3), &budget, None)).0);
+            if i % 4 == 3 {
+                let id = live.swap_remove((i as usize * 7919) % live.len());
+                s.release(id, None, &budget);
+            }
+            if i % 1000 == 0 {
+                check_dedup(&s);
+            }
+        }
+        check_dedup(&s);
+        assert_eq!(budget.used(), s.heap_bytes());
+        for id in live {
+            s.release(id, None, &budget);
+        }
+        assert_eq!((s.live_objects(), s.dedup.len()), (0, 0));
+        assert_eq!(s.heap_bytes(), start, "an emptied shard is back to its start");
+        assert_eq!(budget.used(), s.heap_bytes());
     }
 
     #[test]
@@ -1347,6 +1425,24 @@ mod tests {
         let (mut page, mut buf) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
         assert_eq!(s.load(f1, &mut page, &mut buf, None).unwrap(), Loaded::Fill(0));
         assert!(s.release(f1, None, &budget));
+        // The word is in the record, and so is whether its domain was a
+        // guest's own: the same key from a put in the shared domain (an
+        // equal hash, as only a guessed key gives) is not its twin.
+        let word = 0x0123_4567_89ab_cdef;
+        let own = By {
+            private: true,
+            ..by(0)
+        };
+        let (p, _) = id_of(s.obtain(&fill(word, 9), own, &budget, None));
+        assert_eq!(s.load(p, &mut page, &mut buf, None).unwrap(), Loaded::Fill(word));
+        let (shared, hit) = id_of(s.obtain(&fill(word, 9), by(0), &budget, None));
+        assert!(!hit && shared != p);
+        assert_eq!(id_of(s.obtain(&fill(word, 9), own, &budget, None)), (p, true));
+        assert_eq!(
+            id_of(s.obtain(&fill(word, 9), by(1), &budget, None)),
+            (shared, true)
+        );
+        check_dedup(&s);
     }
 
     #[test]

@@ -34,6 +34,9 @@ impl Tier {
 
 /// Locations are 40 bits: 2^24 RAM chunks of a shard, or 128 TiB of spill file.
 pub const LOC_BITS: u32 = 40;
+/// Bits of a fill record's key (see [`Obj::fill`]).
+pub const FILL_KEY_BITS: u32 = 21;
+pub const FILL_KEY_MASK: u32 = (1 << FILL_KEY_BITS) - 1;
 /// References one record can carry; an equal page past this gets a new copy
 /// (about a gigabyte of one page: a fill, in practice, costing one more record).
 pub const MAX_REFS: u32 = (1 << 18) - 1;
@@ -125,8 +128,39 @@ impl Obj {
         o
     }
 
+    /// A fill record: the word takes the key and location fields, and its
+    /// [`FILL_KEY_BITS`]-bit key the location's top and the length (a fill
+    /// has neither). `private`: stored by a put whose dedup domain is its
+    /// guest's own (see [`Obj::fill_private`]).
+    pub fn fill(key: u32, word: u64, owner: u16, flags: u32, private: bool) -> Obj {
+        let mut o = Obj::new(0, Tier::Fill, 0, owner, flags);
+        o.key = word as u32;
+        o.loc_lo = (word >> 32) as u32;
+        let key = key & FILL_KEY_MASK;
+        o.bits |= (key >> 13) | (key & LEN_MASK) << LEN_SHIFT | u32::from(private) << SLOT_SHIFT;
+        o
+    }
+
+    /// The key the dedup table and candidates go by: a fill's is
+    /// [`FILL_KEY_BITS`] long.
     pub fn key(&self) -> u32 {
-        self.key
+        if self.tier() == Tier::Fill {
+            (self.bits & 0xff) << 13 | (self.bits >> LEN_SHIFT) & LEN_MASK
+        } else {
+            self.key
+        }
+    }
+
+    /// A fill record's word.
+    pub fn fill_word(&self) -> u64 {
+        u64::from(self.loc_lo) << 32 | u64::from(self.key)
+    }
+
+    /// Whether a fill record was stored in a private dedup domain (its
+    /// guest's own): with the owner's guest that names its domain, which
+    /// the record has no room for.
+    pub fn fill_private(&self) -> bool {
+        (self.bits >> SLOT_SHIFT) & 1 != 0
     }
 
     pub fn owner(&self) -> u16 {
@@ -206,22 +240,26 @@ impl Obj {
     pub fn is_raw(&self) -> bool {
         self.len() == PAGE_SIZE
     }
-
-    /// Hash used by the dedup table.
-    pub fn table_hash(&self) -> u64 {
-        key_hash(self.key)
-    }
 }
 
-/// Spreads a 32-bit key over the 64 bits hashbrown uses (bucket bits at the
-/// bottom, its 7-bit tag at the top).
+/// Spreads a 32-bit key over 64 bits, for the dedup table (its part from
+/// the top bits, its home slot from the next ones).
 pub fn key_hash(key: u32) -> u64 {
     u64::from(key).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
+/// Block pointers to add when the table is full: a quarter more (at least
+/// 4), not double, so its slack stays small.
+fn table_step(cap: usize) -> usize {
+    (cap / 4).max(4)
+}
+
 #[derive(Default)]
 pub struct Slab {
-    blocks: Vec<Box<[Obj]>>,
+    /// Thin pointers, added a quarter at a time (see [`table_step`]). Boxed
+    /// so that growing the table moves pointers, never records.
+    #[allow(clippy::vec_box)]
+    blocks: Vec<Box<[Obj; BLOCK]>>,
     /// Records ever handed out (the high-water mark).
     len: u32,
     free_head: u32,
@@ -239,7 +277,7 @@ impl Slab {
 
     pub fn heap_bytes(&self) -> u64 {
         (self.blocks.len() * BLOCK * std::mem::size_of::<Obj>()
-            + self.blocks.capacity() * std::mem::size_of::<Box<[Obj]>>()) as u64
+            + self.blocks.capacity() * std::mem::size_of::<Box<[Obj; BLOCK]>>()) as u64
     }
 
     pub fn live(&self) -> u32 {
@@ -250,7 +288,7 @@ impl Slab {
     pub fn growth(&self) -> usize {
         if self.free_head == NONE && self.len as usize == self.blocks.len() * BLOCK {
             let table = if self.blocks.len() == self.blocks.capacity() {
-                self.blocks.capacity().max(4) * std::mem::size_of::<Box<[Obj]>>()
+                table_step(self.blocks.capacity()) * std::mem::size_of::<Box<[Obj; BLOCK]>>()
             } else {
                 0
             };
@@ -281,7 +319,10 @@ impl Slab {
             id
         } else {
             if self.len as usize == self.blocks.len() * BLOCK {
-                self.blocks.push(vec![Obj::default(); BLOCK].into_boxed_slice());
+                if self.blocks.len() == self.blocks.capacity() {
+                    self.blocks.reserve_exact(table_step(self.blocks.capacity()));
+                }
+                self.blocks.push(Box::new([Obj::default(); BLOCK]));
             }
             self.len += 1;
             self.len - 1
@@ -386,6 +427,28 @@ mod tests {
             (Tier::Ram, (1 << LOC_BITS) - 1, MAX_REFS)
         );
         assert!(o.is_raw());
+    }
+
+    #[test]
+    fn a_fill_record_keeps_its_word_key_and_domain_kind_apart() {
+        for (key, word, private) in [
+            (0xffff_ffff, u64::MAX, true),
+            (0x1f_ffff, 0, false),
+            (0x12_3456, 0x0123_4567_89ab_cdef, true),
+            (1 << 13, 1 << 32, false),
+        ] {
+            let mut o = Obj::fill(key, word, 0xabcd, INDEXED, private);
+            o.set_refs(MAX_REFS);
+            o.set(REFERENCED | WARM, true);
+            assert_eq!(o.tier(), Tier::Fill);
+            assert_eq!((o.key(), o.fill_word()), (key & FILL_KEY_MASK, word));
+            assert_eq!(
+                (o.fill_private(), o.owner(), o.refs()),
+                (private, 0xabcd, MAX_REFS)
+            );
+            assert!(o.has(INDEXED) && o.has(WARM));
+            assert_eq!(o.codec(), Codec::Zstd, "no dictionary to drop");
+        }
     }
 
     #[test]
