@@ -202,6 +202,14 @@ impl ChunkAlloc {
     /// The chunk with the fewest live bytes, if compacting it pays (at most
     /// three quarters live, counting an open chunk's unused room as live: it
     /// is not waste). An open chunk chosen here is closed first.
+    /// Whether chunk `id` holds data and takes no new payloads: a chunk a
+    /// compaction that stopped part-way can go on draining.
+    pub fn closed(&self, id: u32) -> bool {
+        self.chunks
+            .get(id as usize)
+            .is_some_and(|c| c.data.is_some() && !c.open)
+    }
+
     pub fn sparsest(&mut self) -> Option<u32> {
         let pick = self
             .chunks

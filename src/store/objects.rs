@@ -37,6 +37,9 @@ use super::{
 /// and each of its puts at most this many compares under the shard lock.
 /// With keyed 32-bit keys a second candidate is a one-in-4-billion event.
 pub const MAX_CANDIDATES: u32 = 4;
+/// Payload bytes one compaction call moves at most, under the shard lock:
+/// four raw pages, about 2 µs of copying.
+pub const COMPACT_STEP: usize = 16 << 10;
 
 /// Who stores: the object's owner, and whether only that guest's objects
 /// may be its twins (the `Guest` and `Off` dedup domains).
@@ -187,6 +190,8 @@ pub struct ObjShard {
     /// before the next try, so a shard with thinly spread holes is not
     /// rescanned on every free.
     compact_floor: u64,
+    /// The chunk a compaction stopped in after [`COMPACT_STEP`] bytes.
+    draining: Option<u32>,
     /// The object whose payload is being written to the file with the
     /// lock released (see [`ObjShard::begin_evict`]), and whether its last
     /// reference went meanwhile.
@@ -220,6 +225,7 @@ impl ObjShard {
             counted: 0,
             in_ram: 0,
             compact_floor: 0,
+            draining: None,
             writing: None,
             cancelled: false,
             // A dedup slot holds the id in 26 bits.
@@ -701,6 +707,7 @@ impl ObjShard {
             self.alloc = ChunkAlloc::new();
             self.dicts = HashMap::new();
             self.compact_floor = 0;
+            self.draining = None;
             self.warm_hand = 0;
         } else {
             self.tidy(budget);
@@ -723,21 +730,34 @@ impl ObjShard {
         self.alloc.garbage()
     }
 
-    /// Moves the live payloads of the sparsest chunk into the open chunks and
-    /// frees it. Returns whether a chunk went back to the host.
+    /// Moves live payloads of the sparsest chunk into the open chunks, at
+    /// most [`COMPACT_STEP`] bytes a call, and frees the chunk once they are
+    /// all out. Returns whether it made progress (moved a payload or freed a
+    /// chunk); callers loop, and the shard lock they drop between calls lets
+    /// gets and puts of other guests in: a whole chunk's move, with its page
+    /// faults, held it for tens of microseconds.
     pub fn compact(&mut self, budget: &Budget) -> bool {
         if self.alloc.garbage() < self.compact_floor {
             return false;
         }
-        let Some(src) = self.alloc.sparsest() else {
+        // Finish the chunk a bounded call left part-drained before looking
+        // over every chunk for the sparsest again.
+        let draining = self.draining.take().filter(|&id| self.alloc.closed(id));
+        let Some(src) = draining.or_else(|| self.alloc.sparsest()) else {
             self.compact_floor = self.alloc.garbage() + CHUNK as u64;
             return false;
         };
         self.compact_floor = 0;
         let mut from = 0;
         let mut done = true;
+        let mut moved = 0;
         while let Some((id, loc)) = self.alloc.next_live(src, from) {
             let len = self.slab.get(id).len();
+            if moved >= COMPACT_STEP {
+                self.draining = Some(src);
+                done = false;
+                break;
+            }
             let growth = self.alloc.growth_for(len) as u64;
             if (growth > 0 && !self.alloc.can_grow()) || !budget.try_reserve(growth) {
                 done = false;
@@ -747,9 +767,10 @@ impl ObjShard {
             from = loc.off + len as u32;
             let to = self.alloc.relocate(loc, len, id);
             self.slab.get_mut(id).set_loc(to.pack());
+            moved += len;
         }
         self.settle(budget);
-        done
+        done || moved > 0
     }
 
     /// Fetches the payload (reading the file if spilled), marking the object used:
@@ -1533,6 +1554,49 @@ mod tests {
         // Moved payloads are still found by dedup.
         let (again, hit) = id_of(s.obtain(&data(1, &payload(0), true), by(0), &budget, None));
         assert!(hit && again == ids[0]);
+    }
+
+    #[test]
+    fn one_compaction_call_moves_a_bounded_amount() {
+        // A step of half a chunk or more would move these chunks' 30 KB at once.
+        const { assert!(COMPACT_STEP < CHUNK / 2) };
+        let budget = Budget::new(1 << 30);
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
+        let payload = |i: u32| -> Vec<u8> {
+            (0..900)
+                .map(|k| (i as u8).wrapping_mul(3).wrapping_add(k as u8))
+                .collect()
+        };
+        let ids: Vec<u32> = (0..800u32)
+            .map(|i| id_of(s.obtain(&data(i + 1, &payload(i), true), by(0), &budget, None)).0)
+            .collect();
+        // Every other one goes: chunks half full, about 30 KB live each.
+        for &id in ids.iter().step_by(2) {
+            s.release(id, None, &budget);
+        }
+        let kept: Vec<(usize, u32)> = ids.iter().copied().enumerate().skip(1).step_by(2).collect();
+        let mut calls = 0;
+        while s.garbage() >= CHUNK as u64 {
+            let before: Vec<u64> = kept.iter().map(|&(_, id)| s.slab.get(id).loc()).collect();
+            if !s.compact(&budget) {
+                break;
+            }
+            calls += 1;
+            let moved = kept
+                .iter()
+                .zip(&before)
+                .filter(|(&(_, id), &loc)| s.slab.get(id).loc() != loc)
+                .count();
+            assert!(moved * 900 <= COMPACT_STEP + 900, "{moved} payloads in one call");
+        }
+        assert!(calls > 1, "{calls}");
+        assert!(s.garbage() < CHUNK as u64);
+        let (mut page, mut frame) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+        for &(i, id) in &kept {
+            s.load(id, &mut page, &mut frame, None).unwrap();
+            assert_eq!(&frame[..900], &payload(i as u32)[..]);
+        }
+        assert_eq!(budget.used(), s.heap_bytes());
     }
 
     fn lz4(key: u32, payload: &[u8]) -> Content<'_> {
