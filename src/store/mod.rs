@@ -605,6 +605,7 @@ impl Store {
                 shard_hash,
                 payload,
                 candidates,
+                page: Some(page),
             };
             self.put_content(guest, pool, index, &content)
         })

@@ -85,6 +85,11 @@ pub enum Content<'a> {
         /// before compression left of [`MAX_CANDIDATES`]. 0: stored without
         /// dedup (dedup off, or that lookup used them all).
         candidates: u32,
+        /// The page itself, when the caller has it. A twin stored by another
+        /// put after this put's first lookup, and recompressed before this
+        /// one's, is in another encoding: it is then decoded and compared
+        /// whole, so the race does not cost a second copy.
+        page: Option<&'a Page>,
     },
 }
 
@@ -434,7 +439,8 @@ impl ObjShard {
                 let mut read = [0u8; PAGE_SIZE];
                 shard.candidate_payload(id, o, spill, &mut read) == Some(payload)
             }
-            Content::Data { .. } => false,
+            Content::Data { page: Some(page), .. } => shard.holds_page(id, o, spill, page),
+            Content::Data { page: None, .. } => false,
         });
         if let Found::Hit(id) = found {
             self.take_ref(id);
@@ -491,23 +497,30 @@ impl ObjShard {
     /// Returns what it found and how many candidates it compared.
     pub fn find_page(&mut self, key: u32, page: &Page, by: By, spill: Option<&SpillFile>) -> (Found, u32) {
         let (found, compared) = self.candidates(key, by, MAX_CANDIDATES, |shard, id, o| {
-            let mut read = [0u8; PAGE_SIZE];
-            let Some(payload) = shard.candidate_payload(id, o, spill, &mut read) else {
-                return false;
-            };
-            if o.is_raw() {
-                return payload == &page[..];
-            }
-            let Some(how) = shard.decoder(id, o) else {
-                return false;
-            };
-            let mut decoded = [0u8; PAGE_SIZE];
-            codec::decode_frame(payload, &how, &mut decoded).is_ok() && decoded == *page
+            shard.holds_page(id, o, spill, page)
         });
         if let Found::Hit(id) = found {
             self.take_ref(id);
         }
         (found, compared)
+    }
+
+    /// Whether object `id` (record `o`) holds exactly `page`: its payload
+    /// decoded, read back from the file if spilled, and compared whole. A
+    /// read or decode that fails counts as "not equal".
+    fn holds_page(&self, id: u32, o: &Obj, spill: Option<&SpillFile>, page: &Page) -> bool {
+        let mut read = [0u8; PAGE_SIZE];
+        let Some(payload) = self.candidate_payload(id, o, spill, &mut read) else {
+            return false;
+        };
+        if o.is_raw() {
+            return payload == &page[..];
+        }
+        let Some(how) = self.decoder(id, o) else {
+            return false;
+        };
+        let mut decoded = [0u8; PAGE_SIZE];
+        codec::decode_frame(payload, &how, &mut decoded).is_ok() && decoded == *page
     }
 
     /// The stored payload of a dedup candidate: borrowed from RAM, or read
@@ -1175,6 +1188,7 @@ mod tests {
             shard_hash: !u64::from(key),
             payload,
             candidates: if dedup { MAX_CANDIDATES } else { 0 },
+            page: None,
         }
     }
 
@@ -1317,6 +1331,7 @@ mod tests {
                     shard_hash: 0,
                     payload: &p,
                     candidates,
+                    page: None,
                 },
                 fill => fill,
             };
@@ -1606,6 +1621,7 @@ mod tests {
             shard_hash: !u64::from(key),
             payload,
             candidates: MAX_CANDIDATES,
+            page: None,
         }
     }
 
@@ -1755,6 +1771,48 @@ mod tests {
     /// The recompressor copied a payload out, and a writeback took the same
     /// object before the swap came back: the swap is refused, so the file
     /// gets the encoding the record names, and the page reads back.
+    #[test]
+    fn a_twin_recompressed_since_the_first_lookup_is_still_found() {
+        let budget = Budget::new(1 << 30);
+        let mut s = ObjShard::new(0, 1 << 20, &Keys::new());
+        let mut page = [0u8; PAGE_SIZE];
+        for (i, b) in page.iter_mut().enumerate() {
+            *b = b"swap page text "[i % 15] ^ (i / 512) as u8;
+        }
+        let mut lz = [0u8; codec::COMPRESS_BOUND];
+        let n = codec::lz4_compress(&page, PAGE_SIZE, &mut lz).unwrap();
+        let (id, hit) = id_of(s.obtain(&lz4(7, &lz[..n]), by(0), &budget, None));
+        assert!(!hit);
+        // The recompressor turns the cold lz4 payload into zstd.
+        let (mut cold, mut bytes) = (Vec::new(), Vec::new());
+        s.cold_batch(10, 100, |_, _| true, &mut cold, &mut bytes);
+        s.cold_batch(10, 100, |_, _| true, &mut cold, &mut bytes);
+        assert_eq!(cold.len(), 1);
+        let mut zs = [0u8; codec::COMPRESS_BOUND];
+        let z = codec::encode_data(&page, Codec::Zstd, 1, PAGE_SIZE, &mut zs)
+            .unwrap()
+            .unwrap();
+        assert!(s.swap_payload(&cold[0], &bytes, &zs[..z], Codec::Zstd, 0, None, &budget));
+        // A put of the same page that compressed with lz4 before the swap:
+        // without the page its frame matches nothing, with it the twin is found.
+        let with_page = |page| Content::Data {
+            key: 7,
+            codec: Codec::Lz4,
+            shard_hash: !7,
+            payload: &lz[..n],
+            candidates: MAX_CANDIDATES,
+            page,
+        };
+        let blind = with_page(None);
+        let (other, hit) = id_of(s.obtain(&blind, by(0), &budget, None));
+        assert!(!hit && other != id);
+        s.release(other, None, &budget);
+        assert_eq!(
+            id_of(s.obtain(&with_page(Some(&page)), by(0), &budget, None)),
+            (id, true)
+        );
+    }
+
     #[test]
     fn a_payload_being_written_back_is_not_swapped() {
         let dir = tempfile::tempdir().unwrap();
