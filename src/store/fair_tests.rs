@@ -175,7 +175,16 @@ fn the_over_share_guest_spills_first() {
     let attacker = &st.guests[&0].budget;
     assert!(attacker.ram_bytes > attacker.fair_share_bytes, "{attacker:?}");
     // Half of what the guests can have: the limit less the store's own part.
-    assert!(attacker.fair_share_bytes > limit / 3 && attacker.fair_share_bytes <= limit / 2);
+    // That part includes holes compaction has not reclaimed yet (a chunk
+    // more than 3/4 live is left alone, so up to a quarter of the chunk
+    // bytes) and the shards' shared tables: with keyed placement the share
+    // came out a little under a third of this 2 MiB limit in about one run
+    // of 30.
+    assert!(
+        attacker.fair_share_bytes > limit / 4 && attacker.fair_share_bytes <= limit / 2,
+        "{attacker:?} {:?}",
+        s.memory()
+    );
     assert_eq!(st.guests[&1].budget.fair_share_bytes, attacker.fair_share_bytes);
     assert_accounts_match(&s);
 }
