@@ -119,6 +119,52 @@ fn sandbox_off_confines_nothing() {
     assert!(d.terminate().success());
 }
 
+/// The nice value of each thread of `pid`, by name (field 19 of its stat).
+fn nice_values(pid: i32) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task") {
+        let dir = task.expect("task entry").path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        // The name may hold spaces and parentheses; the fields after it
+        // start with the state (field 3).
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let nice = after.split_whitespace().nth(19 - 3).and_then(|f| f.parse().ok());
+        out.push((
+            comm.trim().to_owned(),
+            nice.expect("a nice value in /proc/PID/task/TID/stat"),
+        ));
+    }
+    out
+}
+
+/// Work no guest waits for (writeback, recompression) runs at a lower
+/// priority than the threads that answer guests, sandboxed as always.
+#[test]
+fn background_threads_run_below_the_device_workers() {
+    let busy = busy_daemon(&["--compression", "auto"]);
+    let nice = nice_values(busy.daemon.pid());
+    let names: Vec<&str> = nice.iter().map(|t| t.0.as_str()).collect();
+    for wanted in ["tmem-writeback", "tmem-recompress", "vring_worker", "tmem-dev0"] {
+        assert!(names.contains(&wanted), "no {wanted} thread among {names:?}");
+    }
+    // Relative to the daemon's own, in case the tests themselves run niced.
+    let base = nice
+        .iter()
+        .find(|t| t.0 == "vhost-user-tmem")
+        .expect("the main thread")
+        .1;
+    for (name, value) in &nice {
+        let expected = match name.as_str() {
+            "tmem-writeback" | "tmem-recompress" => (base + vhost_user_tmem::daemon::BACKGROUND_NICE).min(19),
+            _ => base,
+        };
+        assert_eq!(*value, expected, "thread {name}'s nice value");
+    }
+    let Busy { daemon: mut d, .. } = busy;
+    assert!(d.terminate().success(), "{}", d.log());
+}
+
 /// `--user`: every thread drops to the user (and its group) once set-up
 /// is over, and the daemon still serves guests, spills, and answers root on
 /// its control socket. Needs root to start with.

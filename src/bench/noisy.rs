@@ -66,6 +66,14 @@ pub struct NoisyArgs {
     /// Passed to the daemon: how long a worker busy-polls before sleeping.
     #[arg(long)]
     pub poll_us: Option<u64>,
+    /// How long each guest polls its used ring for an answer before it
+    /// sleeps on the interrupt, as virtio_tmem's `poll_us` parameter does
+    /// (the driver's default is 50). 0, the default here, sleeps at once:
+    /// on a host with fewer cores than the two guests and the daemon's
+    /// busy threads, a polling guest takes the CPU the daemon needs to
+    /// answer it, and the figures measure that instead.
+    #[arg(long, default_value_t = 0)]
+    pub guest_poll_us: u64,
     /// Passed to the daemon as --writeback-headroom (SIZE, auto or 0).
     #[arg(long)]
     pub writeback_headroom: Option<String>,
@@ -251,8 +259,8 @@ fn phase(args: &NoisyArgs, n: u64, attack: bool) -> Result<Phase, NoisyError> {
         ctl.set_device(VICTIM as u32, None, Some(args.victim_weight))
             .map_err(NoisyError::Control)?;
     }
-    let (_victim_vmm, mut victim) = connect(&daemon, VICTIM)?;
-    let (_attacker_vmm, mut attacker) = connect(&daemon, ATTACKER)?;
+    let (_victim_vmm, mut victim) = connect(&daemon, VICTIM, args.guest_poll_us)?;
+    let (_attacker_vmm, mut attacker) = connect(&daemon, ATTACKER, args.guest_poll_us)?;
     for i in 0..n {
         expect(victim.put(POOL, i, &victim_page(i))?.status, "victim", i)?;
     }
@@ -387,11 +395,15 @@ fn flood(
     Ok(start.elapsed())
 }
 
-fn connect(daemon: &DaemonProcess, vm: usize) -> Result<(Vmm, Virtqueue), NoisyError> {
+fn connect(daemon: &DaemonProcess, vm: usize, poll_us: u64) -> Result<(Vmm, Virtqueue), NoisyError> {
+    let wait = match poll_us {
+        0 => WaitMode::Interrupt,
+        us => WaitMode::Spin(Duration::from_micros(us)),
+    };
     let cfg = VmmConfig {
         queues: 1,
         event_idx: true,
-        wait: WaitMode::Interrupt,
+        wait,
         timeout: Duration::from_secs(30),
         ..VmmConfig::default()
     };

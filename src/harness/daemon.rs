@@ -144,6 +144,14 @@ impl DaemonProcess {
         for p in wanted {
             d.wait_for(&p, spec.timeout)?;
         }
+        // The control socket's path exists from bind(), a moment before
+        // listen(): a client connecting in between is refused. Callers
+        // connect to it once, without retrying (as tmemctl does), so wait
+        // here until it listens. (VMMs retry: `connect_socket`.)
+        if let Some(control) = &d.control {
+            crate::harness::frontend::connect_socket(control, spec.timeout)
+                .map_err(|_| HarnessError::NoSocket(control.clone()))?;
+        }
         Ok(d)
     }
 
