@@ -15,6 +15,7 @@ fn the_victim_keeps_its_pages_while_the_attacker_spills() {
         victim_weight: 1,
         secs: 0.3,
         poll_us: None,
+        guest_poll_us: 0,
         writeback_headroom: None,
         daemon: Some(env!("CARGO_BIN_EXE_vhost-user-tmem").into()),
         json: true,
