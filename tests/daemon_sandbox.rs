@@ -13,16 +13,21 @@ use vhost_user_tmem::{
     protocol::Status,
 };
 
-/// Each thread of `pid`: its name and its status file.
-fn threads(pid: i32) -> Vec<(String, String)> {
+/// Each thread of `pid`: its name and one of its files under /proc.
+fn task_files(pid: i32, file: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task") {
         let dir = task.expect("task entry").path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-        out.push((comm.trim().to_owned(), status));
+        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+        out.push((comm.trim().to_owned(), text));
     }
     out
+}
+
+/// Each thread of `pid`: its name and its status file.
+fn threads(pid: i32) -> Vec<(String, String)> {
+    task_files(pid, "status")
 }
 
 /// The value of one line of a status file.
@@ -121,21 +126,16 @@ fn sandbox_off_confines_nothing() {
 
 /// The nice value of each thread of `pid`, by name (field 19 of its stat).
 fn nice_values(pid: i32) -> Vec<(String, i32)> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task") {
-        let dir = task.expect("task entry").path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
-        // The name may hold spaces and parentheses; the fields after it
-        // start with the state (field 3).
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let nice = after.split_whitespace().nth(19 - 3).and_then(|f| f.parse().ok());
-        out.push((
-            comm.trim().to_owned(),
-            nice.expect("a nice value in /proc/PID/task/TID/stat"),
-        ));
-    }
-    out
+    task_files(pid, "stat")
+        .into_iter()
+        .map(|(name, stat)| {
+            // The name may hold spaces and parentheses; the fields after it
+            // start with the state (field 3).
+            let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            let nice = after.split_whitespace().nth(19 - 3).and_then(|f| f.parse().ok());
+            (name, nice.expect("a nice value in /proc/PID/task/TID/stat"))
+        })
+        .collect()
 }
 
 /// Work no guest waits for (writeback, recompression) runs at a lower
