@@ -72,14 +72,14 @@ const RECOMPRESS_REST: u32 = 2;
 const RECOMPRESS_TICK: Duration = Duration::from_millis(100);
 const RECOMPRESS_IDLE: Duration = Duration::from_secs(1);
 /// What the background writer and the recompressor add to the daemon's
-/// nice value. Their work
-/// is never what a guest waits for, so when CPUs are short the device
-/// workers go first: at nice 0 the writer's bursts delayed the wake-ups of
-/// a victim's worker behind a flooding neighbour's writebacks, and on 2
-/// CPUs the victim's get p99 rose 3-5x under attack; at 10 it stays within
-/// 1.4x (docs/design.md, "Fair sharing"). A put that finds RAM full while
-/// the writer is behind makes its own room, and a guest over its share
-/// pays for its writebacks itself, so a slow writer costs the flooder.
+/// nice value. Their work is never what a guest waits for, so when CPUs are
+/// short the device workers go first: at the same priority the writer's
+/// bursts for a flooding guest delayed the wake-ups of its neighbour's
+/// worker, and on 2 CPUs the neighbour's get p99 rose 2-4x under attack;
+/// 10 levels down it stays within 1.4x (docs/design.md, "Per-guest budgets
+/// and fair sharing"). A put that finds RAM full while the writer is behind
+/// makes its own room, and a guest over its share pays for its writebacks
+/// itself, so a slow writer costs the flooder.
 pub const BACKGROUND_NICE: i32 = 10;
 /// Pause before accepting again after a connection failed to set up, so a
 /// persistent failure does not spin.
@@ -408,7 +408,6 @@ fn set_budgets(store: &Store, devices: &[DeviceSpec]) -> Result<(), DaemonError>
     Ok(())
 }
 
-/// Runs the store's background writer until shutdown.
 /// Raises the calling thread's nice value by [`BACKGROUND_NICE`] (the kernel
 /// stops at 19), before the sandbox, which does not allow it. Raising one's
 /// own nice value needs no privilege; if it fails anyway the thread runs on
@@ -426,6 +425,7 @@ fn lower_priority(what: &str) {
     }
 }
 
+/// Runs the store's background writer until shutdown.
 fn writeback_loop(store: &Store, stopping: &AtomicBool) {
     while !stopping.load(Ordering::SeqCst) {
         if let Err(e) = store.background_writeback(WRITER_TICK) {
