@@ -42,25 +42,47 @@ impl Frozen {
         wait_for_set_up(pid);
         let mut frozen = Frozen::none(pid);
         for (tid, name) in threads_of(pid) {
+            // A control client's thread (the harness's check that the
+            // control socket listens makes one) may end meanwhile: a
+            // thread that is gone needs no stopping.
+            let transient = name == "tmem-ctl-client";
             if tid != pid {
-                frozen.freeze(tid, name);
+                frozen.freeze_if_alive(tid, name, transient);
             }
         }
         frozen
     }
 
     fn freeze(&mut self, tid: i32, name: String) {
+        self.freeze_if_alive(tid, name, false);
+    }
+
+    /// Stops thread `tid`; with `may_be_gone`, a thread that has exited
+    /// (ESRCH, or an exit reported instead of the stop) is skipped.
+    fn freeze_if_alive(&mut self, tid: i32, name: String, may_be_gone: bool) {
+        let gone = |rc: libc::c_long| {
+            rc != 0 && may_be_gone && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+        };
         // SAFETY: ptrace requests on a thread of our own child, passing no
         // pointers; waitpid writes one int to a live local.
         unsafe {
             let rc = libc::ptrace(libc::PTRACE_SEIZE, tid, 0, 0);
+            if gone(rc) {
+                return;
+            }
             assert_eq!(rc, 0, "PTRACE_SEIZE {name}: {}", io::Error::last_os_error());
             let rc = libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0);
-            assert_eq!(rc, 0, "PTRACE_INTERRUPT {name}: {}", io::Error::last_os_error());
+            if !gone(rc) {
+                assert_eq!(rc, 0, "PTRACE_INTERRUPT {name}: {}", io::Error::last_os_error());
+            }
             let mut status = 0;
             // The stop is reported to us, the tracer; take the report now,
             // before the harness waits for the process and sees it instead.
+            // (A traced thread's exit is reported to us as well.)
             assert_eq!(libc::waitpid(tid, &mut status, libc::__WALL), tid);
+            if may_be_gone && (libc::WIFEXITED(status) || libc::WIFSIGNALED(status)) {
+                return;
+            }
             assert!(libc::WIFSTOPPED(status), "{name}: status {status:#x}");
         }
         self.threads.push((tid, name));
@@ -122,8 +144,6 @@ fn wait_for_thread(d: &Daemon, name: &str) {
     }
 }
 
-/// Waits until no thread of the daemon has `signal` pending any longer:
-/// one of them has taken it.
 /// Waits until the main thread has confined itself (`Seccomp: 2`), which
 /// it does once every other thread is started.
 fn wait_for_set_up(pid: i32) {
@@ -141,6 +161,8 @@ fn wait_for_set_up(pid: i32) {
     }
 }
 
+/// Waits until no thread of the daemon has `signal` pending any longer:
+/// one of them has taken it.
 fn wait_until_taken(d: &Daemon, signal: i32) {
     let deadline = Instant::now() + common::TIMEOUT;
     loop {
@@ -218,8 +240,13 @@ fn sigterm_with_every_socket_removed() {
 #[test]
 fn stuck_threads_do_not_hold_up_sigterm() {
     let mut d = daemon_with_writer();
-    let _client = common::connect_socket_for_test(&d.control);
-    wait_for_thread(&d, "tmem-ctl-client");
+    let mut client = common::connect_socket_for_test(&d.control);
+    // Answered, so its thread exists (and is not the passing one of the
+    // harness's check that the socket listens).
+    assert_eq!(
+        common::control_line(&mut client, r#"{"cmd":"stats"}"#)["ok"],
+        true
+    );
     let mut frozen = Frozen::all_but_main(d.pid());
     for name in ["tmem-writeback", "tmem-dev0", "tmem-control", "tmem-ctl-client"] {
         assert!(
